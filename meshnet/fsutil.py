@@ -7,6 +7,7 @@ fsync the directory so the rename itself survives a power cut.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -24,10 +25,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -1,0 +1,36 @@
+# The two front-door commands: `make lab` and `make test`. Both bootstrap everything they need
+# (Debian packages, .venv, the package itself) and are safe to run again.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: all lab test lint typecheck bench bootstrap clean lab-down
+
+all: test
+
+bootstrap:
+	@bash deploy/bootstrap.sh test,dev
+
+test: bootstrap
+	$(VENV)/bin/ruff check meshnet tests bench
+	$(VENV)/bin/mypy --strict meshnet
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+lint: bootstrap
+	$(VENV)/bin/ruff check meshnet tests bench
+
+typecheck: bootstrap
+	$(VENV)/bin/mypy --strict meshnet
+
+lab: bootstrap
+	$(PY) -m meshnet.lab.walkthrough
+
+lab-down: bootstrap
+	$(VENV)/bin/meshnet-lab down
+
+bench: bootstrap
+	@set -e; for b in bench/*.py; do echo "== $$b"; $(PY) $$b --json; done
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,379 @@
+"""meshnetd's body: wires the cores to sockets, timers, signals, systemd and the control API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+import meshnet
+from meshnet import config as configmod
+from meshnet.agent import identity, logs, systemd
+from meshnet.agent.control import ControlServer, Handler, OpError, SendEvent
+from meshnet.agent.gossip import STREAM_KEY_OP, GossipTransport, Sealer, StreamError
+from meshnet.config import Config
+from meshnet.crypto.keyring import Keyring, KeyringError, generate_key
+from meshnet.membership import (
+    Member,
+    MemberEvent,
+    Membership,
+    MembershipConfig,
+    NodeMeta,
+)
+
+log = logging.getLogger("meshnet.agent")
+
+KEYRING_FILE = "keyring.json"
+# SIGTERM must finish within 5 s (systemd's patience is longer, a user's is not).
+SHUTDOWN_BUDGET_S = 5.0
+# Seeds that do not answer are retried with backoff up to this gap, forever (Consul's retry_join).
+JOIN_RETRY_MAX_S = 10.0
+# Key operations fan out to every member; this many at once keeps a big cluster from a storm.
+KEY_OP_CONCURRENCY = 32
+KEY_OPS = ("install", "use", "remove", "list")
+
+
+class StartError(Exception):
+    """The agent cannot start; the message is the one line meshnetd prints."""
+
+
+def member_json(m: Member) -> dict[str, Any]:
+    return {
+        "name": m.name,
+        "addr": f"{m.addr[0]}:{m.addr[1]}",
+        "state": str(m.state.value if hasattr(m.state, "value") else m.state),
+        "incarnation": m.incarnation,
+        "labels": dict(m.meta.labels),
+    }
+
+
+def membership_config(config: Config) -> MembershipConfig:
+    base = MembershipConfig.profile(config.profile)
+    return replace(base, **config.membership)
+
+
+class Agent:
+    def __init__(self, config: Config, config_path: str | None = None,
+                 flag_overrides: dict[str, Any] | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.flag_overrides = flag_overrides or {}
+        self.stopping = asyncio.Event()
+        self.started_at = time.monotonic()
+        self.keyring: Keyring | None = None
+        self.keyring_path = Path(config.state_dir) / KEYRING_FILE
+        self.record = identity.NodeRecord("", config.name, 0, 0)
+        self.membership: Membership | None = None
+        self.gossip: GossipTransport | None = None
+        self.control: ControlServer | None = None
+        self.background: set[asyncio.Task[Any]] = set()
+        self.left = False
+
+    # --- start and stop -------------------------------------------------------------------
+
+    def _load_keyring(self) -> Keyring | None:
+        cfg = self.config
+        try:
+            if self.keyring_path.exists():
+                return Keyring.load(self.keyring_path)
+            if cfg.cluster_key_file:
+                ring = Keyring.from_key_file(cfg.cluster_key_file)
+                ring.save(self.keyring_path)
+                return ring
+        except KeyringError as e:
+            raise StartError(str(e)) from None
+        except OSError as e:
+            raise StartError(f"cluster_key_file: cannot read {cfg.cluster_key_file}: "
+                             f"{e.strerror}") from None
+        if cfg.insecure_no_encryption:
+            log.warning("GOSSIP IS NOT ENCRYPTED: --insecure-no-encryption is set; anyone who "
+                        "can reach %s:%d can read and change membership", *cfg.bind)
+            return None
+        raise StartError("no cluster key: set cluster_key_file (--cluster-key-file) or, "
+                         "for a throwaway test only, --insecure-no-encryption")
+
+    def _meta(self) -> NodeMeta:
+        return NodeMeta(
+            name=self.config.name,
+            addr=self.config.advertise_addr(),
+            labels=dict(self.config.labels),
+            extra={"id": self.record.node_id},
+        )
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        try:
+            self.record = identity.load_or_create(self.config.state_dir, self.config.name)
+        except identity.StateDirError as e:
+            raise StartError(str(e)) from None
+        self.keyring = self._load_keyring()
+        try:
+            self.membership = Membership(
+                membership_config(self.config), self._meta(), random.Random(),
+                loop.time(), incarnation=self.record.incarnation,
+            )
+        except ValueError as e:
+            raise StartError(f"membership: {e}") from None
+        self.gossip = GossipTransport(
+            self.membership, Sealer(self.keyring), self.config.bind, self._on_member_event
+        )
+        self.gossip.stream_handlers[STREAM_KEY_OP] = self._key_op_in
+        try:
+            await self.gossip.start()
+        except OSError as e:
+            raise StartError(f"bind {self.config.bind[0]}:{self.config.bind[1]}: "
+                             f"{e.strerror}") from None
+        self.control = ControlServer(self.config.socket, self._handlers())
+        try:
+            await self.control.start()
+        except OSError as e:
+            await self.gossip.close()
+            raise StartError(f"socket {self.config.socket}: {e.strerror}") from None
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._spawn_reload)
+        if self.config.join:
+            self._spawn(self._retry_join(list(self.config.join)))
+        interval = systemd.watchdog_interval()
+        if interval is not None:
+            self._spawn(self._watchdog(interval))
+        log.info("meshnetd %s serving", meshnet.__version__, extra={"fields": {
+            "name": self.config.name, "bind": f"{self.config.bind[0]}:{self.config.bind[1]}",
+            "socket": self.config.socket, "incarnation": self.record.incarnation}})
+        systemd.notify("READY=1\nSTATUS=serving")
+
+        await self.stopping.wait()
+        systemd.notify("STOPPING=1")
+        try:
+            async with asyncio.timeout(SHUTDOWN_BUDGET_S - 0.5):
+                await self._shutdown()
+        except TimeoutError:
+            log.warning("shutdown took too long; exiting anyway")
+        return 0
+
+    async def _shutdown(self) -> None:
+        log.info("shutting down")
+        if not self.left:
+            await self._leave()
+        for task in list(self.background):
+            task.cancel()
+        if self.control is not None:
+            await self.control.close()
+        if self.gossip is not None:
+            await self.gossip.close()
+        if self.membership is not None:
+            self.record.incarnation = self.membership.local().incarnation
+            with contextlib.suppress(OSError):
+                identity.save(self.config.state_dir, self.record)
+
+    async def _leave(self) -> None:
+        """Announce `left` and give the gossip a few rounds to carry it."""
+        assert self.membership is not None and self.gossip is not None
+        self.left = True
+        self.membership.leave(self.gossip.now())
+        self.gossip.pump()
+        if self.membership.num_alive() > 1:
+            cfg = self.membership.config
+            await asyncio.sleep(min(2.0, 4 * cfg.gossip_interval + cfg.probe_interval))
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def _retry_join(self, seeds: list[tuple[str, int]]) -> None:
+        assert self.gossip is not None
+        delay = 0.5
+        while True:
+            joined = await self.gossip.join(seeds)
+            if joined:
+                log.info("joined the cluster through %d of %d seeds", joined, len(seeds))
+                return
+            log.warning("no seed answered; retrying in %.1fs", delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, JOIN_RETRY_MAX_S)
+
+    def _spawn_reload(self) -> None:
+        self._spawn(self._reload())
+
+    async def _reload(self) -> None:
+        """SIGHUP: re-read the config file; apply log level and labels, which are safe live."""
+        try:
+            fresh = configmod.load(self.config_path, self.flag_overrides,
+                                   explicit_path=self.config_path is not None)
+        except configmod.ConfigError as e:
+            log.error("reload refused: %s", e)
+            return
+        logs.set_level(fresh.log_level)
+        changed = [k for k in ("name", "bind", "advertise", "state_dir", "socket", "profile")
+                   if getattr(fresh, k) != getattr(self.config, k)]
+        if changed:
+            log.warning("reload: %s change only on restart", ", ".join(changed))
+        labels_changed = fresh.labels != self.config.labels
+        self.config = replace(self.config, log_level=fresh.log_level, labels=fresh.labels)
+        if labels_changed and self.membership is not None and self.gossip is not None:
+            self.membership.update_meta(self._meta(), self.gossip.now())
+            self.gossip.pump()
+        log.info("configuration reloaded")
+
+    def _on_member_event(self, event: MemberEvent) -> None:
+        member = getattr(event, "member", None)
+        name = type(event).__name__
+        if member is not None:
+            log.info("%s %s", name, member.name, extra={"fields": {
+                "state": str(member.state.value), "incarnation": member.incarnation}})
+
+    # --- control API --------------------------------------------------------------------------
+
+    def _handlers(self) -> dict[str, Handler]:
+        return {
+            "status": self._op_status,
+            "members": self._op_members,
+            "join": self._op_join,
+            "leave": self._op_leave,
+            "keys": self._op_keys,
+        }
+
+    def _member_counts(self) -> dict[str, int]:
+        counts = {"alive": 0, "suspect": 0, "dead": 0, "left": 0}
+        assert self.membership is not None
+        for m in self.membership.members():
+            counts[str(m.state.value)] = counts.get(str(m.state.value), 0) + 1
+        return counts
+
+    async def _op_status(self, args: dict[str, Any], send: SendEvent) -> Any:
+        assert self.membership is not None and self.gossip is not None
+        addr = self.config.advertise_addr()
+        return {
+            "name": self.config.name,
+            "version": meshnet.__version__,
+            "node_id": self.record.node_id,
+            "addr": f"{addr[0]}:{addr[1]}",
+            "incarnation": self.membership.local().incarnation,
+            "boots": self.record.boots,
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "profile": self.config.profile,
+            "encryption": "none (INSECURE)" if self.keyring is None else "aes-256-gcm",
+            "members": self._member_counts(),
+            "datapath": {"overlay": "none", "encrypted": "none"},
+            "gossip": {**self.membership.stats, **self.gossip.counters},
+        }
+
+    async def _op_members(self, args: dict[str, Any], send: SendEvent) -> Any:
+        assert self.membership is not None
+        return [member_json(m) for m in self.membership.members()]
+
+    async def _op_join(self, args: dict[str, Any], send: SendEvent) -> Any:
+        assert self.gossip is not None
+        raw = args.get("addrs")
+        if not isinstance(raw, list) or not raw:
+            raise OpError("join needs at least one IP:PORT")
+        try:
+            seeds = [configmod.parse_hostport("addr", a, configmod.DEFAULT_PORT) for a in raw]
+        except configmod.ConfigError as e:
+            raise OpError(str(e)) from None
+        joined = await self.gossip.join(seeds)
+        if not joined:
+            raise OpError(f"none of {len(seeds)} address(es) answered a join")
+        return {"joined": joined}
+
+    async def _op_leave(self, args: dict[str, Any], send: SendEvent) -> Any:
+        await self._leave()
+        # A node that left stops its agent, as `serf leave` and `consul leave` do.
+        asyncio.get_running_loop().call_soon(self.stopping.set)
+        return {"left": True}
+
+    # --- key rotation -------------------------------------------------------------------------
+
+    def _apply_key_op(self, op: str, key: str) -> list[str]:
+        """Apply one key operation to the local keyring and persist it; returns the keys."""
+        if self.keyring is None:
+            raise KeyringError("this agent runs without encryption (--insecure-no-encryption)")
+        if op == "install":
+            self.keyring.install(key)
+        elif op == "use":
+            self.keyring.use(key)
+        elif op == "remove":
+            self.keyring.remove(key)
+        elif op != "list":
+            raise KeyringError(f"unknown key operation {op!r}")
+        if op != "list":
+            self.keyring.save(self.keyring_path)
+        return [entry["key"] for entry in self.keyring.list()]
+
+    async def _key_op_in(self, body: bytes, addr: tuple[str, int]) -> bytes | None:
+        try:
+            req = msgpack.unpackb(body, raw=False, max_str_len=256, max_array_len=4,
+                                  max_map_len=4, max_bin_len=0)
+            if not isinstance(req, dict):
+                raise ValueError("not a map")
+            keys = self._apply_key_op(str(req.get("op")), str(req.get("key", "")))
+            reply: dict[str, Any] = {"ok": True, "keys": keys}
+        except KeyringError as e:
+            reply = {"ok": False, "error": str(e)}
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            return None
+        return bytes(msgpack.packb(reply))
+
+    async def _op_keys(self, args: dict[str, Any], send: SendEvent) -> Any:
+        assert self.membership is not None and self.gossip is not None
+        op = args.get("op")
+        key = str(args.get("key", ""))
+        if op == "generate":
+            return {"key": generate_key()}
+        if op not in KEY_OPS:
+            raise OpError(f"unknown keys operation {op!r}")
+        if op == "use" and self.keyring is not None and key not in self.keyring:
+            raise OpError("key is not installed here: install it on the cluster first")
+        try:
+            local = self._apply_key_op(str(op), key)
+        except KeyringError as e:
+            raise OpError(str(e)) from None
+        peers = [m for m in self.membership.members()
+                 if m.name != self.config.name and str(m.state.value) in ("alive", "suspect")]
+        body = bytes(msgpack.packb({"op": op, "key": key}))
+        sem = asyncio.Semaphore(KEY_OP_CONCURRENCY)
+
+        async def ask(m: Member) -> tuple[str, dict[str, Any] | str]:
+            async with sem:
+                try:
+                    raw = await self.gossip.request(m.addr, STREAM_KEY_OP, body)  # type: ignore[union-attr]
+                    reply = msgpack.unpackb(raw, raw=False)
+                    return m.name, reply if isinstance(reply, dict) else "bad reply"
+                except (OSError, TimeoutError, asyncio.IncompleteReadError, StreamError,
+                        KeyringError, ValueError) as e:
+                    return m.name, f"unreachable: {type(e).__name__}"
+
+        answers = await asyncio.gather(*(ask(m) for m in peers))
+        errors: dict[str, str] = {}
+        key_counts: dict[str, int] = {k: 1 for k in local}
+        acked = 1
+        for name, reply in answers:
+            if isinstance(reply, dict) and reply.get("ok"):
+                acked += 1
+                for k in reply.get("keys", []):
+                    key_counts[str(k)] = key_counts.get(str(k), 0) + 1
+            else:
+                errors[name] = reply.get("error", "failed") if isinstance(reply, dict) else reply
+        result: dict[str, Any] = {"op": op, "members": len(peers) + 1, "acked": acked,
+                                  "errors": errors}
+        if op == "list":
+            assert self.keyring is not None
+            primary = self.keyring.list()[0]["key"]
+            result["keys"] = [{"key": k, "primary": k == primary, "members": n}
+                              for k, n in sorted(key_counts.items())]
+        return result

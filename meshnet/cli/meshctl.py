@@ -1,0 +1,303 @@
+"""meshctl: parse arguments, call the local agent's control API, print the answer.
+
+Exit codes (DESIGN.md §4): 0 done; 1 the operation failed; 2 usage error; 3 no agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from meshnet import api
+from meshnet.config import DEFAULT_SOCKET
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_AGENT = 0, 1, 2, 3
+# Streaming ops (run, logs) may wait on a long-running task; plain ops answer quickly.
+PLAIN_TIMEOUT_S = 60.0
+
+
+class NoAgent(Exception):
+    pass
+
+
+class Client:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def call(
+        self, op: str, args: dict[str, Any], timeout: float | None
+    ) -> Iterator[dict[str, Any]]:
+        """Yield every frame the agent sends for one request (events, then the reply)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(self.path)
+        except (FileNotFoundError, ConnectionRefusedError, PermissionError, OSError) as e:
+            sock.close()
+            raise NoAgent(str(e)) from None
+        with sock:
+            sock.sendall(api.encode({"v": api.API_VERSION, "op": op, "args": args}))
+            while True:
+                header = _recv_exactly(sock, 4)
+                body, _ = api.decode_body(
+                    _recv_exactly(sock, api.frame_length(header, api.MAX_REPLY_BYTES)))
+                yield body
+                if "ok" in body:
+                    return
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("the agent closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="meshctl", description="drive the local meshnet agent")
+    p.add_argument("--socket", default=DEFAULT_SOCKET, help="the agent's control socket")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+
+    sub.add_parser("status", help="this agent and the cluster at a glance")
+    sub.add_parser("members", help="the member list")
+    j = sub.add_parser("join", help="join the cluster through members")
+    j.add_argument("addrs", nargs="+", metavar="IP:PORT")
+    sub.add_parser("leave", help="leave the cluster gracefully and stop the agent")
+
+    keys = sub.add_parser("keys", help="gossip keyring rotation").add_subparsers(
+        dest="keys_cmd", required=True, parser_class=Parser)
+    keys.add_parser("list")
+    keys.add_parser("generate")
+    for verb in ("install", "use", "remove"):
+        keys.add_parser(verb).add_argument("key")
+
+    net = sub.add_parser("network", help="overlay networks").add_subparsers(
+        dest="net_cmd", required=True, parser_class=Parser)
+    c = net.add_parser("create")
+    c.add_argument("name")
+    c.add_argument("--subnet", metavar="CIDR")
+    c.add_argument("--encrypted", action="store_true")
+    net.add_parser("ls")
+    net.add_parser("inspect").add_argument("name")
+    net.add_parser("rm").add_argument("name")
+
+    r = sub.add_parser("run", help="run a one-off command in a sandbox on a network")
+    r.add_argument("--network", required=True)
+    r.add_argument("--name")
+    r.add_argument("command", nargs=argparse.REMAINDER)
+
+    svc = sub.add_parser("service", help="services").add_subparsers(
+        dest="svc_cmd", required=True, parser_class=Parser)
+    sc = svc.add_parser("create")
+    sc.add_argument("name")
+    sc.add_argument("--network", required=True, action="append")
+    mode = sc.add_mutually_exclusive_group()
+    mode.add_argument("--replicas", type=int)
+    mode.add_argument("--mode", choices=("replicated", "global"))
+    sc.add_argument("--constraint", action="append", default=[])
+    sc.add_argument("--max-per-node", type=int)
+    sc.add_argument("--restart-condition", choices=("none", "on-failure", "any"))
+    sc.add_argument("--env", action="append", default=[], metavar="K=V")
+    sc.add_argument("command", nargs=argparse.REMAINDER)
+    svc.add_parser("scale").add_argument("scales", nargs="+", metavar="NAME=N")
+    svc.add_parser("ls")
+    for verb in ("ps", "inspect", "rm", "logs"):
+        svc.add_parser(verb).add_argument("name")
+
+    dns = sub.add_parser("dns", help="service discovery").add_subparsers(
+        dest="dns_cmd", required=True, parser_class=Parser)
+    lk = dns.add_parser("lookup")
+    lk.add_argument("name")
+    lk.add_argument("--network")
+    lk.add_argument("--type", default="A", choices=("A", "SRV", "PTR"))
+    return p
+
+
+def _command(words: list[str]) -> list[str]:
+    if words and words[0] == "--":
+        words = words[1:]
+    if not words:
+        raise UsageError("a command is needed after --")
+    return words
+
+
+def to_request(ns: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
+    """Map parsed arguments to (display name, op, args)."""
+    cmd = ns.cmd
+    if cmd in ("status", "members", "leave"):
+        return cmd, cmd, {}
+    if cmd == "join":
+        return cmd, "join", {"addrs": ns.addrs}
+    if cmd == "keys":
+        return f"keys {ns.keys_cmd}", "keys", {"op": ns.keys_cmd, "key": getattr(ns, "key", "")}
+    if cmd == "network":
+        args = {"name": getattr(ns, "name", None)}
+        if ns.net_cmd == "create":
+            args.update(subnet=ns.subnet, encrypted=ns.encrypted)
+        return f"network {ns.net_cmd}", f"network.{ns.net_cmd}", args
+    if cmd == "run":
+        return "run", "run", {"network": ns.network, "name": ns.name,
+                              "command": _command(ns.command)}
+    if cmd == "service":
+        verb = ns.svc_cmd
+        if verb == "create":
+            if ns.replicas is not None and ns.replicas < 0:
+                raise UsageError("--replicas must be 0 or more")
+            return "service create", "service.create", {
+                "name": ns.name, "networks": ns.network, "replicas": ns.replicas,
+                "mode": ns.mode or "replicated", "constraints": ns.constraint,
+                "max_per_node": ns.max_per_node, "restart_condition": ns.restart_condition,
+                "env": ns.env, "command": _command(ns.command)}
+        if verb == "scale":
+            scales: dict[str, int] = {}
+            for item in ns.scales:
+                name, sep, n = item.partition("=")
+                if not sep or not n.isdigit():
+                    raise UsageError(f"{item!r} is not NAME=N with N >= 0")
+                scales[name] = int(n)
+            return "service scale", "service.scale", {"scales": scales}
+        return f"service {verb}", f"service.{verb}", {"name": getattr(ns, "name", None)}
+    if cmd == "dns":
+        return "dns lookup", "dns.lookup", {"name": ns.name, "network": ns.network,
+                                            "type": ns.type}
+    raise UsageError(f"unknown command {cmd}")
+
+
+# --- printing ----------------------------------------------------------------------------------
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, dict):
+        return ",".join(f"{k}={x}" for k, x in sorted(v.items())) or "-"
+    if isinstance(v, list):
+        return ",".join(map(str, v)) or "-"
+    return str(v)
+
+
+def render(name: str, result: Any) -> str:
+    if name == "status" and isinstance(result, dict):
+        members = result.get("members", {})
+        lines = [f"{k}: {_cell(result.get(k))}" for k in
+                 ("name", "version", "addr", "incarnation", "encryption", "profile", "uptime_s")]
+        lines.append("members: " + ", ".join(f"{v} {k}" for k, v in members.items()))
+        lines.append("datapath: " + _cell(result.get("datapath")))
+        return "\n".join(lines)
+    if name == "members" and isinstance(result, list):
+        return table(result, ["name", "addr", "state", "incarnation", "labels"])
+    if name.startswith("keys") and isinstance(result, dict):
+        out = []
+        if "key" in result:
+            return str(result["key"])
+        if "keys" in result:
+            out.append(table(result["keys"], ["key", "primary", "members"]))
+        out.append(f"{result.get('acked')}/{result.get('members')} members acknowledged")
+        out += [f"  {n}: {err}" for n, err in sorted(result.get("errors", {}).items())]
+        return "\n".join(out)
+    if isinstance(result, list) and result and isinstance(result[0], dict):
+        return table(result, list(result[0].keys()))
+    if isinstance(result, dict):
+        return "\n".join(f"{k}: {_cell(v)}" for k, v in result.items())
+    return _cell(result)
+
+
+def _local(name: str) -> Any:
+    """Commands that need no agent."""
+    if name == "keys generate":
+        from meshnet.crypto.keyring import generate_key
+        return {"key": generate_key()}
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        name, op, args = to_request(ns)
+    except UsageError as e:
+        print(f"meshctl: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    result = _local(name)
+    if result is None:
+        code, result = _remote(ns, name, op, args)
+        if code != EXIT_OK:
+            return code
+    if ns.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(render(name, result))
+    if name == "run" and isinstance(result, dict):
+        return int(result.get("exit_code", 0))
+    return EXIT_OK
+
+
+def _remote(ns: argparse.Namespace, name: str, op: str, args: dict[str, Any]) -> tuple[int, Any]:
+    streaming = op in ("run", "service.logs")
+    try:
+        for frame in Client(ns.socket).call(op, args, None if streaming else PLAIN_TIMEOUT_S):
+            if "event" in frame:
+                _print_event(frame["event"])
+                continue
+            if frame.get("ok"):
+                return EXIT_OK, frame.get("result")
+            if frame.get("code") == "unknown_op":
+                print(f"meshctl: '{name}' is not available yet in this version of meshnet",
+                      file=sys.stderr)
+            else:
+                print(f"meshctl: {name}: {frame.get('error', 'failed')}", file=sys.stderr)
+            return EXIT_FAILED, None
+    except NoAgent:
+        print(f"meshctl: cannot reach the agent at {ns.socket} (is meshnetd running?)",
+              file=sys.stderr)
+        return EXIT_NO_AGENT, None
+    except (ConnectionError, TimeoutError, api.ApiError) as e:
+        print(f"meshctl: {name}: lost the agent mid-answer ({e})", file=sys.stderr)
+        return EXIT_NO_AGENT, None
+    except KeyboardInterrupt:
+        return 130, None
+    print(f"meshctl: {name}: the agent sent no reply", file=sys.stderr)
+    return EXIT_FAILED, None
+
+
+def _print_event(event: dict[str, Any]) -> None:
+    stream = sys.stderr if event.get("stream") == "stderr" else sys.stdout
+    data = event.get("data")
+    if isinstance(data, bytes):
+        stream.buffer.write(data)
+        stream.flush()
+    elif data is not None:
+        stream.write(str(data))
+        stream.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""meshnetd: parse flags, load and validate the config, run the agent on uvloop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from meshnet import __version__
+from meshnet import config as configmod
+from meshnet.agent import logs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshnetd", description="the meshnet agent")
+    p.add_argument("--config", help=f"TOML config file (default {configmod.DEFAULT_CONFIG_PATH})")
+    p.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    p.add_argument("--name", help="node name (default: hostname)")
+    p.add_argument("--bind", metavar="IP:PORT", help="gossip address (UDP and TCP)")
+    p.add_argument("--advertise", metavar="IP", help="address other members reach us at")
+    p.add_argument("--join", metavar="IP:PORT[,..]", action="append",
+                   help="members to join through (repeatable, or comma-separated)")
+    p.add_argument("--state-dir", metavar="DIR")
+    p.add_argument("--socket", metavar="PATH", help="control socket path")
+    p.add_argument("--cluster-key-file", metavar="FILE", help="file holding the base64 gossip key")
+    p.add_argument("--label", metavar="K=V", action="append", help="node label (repeatable)")
+    p.add_argument("--dns-listen", metavar="IP:PORT", action="append",
+                   help="extra DNS listener that sees every network (repeatable)")
+    p.add_argument("--profile", choices=configmod.PROFILES, help="membership timings")
+    p.add_argument("--log-format", choices=configmod.LOG_FORMATS)
+    p.add_argument("--log-level", choices=configmod.LOG_LEVELS)
+    p.add_argument("--insecure-no-encryption", action="store_true", default=None,
+                   help="DANGER: gossip in cleartext, with no authentication")
+    p.add_argument("--version", action="version", version=f"meshnetd {__version__}")
+    return p
+
+
+def flag_overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    """Flags in the same raw shape as the TOML file, so one validator checks both."""
+    out: dict[str, Any] = {}
+    for key in ("name", "bind", "advertise", "state_dir", "socket", "cluster_key_file",
+                "profile", "log_format", "log_level", "insecure_no_encryption"):
+        value = getattr(ns, key)
+        if value is not None:
+            out[key] = value
+    if ns.join:
+        out["join"] = [a for item in ns.join for a in item.split(",") if a]
+    if ns.dns_listen:
+        out["dns_listen"] = list(ns.dns_listen)
+    if ns.label:
+        labels: dict[str, str] = {}
+        for text in ns.label:
+            k, v = configmod.parse_label("--label", text)
+            labels[k] = v
+        out["labels"] = labels
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        overrides = flag_overrides(ns)
+        cfg = configmod.load(ns.config, overrides, explicit_path=ns.config is not None)
+        if cfg.cluster_key_file:
+            from meshnet.crypto.keyring import Keyring, KeyringError
+            try:
+                Keyring.from_key_file(cfg.cluster_key_file)
+            except (KeyringError, OSError) as e:
+                raise configmod.ConfigError(f"cluster_key_file: {e}") from None
+    except configmod.ConfigError as e:
+        print(f"meshnetd: {e}", file=sys.stderr)
+        return 1
+    if ns.check_config:
+        print("meshnetd: configuration OK")
+        return 0
+
+    logs.setup(cfg.log_format, cfg.log_level)
+    from meshnet.agent.agent import Agent, StartError
+
+    async def run() -> int:
+        return await Agent(cfg, ns.config, overrides).run()
+
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:  # non-Linux development machines
+        runner = asyncio.run
+    try:
+        return int(runner(run()))
+    except StartError as e:
+        print(f"meshnetd: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Agent configuration: a TOML file, overridden by command-line flags, validated up front.
+
+Every problem is reported as one `ConfigError` whose message names the key and the reason, so
+`meshnetd` can refuse to start with a single readable line instead of failing later.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = "/etc/meshnet/meshnet.toml"
+DEFAULT_STATE_DIR = "/var/lib/meshnet"
+DEFAULT_SOCKET = "/run/meshnet/meshnet.sock"
+DEFAULT_PORT = 7946
+PROFILES = ("lan", "lan-fast", "wan")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Node names end up in DNS labels, task names and file names: keep them to one safe DNS label.
+_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
+_LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+# Label values travel in gossip metadata (512 bytes in all), so each one stays short.
+MAX_LABEL_VALUE = 63
+
+# Overrides of the membership profile that a config file may carry, with their types.
+MEMBERSHIP_KEYS: dict[str, type] = {
+    "probe_interval": float,
+    "probe_timeout": float,
+    "indirect_checks": int,
+    "suspicion_mult": float,
+    "retransmit_mult": int,
+    "gossip_interval": float,
+    "gossip_nodes": int,
+    "push_pull_interval": float,
+    "reap_after": float,
+    "udp_payload": int,
+}
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: the message names the key and says why."""
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = field(default_factory=lambda: _default_name())
+    bind: tuple[str, int] = ("0.0.0.0", DEFAULT_PORT)
+    advertise: str = ""
+    join: tuple[tuple[str, int], ...] = ()
+    state_dir: str = DEFAULT_STATE_DIR
+    socket: str = DEFAULT_SOCKET
+    cluster_key_file: str = ""
+    insecure_no_encryption: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+    dns_listen: tuple[tuple[str, int], ...] = ()
+    log_format: str = "text"
+    log_level: str = "info"
+    profile: str = "lan"
+    membership: dict[str, float | int] = field(default_factory=dict)
+
+    def advertise_addr(self) -> tuple[str, int]:
+        """The address other members reach us at."""
+        ip = self.advertise or self.bind[0]
+        if ip in ("0.0.0.0", "::"):
+            ip = _guess_local_ip()
+        return (ip, self.bind[1])
+
+
+def _default_name() -> str:
+    name = socket.gethostname().split(".")[0]
+    return name if _NAME_RE.match(name) else "meshnet"
+
+
+def _guess_local_ip() -> str:
+    # Ask the kernel which source address it would use; connect() on UDP sends nothing.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
+def parse_hostport(key: str, text: object, default_port: int | None = None) -> tuple[str, int]:
+    if not isinstance(text, str):
+        raise ConfigError(f"{key}: expected 'IP:PORT', got {type(text).__name__}")
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise ConfigError(f"{key}: {text!r} is not IP:PORT")
+        host, port_text = text, str(default_port)
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{key}: {host!r} is not an IP address") from None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"{key}: port {port_text!r} is not in 1..65535")
+    return (host, int(port_text))
+
+
+def parse_label(key: str, text: str) -> tuple[str, str]:
+    k, sep, v = text.partition("=")
+    if not sep:
+        raise ConfigError(f"{key}: {text!r} is not K=V")
+    return _check_label(key, k, v)
+
+
+def _check_label(key: str, k: object, v: object) -> tuple[str, str]:
+    if not isinstance(k, str) or not _LABEL_KEY_RE.match(k):
+        raise ConfigError(f"{key}: label key {k!r} must be 1-63 of [A-Za-z0-9_.-]")
+    if not isinstance(v, str) or len(v) > MAX_LABEL_VALUE:
+        raise ConfigError(f"{key}.{k}: label value must be a string of at most 63 characters")
+    return k, v
+
+
+def _expect(key: str, value: object, kind: type) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:
+    text = _expect(key, value, str)
+    if text not in choices:
+        raise ConfigError(f"{key}: {text!r} is not one of {', '.join(choices)}")
+    return str(text)
+
+
+def _parse_key(cfg: dict[str, Any], key: str, value: object) -> None:
+    """Validate one top-level key and store its parsed value in cfg."""
+    if key == "name":
+        text = _expect(key, value, str)
+        if not _NAME_RE.match(text):
+            raise ConfigError(f"name: {text!r} must be a DNS label (letters, digits, -_.)")
+        cfg[key] = text
+    elif key == "bind":
+        cfg[key] = parse_hostport(key, value, DEFAULT_PORT)
+    elif key == "advertise":
+        text = _expect(key, value, str)
+        if text:
+            try:
+                ipaddress.ip_address(text)
+            except ValueError:
+                raise ConfigError(f"advertise: {text!r} is not an IP address") from None
+        cfg[key] = text
+    elif key in ("join", "dns_listen"):
+        items = _expect(key, value, list)
+        port = DEFAULT_PORT if key == "join" else 53
+        cfg[key] = tuple(parse_hostport(f"{key}[{i}]", v, port) for i, v in enumerate(items))
+    elif key in ("state_dir", "socket", "cluster_key_file"):
+        text = _expect(key, value, str)
+        if key != "cluster_key_file" and not text:
+            raise ConfigError(f"{key}: must not be empty")
+        cfg[key] = text
+    elif key == "insecure_no_encryption":
+        cfg[key] = _expect(key, value, bool)
+    elif key == "labels":
+        table = _expect(key, value, dict)
+        cfg[key] = dict(_check_label(key, k, v) for k, v in table.items())
+    elif key == "log_format":
+        cfg[key] = _choice(key, value, LOG_FORMATS)
+    elif key == "log_level":
+        cfg[key] = _choice(key, value, LOG_LEVELS)
+    elif key == "profile":
+        cfg[key] = _choice(key, value, PROFILES)
+    elif key == "membership":
+        table = _expect(key, value, dict)
+        parsed: dict[str, float | int] = {}
+        for k, v in table.items():
+            full = f"membership.{k}"
+            if k not in MEMBERSHIP_KEYS:
+                raise ConfigError(f"{full}: unknown key")
+            number = _expect(full, v, MEMBERSHIP_KEYS[k])
+            if number <= 0:
+                raise ConfigError(f"{full}: must be positive")
+            parsed[k] = number
+        cfg[key] = parsed
+    else:
+        raise ConfigError(f"{key}: unknown key")
+
+
+def from_mapping(data: dict[str, Any], base: Config | None = None) -> Config:
+    parsed: dict[str, Any] = {}
+    for key, value in data.items():
+        _parse_key(parsed, key, value)
+    return replace(base or Config(), **parsed)
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file; a missing or unreadable file is a ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config: file {str(path)!r} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"config: cannot read {str(path)!r}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config: {path}: {e}") from None
+
+
+def load(
+    path: str | None, overrides: dict[str, Any], explicit_path: bool = False
+) -> Config:
+    """File first (the default file may be absent), then flag overrides on top."""
+    file_data: dict[str, Any] = {}
+    target = path or DEFAULT_CONFIG_PATH
+    if explicit_path or Path(target).exists():
+        file_data = load_file(target)
+    config = from_mapping(file_data)
+    return from_mapping(overrides, base=config)
