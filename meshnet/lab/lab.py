@@ -61,6 +61,8 @@ KILL_WAIT_S = 3.0
 # An agent that has no control socket after this long is not coming up.
 AGENT_START_TIMEOUT_S = 20.0
 POLL_S = 0.05
+# A process as (pid, start time in ticks since boot or None when unknown).
+ProcRef = tuple[int, int | None]
 # Namespace names are file names under /run/netns; keep them short and shell-safe.
 PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 HOST_RE = re.compile(r"^h([1-9][0-9]*)$")
@@ -138,7 +140,7 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def _wait_dead(procs: Iterable[tuple[int, int | None]], timeout: float) -> list[tuple[int, int | None]]:
+def _wait_dead(procs: Iterable[ProcRef], timeout: float) -> list[ProcRef]:
     """Poll until every (pid, starttime) is gone; return those still alive at the deadline."""
     left = list(procs)
     deadline = time.monotonic() + timeout
@@ -151,7 +153,7 @@ def _wait_dead(procs: Iterable[tuple[int, int | None]], timeout: float) -> list[
         time.sleep(POLL_S)
 
 
-def _stop_processes(procs: Sequence[tuple[int, int | None]], grace: float) -> list[int]:
+def _stop_processes(procs: Sequence[ProcRef], grace: float) -> list[int]:
     """SIGTERM, wait up to GRACE, SIGKILL (the process and its process group); return survivors."""
     live = [(p, s) for p, s in procs if _alive(p, s)]
     for pid, _ in live:
@@ -317,6 +319,7 @@ class Lab:
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         addrs = list(UNDERLAY_NET.hosts())
         names = [f"h{i}" for i in range(1, hosts + 1)]
+        # h1 starts the cluster; h2 joins h1; the rest join h1 and h2 (either one suffices).
         seeds = [f"{addrs[i]}:{GOSSIP_PORT}" for i in range(min(2, hosts))]
         m: dict[str, Any] = {
             "version": MANIFEST_VERSION,
@@ -344,7 +347,7 @@ class Lab:
         }
         for i, h in enumerate(names):
             ip = str(addrs[i])
-            join = [s for s in seeds if not s.startswith(f"{ip}:")]
+            join = seeds[:i]
             args = [
                 "--name", h,
                 "--bind", f"{ip}:{GOSSIP_PORT}",
@@ -508,10 +511,10 @@ class Lab:
 
     # ------------------------------------------------------------ down
 
-    def _stray_agents(self) -> list[tuple[int, int | None]]:
+    def _stray_agents(self) -> list[ProcRef]:
         """meshnetd processes whose --state-dir lies under our run dir (crash fallback)."""
         root = str(self.run_dir).rstrip("/") + "/"
-        found: list[tuple[int, int | None]] = []
+        found: list[ProcRef] = []
         for d in Path("/proc").iterdir():
             if not d.name.isdigit() or int(d.name) == os.getpid():
                 continue
@@ -573,9 +576,9 @@ class Lab:
         # 3. Links recorded outside any namespace of ours (none today; kept for safety).
         for link in m.get("links", []) if m else []:
             if link.get("ns") is None:
-                proc = netns.ip("link", "del", str(link["name"]), check=False)
-                if proc.returncode != 0 and "Cannot find device" not in proc.stderr:
-                    errors.append(f"ip link del {link['name']}: {proc.stderr.strip()}")
+                res = netns.ip("link", "del", str(link["name"]), check=False)
+                if res.returncode != 0 and "Cannot find device" not in res.stderr:
+                    errors.append(f"ip link del {link['name']}: {res.stderr.strip()}")
 
         if errors:
             # Keep the manifest: a second `down` retries with the same records.
@@ -736,8 +739,10 @@ class Lab:
             rules_in.append(f"ip saddr {{ {addrs} }} drop")
             rules_out.append(f"ip daddr {{ {addrs} }} drop")
         if pct:
-            rules_in.append(f'iifname "{HOST_IFNAME}" numgen random mod 100 < {pct} drop')
-            rules_out.append(f'oifname "{HOST_IFNAME}" numgen random mod 100 < {pct} drop')
+            # numgen yields 0..99 and nft rejects "< 100" as out of range: 100% is a plain drop.
+            rnd = f"numgen random mod 100 < {pct} " if pct < 100 else ""
+            rules_in.append(f'iifname "{HOST_IFNAME}" {rnd}drop')
+            rules_out.append(f'oifname "{HOST_IFNAME}" {rnd}drop')
         lines.append(f"table inet {NFT_TABLE} {{")
         for chain, hook, rules in (("input", "input", rules_in), ("output", "output", rules_out)):
             lines.append(f"  chain {chain} {{")

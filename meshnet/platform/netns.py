@@ -55,8 +55,10 @@ def run(
     except OSError as e:
         raise NetnsError(f"{argv[0]}: {e.strerror or e}") from e
     if check and proc.returncode != 0:
-        err = (proc.stderr or proc.stdout).strip().splitlines()
-        detail = err[-1] if err else f"exit {proc.returncode}"
+        err = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        # nft and ip put the reason on an "Error:" line, then echo the input with a caret.
+        detail = next((ln for ln in err if "Error" in ln), err[0] if err else "")
+        detail = detail or f"exit {proc.returncode}"
         raise NetnsError(f"{' '.join(argv)}: {detail}")
     return proc
 
