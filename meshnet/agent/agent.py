@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import signal
@@ -20,7 +21,8 @@ from meshnet.agent import identity, logs, systemd
 from meshnet.agent.control import ControlServer, Handler, OpError, SendEvent
 from meshnet.agent.gossip import STREAM_KEY_OP, GossipTransport, Sealer, StreamError
 from meshnet.config import Config
-from meshnet.crypto.keyring import Keyring, KeyringError, generate_key
+from meshnet.crypto.keyring import Keyring, KeyringError
+from meshnet.fsutil import atomic_write
 from meshnet.membership import (
     Member,
     MemberEvent,
@@ -32,6 +34,12 @@ from meshnet.membership import (
 log = logging.getLogger("meshnet.agent")
 
 KEYRING_FILE = "keyring.json"
+# Known peers, so a restarted agent finds its cluster again without --join (Serf's snapshot).
+PEERS_FILE = "peers.json"
+# Member changes come in bursts (a join brings the whole list); write the peers file once per burst.
+PEERS_SAVE_DELAY_S = 1.0
+# A restarted agent tries this many remembered peers; one answer is enough to rejoin.
+MAX_REMEMBERED_PEERS = 16
 # SIGTERM must finish within 5 s (systemd's patience is longer, a user's is not).
 SHUTDOWN_BUDGET_S = 5.0
 # Seeds that do not answer are retried with backoff up to this gap, forever (Consul's retry_join).
@@ -76,6 +84,7 @@ class Agent:
         self.control: ControlServer | None = None
         self.background: set[asyncio.Task[Any]] = set()
         self.left = False
+        self.peers_save: asyncio.Task[None] | None = None
 
     # --- start and stop -------------------------------------------------------------------
 
@@ -141,8 +150,10 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._spawn_reload)
-        if self.config.join:
-            self._spawn(self._retry_join(list(self.config.join)))
+        seeds = list(self.config.join) + [p for p in self._remembered_peers()
+                                          if p not in self.config.join]
+        if seeds:
+            self._spawn(self._retry_join(seeds))
         interval = systemd.watchdog_interval()
         if interval is not None:
             self._spawn(self._watchdog(interval))
@@ -164,8 +175,9 @@ class Agent:
         log.info("shutting down")
         if not self.left:
             await self._leave()
-        for task in list(self.background):
-            task.cancel()
+        for task in [*self.background, self.peers_save]:
+            if task is not None:
+                task.cancel()
         if self.control is not None:
             await self.control.close()
         if self.gossip is not None:
@@ -230,7 +242,34 @@ class Agent:
             self.gossip.pump()
         log.info("configuration reloaded")
 
+    def _remembered_peers(self) -> list[tuple[str, int]]:
+        try:
+            data = json.loads((Path(self.config.state_dir) / PEERS_FILE).read_bytes())
+            peers = [configmod.parse_hostport("peer", p) for p in data["peers"]]
+        except (OSError, ValueError, KeyError, TypeError, configmod.ConfigError):
+            return []
+        own = self.config.advertise_addr()
+        return [p for p in peers if p != own][:MAX_REMEMBERED_PEERS]
+
+    def _schedule_peers_save(self) -> None:
+        if self.peers_save is None or self.peers_save.done():
+            self.peers_save = asyncio.get_running_loop().create_task(self._save_peers())
+
+    async def _save_peers(self) -> None:
+        await asyncio.sleep(PEERS_SAVE_DELAY_S)
+        assert self.membership is not None
+        peers = [f"{m.addr[0]}:{m.addr[1]}" for m in self.membership.members()
+                 if m.name != self.config.name and str(m.state.value) in ("alive", "suspect")]
+        if not peers:  # keep the old list: an isolated node still wants to find its cluster
+            return
+        doc = json.dumps({"peers": peers[:MAX_REMEMBERED_PEERS]}).encode()
+        try:
+            atomic_write(Path(self.config.state_dir) / PEERS_FILE, doc)
+        except OSError as e:
+            log.warning("cannot save peers: %s", e)
+
     def _on_member_event(self, event: MemberEvent) -> None:
+        self._schedule_peers_save()
         member = getattr(event, "member", None)
         name = type(event).__name__
         if member is not None:
@@ -333,8 +372,6 @@ class Agent:
         assert self.membership is not None and self.gossip is not None
         op = args.get("op")
         key = str(args.get("key", ""))
-        if op == "generate":
-            return {"key": generate_key()}
         if op not in KEY_OPS:
             raise OpError(f"unknown keys operation {op!r}")
         if op == "use" and self.keyring is not None and key not in self.keyring:

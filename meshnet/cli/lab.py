@@ -126,8 +126,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         rows = lab.status()
         if args.json:
             print(json.dumps({"hosts": [r.to_dict() for r in rows]}))
-        else:
+        elif rows:
             format_table(rows, sys.stdout)
+        else:
+            print(f"no lab '{lab.prefix}' is up")
     elif verb == "exec":
         cmd = _strip_dashdash(args.cmd)
         if not cmd:

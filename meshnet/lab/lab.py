@@ -140,13 +140,18 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def _wait_dead(procs: Iterable[ProcRef], timeout: float) -> list[ProcRef]:
-    """Poll until every (pid, starttime) is gone; return those still alive at the deadline."""
+def _wait_dead(procs: Iterable[ProcRef], timeout: float, *, reap: bool = False) -> list[ProcRef]:
+    """Poll until every (pid, starttime) is gone; return those still alive at the deadline.
+
+    With reap, also collect them if they are our children (agents a Lab in this process
+    started); never done for other processes, whose exit status belongs to their parent.
+    """
     left = list(procs)
     deadline = time.monotonic() + timeout
     while True:
-        for pid, _ in left:
-            _reap(pid)
+        if reap:
+            for pid, _ in left:
+                _reap(pid)
         left = [(p, s) for p, s in left if _alive(p, s)]
         if not left or time.monotonic() >= deadline:
             return left
@@ -158,14 +163,14 @@ def _stop_processes(procs: Sequence[ProcRef], grace: float) -> list[int]:
     live = [(p, s) for p, s in procs if _alive(p, s)]
     for pid, _ in live:
         _signal(pid, signal.SIGTERM)
-    survivors = _wait_dead(live, grace) if grace > 0 else live
+    survivors = _wait_dead(live, grace, reap=True) if grace > 0 else live
     for pid, _ in survivors:
         _signal(pid, signal.SIGKILL)
     for pid, _ in live:
         # Agents run with start_new_session, so pid == pgid; this takes their task processes too.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
-    return [p for p, _ in _wait_dead(survivors, KILL_WAIT_S)]
+    return [p for p, _ in _wait_dead(survivors, KILL_WAIT_S, reap=True)]
 
 
 def _log_tail(path: Path, limit: int = 200) -> str:
@@ -487,7 +492,7 @@ class Lab:
             raise LabError(f"agent on {h} is not running")
         pid, start = rec["pid"], rec["starttime"]
         _signal(pid, signal.SIGKILL)
-        if _wait_dead([(pid, start)], KILL_WAIT_S):
+        if _wait_dead([(pid, start)], KILL_WAIT_S, reap=True):
             raise LabError(f"agent on {h} (pid {pid}) survived SIGKILL")
         self._procs.pop(h, None)
         rec["pid"] = rec["starttime"] = None
@@ -534,9 +539,8 @@ class Lab:
         errors: list[str] = []
         try:
             m = self._load()
-        except LabError as e:
-            errors.append(str(e))
-            m = None
+        except LabError:
+            m = None  # unreadable records: the sweep below still finds everything by prefix
         recs: dict[str, Any] = m["hosts"] if m else {}
 
         # 1. Agents: SIGTERM, up to TERM_GRACE_S, then SIGKILL.

@@ -1,0 +1,158 @@
+"""Membership timings and profiles.
+
+The LAN profile is memberlist's DefaultLANConfig except for ``suspicion_mult`` and the Lifeguard
+confirmation count ``suspicion_k``, which memberlist ties together (k = SuspicionMult - 2).
+
+Why suspicion_mult = 2 and k = 2 (LAN), not memberlist's 4
+------------------------------------------------------------
+With SuspicionMult=4 the *shortest* suspicion at N=1000 is 4 x log10(1000) x 1 s = 12 s, so
+crash -> everyone-holds-dead can never meet a 12 s budget: the first probe of a crashed node is
+already ~Exp(1 s) away (p99 ~4.6 s, randomized round robin), the probe itself takes a probe
+interval, and the dead message needs ~2 s to reach the last of 1000 members. That leaves roughly
+4-5 s for the suspicion at p99, which at N=1000 means suspicion_mult ~1.5-2.
+
+The risk of a short suspicion is declaring a live-but-slow node dead. Lifeguard is what makes a
+short *minimum* safe:
+
+* the timeout starts at ``suspicion_max_timeout_mult`` x min (36 s at N=1000 with mult 2) and only
+  falls to the minimum after ``suspicion_k`` *independent* confirmations. A lone suspicion caused
+  by packet loss (one prober, unconfirmed) therefore lasts the full maximum; only a node that many
+  probers fail to reach gets the short timeout;
+* the buddy system tells the suspect directly (we also send the suspicion straight to it the
+  moment we raise it), so a slow node learns of it within one hop plus its own inbox delay and
+  refutes; the refutation is also sent straight back to the accusers it knows of;
+* awareness stretches the probe timeouts of a node that is itself the slow one, so it stops
+  accusing healthy peers.
+
+memberlist derives k from the multiplier (k = mult - 2), which at mult 2 would be k = 0 and turn
+the dynamic timeout off; we keep k as its own setting (2, memberlist's value at mult 4).
+The numbers behind the choice are measured by ``bench/membership.py`` (see its docstring): at
+N=1000 on LAN timings they give detect_all_p99 within 12 s in the clean scenario and zero false
+positives over 600 virtual s with 5% loss and with 10% slow nodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from meshnet import wire
+
+# The memberlist cap on concurrent push-pull exchanges (maxPushPullRequests): more than this and
+# a newly healed partition or a mass restart turns into a TCP storm (consul#4511).
+MAX_PUSH_PULL_CONCURRENT = 128
+
+
+@dataclass
+class MembershipConfig:
+    probe_interval: float = 1.0
+    probe_timeout: float = 0.5
+    indirect_checks: int = 3
+    suspicion_mult: float = 2.0
+    suspicion_max_timeout_mult: float = 6.0
+    # Lifeguard's K: independent confirmations that take a suspicion down to its minimum.
+    suspicion_k: int = 2
+    retransmit_mult: int = 4
+    gossip_interval: float = 0.2
+    gossip_nodes: int = 3
+    gossip_to_the_dead_time: float = 30.0
+    push_pull_interval: float = 30.0
+    awareness_max_multiplier: int = 8
+    udp_payload: int = wire.DEFAULT_UDP_PAYLOAD
+    # Dead and left members are forgotten after this long (memberlist#253: left never reaped).
+    reap_after: float = 60.0
+    # serf-style reconnect: every reconnect_interval, push-pull with one random dead member with
+    # probability dead/alive, so a healed partition merges back before reap_after.
+    reconnect_interval: float = 10.0
+    max_push_pull_concurrent: int = MAX_PUSH_PULL_CONCURRENT
+    max_push_pull_bytes: int = wire.MAX_STREAM_BYTES
+    # An outbound push-pull the shell never reports back on is forgotten after this long
+    # (memberlist's TCPTimeout), so a lost callback cannot pin a concurrency slot forever.
+    stream_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.probe_timeout <= 0 or self.probe_interval <= 0:
+            raise ValueError("probe_interval and probe_timeout must be positive")
+        if self.probe_timeout > self.probe_interval:
+            raise ValueError("probe_timeout must not exceed probe_interval")
+        if self.gossip_interval <= 0 or self.push_pull_interval <= 0:
+            raise ValueError("intervals must be positive")
+        if not 200 <= self.udp_payload <= wire.MAX_DATAGRAM_BYTES:
+            raise ValueError("udp_payload out of range")
+        if self.awareness_max_multiplier < 1:
+            raise ValueError("awareness_max_multiplier must be >= 1")
+        if self.suspicion_mult <= 0 or self.suspicion_max_timeout_mult < 1:
+            raise ValueError("bad suspicion multipliers")
+        if self.max_push_pull_bytes > wire.MAX_STREAM_BYTES:
+            raise ValueError("max_push_pull_bytes above MAX_STREAM_BYTES")
+
+    @property
+    def packet_budget(self) -> int:
+        """Bytes a packet built by the core may use: the UDP payload minus encryption framing."""
+        return self.udp_payload - wire.ENCRYPTION_OVERHEAD
+
+    def retransmit_limit(self, n: int) -> int:
+        """memberlist: RetransmitMult x ceil(log10(n + 1))."""
+        return self.retransmit_mult * math.ceil(math.log10(n + 1))
+
+    def push_pull_scaled(self, n: int) -> float:
+        """memberlist's pushPullScale: x1 up to 32 members, one more x per doubling above."""
+        if n <= 32:
+            return self.push_pull_interval
+        mult = math.ceil(math.log2(n) - math.log2(32)) + 1
+        return self.push_pull_interval * mult
+
+    def replace(self, **changes: object) -> MembershipConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def lan(cls) -> MembershipConfig:
+        """memberlist DefaultLANConfig timings with our suspicion multiplier."""
+        return cls()
+
+    @classmethod
+    def lan_fast(cls) -> MembershipConfig:
+        """Twice as fast as LAN: for tests and the lab on loopback/veth."""
+        return cls(
+            probe_interval=0.5,
+            probe_timeout=0.25,
+            gossip_interval=0.1,
+            push_pull_interval=10.0,
+            gossip_to_the_dead_time=15.0,
+            reap_after=30.0,
+            reconnect_interval=5.0,
+            stream_timeout=5.0,
+        )
+
+    @classmethod
+    def wan(cls) -> MembershipConfig:
+        """memberlist DefaultWANConfig: probe 5 s / 3 s, suspicion 6, push-pull 60 s, gossip 0.5 s x 4."""
+        return cls(
+            probe_interval=5.0,
+            probe_timeout=3.0,
+            suspicion_mult=6.0,
+            suspicion_k=4,
+            gossip_interval=0.5,
+            gossip_nodes=4,
+            gossip_to_the_dead_time=60.0,
+            push_pull_interval=60.0,
+            reap_after=300.0,
+            reconnect_interval=30.0,
+            stream_timeout=30.0,
+        )
+
+    @classmethod
+    def profile(cls, name: str) -> MembershipConfig:
+        try:
+            factory = PROFILES[name]
+        except KeyError:
+            raise ValueError(f"unknown membership profile {name!r} (have {sorted(PROFILES)})")
+        return factory()
+
+
+PROFILES = {
+    "lan": MembershipConfig.lan,
+    "lan-fast": MembershipConfig.lan_fast,
+    "wan": MembershipConfig.wan,
+}

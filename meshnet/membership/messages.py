@@ -1,0 +1,369 @@
+"""Membership wire messages: ``[type u8][msgpack array]`` (memberlist's numbering).
+
+Every decoder here raises MembershipProtocolError and nothing else (the fuzz tests check it).
+Bodies are positional msgpack arrays; a decoder accepts *longer* arrays than it knows (a newer
+peer may append fields) but never shorter ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from meshnet import wire
+from meshnet.membership.types import (
+    STATE_CODES,
+    Addr,
+    MemberState,
+    MembershipProtocolError,
+    NodeMeta,
+    check_name,
+    check_port,
+)
+
+__all__ = [
+    "COMPOUND_OVERHEAD",
+    "COMPOUND_PART_OVERHEAD",
+    "MAX_COMPOUND_PARTS",
+    "MAX_INCARNATION",
+    "MAX_PUSH_PULL_MEMBERS",
+    "PUSH_PULL_VERSION",
+    "Ack",
+    "Alive",
+    "Dead",
+    "IndirectPing",
+    "Message",
+    "MsgType",
+    "Nack",
+    "Ping",
+    "PushPull",
+    "PushPullState",
+    "Suspect",
+    "User",
+    "decode_packet",
+    "decode_push_pull",
+    "make_compound",
+]
+
+
+class MsgType(IntEnum):
+    """One byte in front of every message. Only ever append; never renumber or reuse."""
+
+    PING = 0
+    INDIRECT_PING = 1
+    ACK = 2
+    SUSPECT = 3
+    ALIVE = 4
+    DEAD = 5
+    PUSH_PULL = 6
+    COMPOUND = 7
+    USER = 8
+    COMPRESS = 9  # reserved (memberlist); never sent
+    ENCRYPT = 10  # reserved: encryption is the shell's envelope, not a message
+    NACK = 11
+    CRC = 12  # reserved (memberlist); never sent
+
+
+# A compound packet is [COMPOUND][count u8][len u16 x count][parts]: the count is one byte.
+MAX_COMPOUND_PARTS = 255
+COMPOUND_OVERHEAD = 2  # type byte + count byte
+COMPOUND_PART_OVERHEAD = 2  # u16 length per part
+# memberlist's incarnation is a uint32; we allow 64 bits (a restarted node may seed from a clock).
+MAX_INCARNATION = (1 << 64) - 1
+# Sequence numbers wrap at 32 bits like memberlist's.
+SEQ_MOD = 1 << 32
+# Members in one push-pull: bounded by what fits MAX_STREAM_BYTES at the smallest entry (~20 B);
+# checked against the declared array length before the entries are walked.
+MAX_PUSH_PULL_MEMBERS = 100_000
+# Version of the push-pull body; a newer peer's extra fields are ignored, an older one refused.
+PUSH_PULL_VERSION = 1
+# A user (delegate) message must fit in one packet alongside a ping.
+MAX_USER_BYTES = wire.DEFAULT_UDP_PAYLOAD
+
+
+def _err(msg: str) -> MembershipProtocolError:
+    return MembershipProtocolError(msg)
+
+
+def _uint(value: object, what: str, limit: int = MAX_INCARNATION) -> int:
+    if type(value) is not int or value < 0 or value > limit:
+        raise _err(f"{what}: expected unsigned int")
+    return value
+
+
+def _body(view: memoryview, n: int, what: str) -> list[Any]:
+    body = wire.unpack(view, exc=MembershipProtocolError)
+    if type(body) is not list or len(body) < n:
+        raise _err(f"{what}: expected array of >= {n}")
+    return body
+
+
+@dataclass(slots=True, frozen=True)
+class Ping:
+    seq: int
+    target: str
+    source: str
+
+    def encode(self) -> bytes:
+        return wire.frame(MsgType.PING, [self.seq, self.target, self.source])
+
+
+@dataclass(slots=True, frozen=True)
+class IndirectPing:
+    seq: int
+    target: str
+    addr: Addr
+    nack: bool
+
+    def encode(self) -> bytes:
+        return wire.frame(
+            MsgType.INDIRECT_PING, [self.seq, self.target, self.addr[0], self.addr[1], self.nack]
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class Ack:
+    seq: int
+
+    def encode(self) -> bytes:
+        return wire.frame(MsgType.ACK, [self.seq])
+
+
+@dataclass(slots=True, frozen=True)
+class Nack:
+    seq: int
+
+    def encode(self) -> bytes:
+        return wire.frame(MsgType.NACK, [self.seq])
+
+
+@dataclass(slots=True, frozen=True)
+class Suspect:
+    incarnation: int
+    node: str
+    sender: str
+
+    def encode(self) -> bytes:
+        return wire.frame(MsgType.SUSPECT, [self.incarnation, self.node, self.sender])
+
+
+@dataclass(slots=True, frozen=True)
+class Dead:
+    """``sender == node`` means the node left gracefully (memberlist's convention)."""
+
+    incarnation: int
+    node: str
+    sender: str
+
+    def encode(self) -> bytes:
+        return wire.frame(MsgType.DEAD, [self.incarnation, self.node, self.sender])
+
+
+@dataclass(slots=True, frozen=True)
+class Alive:
+    incarnation: int
+    meta: NodeMeta
+    meta_bytes: bytes
+
+    @property
+    def node(self) -> str:
+        return self.meta.name
+
+    def encode(self) -> bytes:
+        return wire.frame(MsgType.ALIVE, [self.incarnation, self.meta_bytes])
+
+
+@dataclass(slots=True, frozen=True)
+class User:
+    data: bytes
+
+    def encode(self) -> bytes:
+        return bytes((MsgType.USER,)) + self.data
+
+
+@dataclass(slots=True, frozen=True)
+class PushPullState:
+    name: str
+    incarnation: int
+    state: MemberState
+    meta: NodeMeta
+    meta_bytes: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class PushPull:
+    join: bool
+    states: list[PushPullState]
+    user_state: bytes
+
+    def encode(self) -> bytes:
+        return wire.frame(
+            MsgType.PUSH_PULL,
+            [
+                PUSH_PULL_VERSION,
+                self.join,
+                [
+                    [s.name, s.incarnation, STATE_CODES.index(s.state), s.meta_bytes]
+                    for s in self.states
+                ],
+                self.user_state,
+            ],
+        )
+
+
+Message = Ping | IndirectPing | Ack | Nack | Suspect | Dead | Alive | User
+
+
+def encode_push_pull_raw(
+    join: bool, entries: list[list[Any]], user_state: bytes
+) -> bytes:
+    """Encode from prebuilt ``[name, inc, state_code, meta_bytes]`` rows (the hot path)."""
+    return wire.frame(MsgType.PUSH_PULL, [PUSH_PULL_VERSION, join, entries, user_state])
+
+
+MetaCache = dict[bytes, NodeMeta]
+
+
+def _decode_meta(raw: object, cache: MetaCache | None) -> tuple[NodeMeta, bytes]:
+    """Decode (or look up an already-validated copy of) encoded metadata."""
+    if type(raw) is not bytes:
+        raise _err("meta: expected bytes")
+    if cache is not None:
+        hit = cache.get(raw)
+        if hit is not None:
+            return hit, raw
+        meta = NodeMeta.decode(raw)
+        cache[raw] = meta
+        return meta, raw
+    return NodeMeta.decode(raw), raw
+
+
+def _decode_one(t: int, view: memoryview, cache: MetaCache | None) -> Message | None:
+    """Decode one non-compound message; None for a type we do not know (newer peer)."""
+    if t == MsgType.PING:
+        b = _body(view, 3, "ping")
+        return Ping(_uint(b[0], "seq", SEQ_MOD - 1), check_name(b[1]), check_name(b[2]))
+    if t == MsgType.ACK:
+        b = _body(view, 1, "ack")
+        return Ack(_uint(b[0], "seq", SEQ_MOD - 1))
+    if t == MsgType.NACK:
+        b = _body(view, 1, "nack")
+        return Nack(_uint(b[0], "seq", SEQ_MOD - 1))
+    if t == MsgType.SUSPECT:
+        b = _body(view, 3, "suspect")
+        return Suspect(_uint(b[0], "incarnation"), check_name(b[1]), check_name(b[2]))
+    if t == MsgType.DEAD:
+        b = _body(view, 3, "dead")
+        return Dead(_uint(b[0], "incarnation"), check_name(b[1]), check_name(b[2]))
+    if t == MsgType.ALIVE:
+        b = _body(view, 2, "alive")
+        meta, raw = _decode_meta(b[1], cache)
+        return Alive(_uint(b[0], "incarnation"), meta, raw)
+    if t == MsgType.INDIRECT_PING:
+        b = _body(view, 5, "indirect ping")
+        host = b[2]
+        if type(host) is not str or not host or len(host) > 255:
+            raise _err("indirect ping: bad host")
+        if type(b[4]) is not bool:
+            raise _err("indirect ping: nack flag must be bool")
+        return IndirectPing(
+            _uint(b[0], "seq", SEQ_MOD - 1), check_name(b[1]), (host, check_port(b[3])), b[4]
+        )
+    if t == MsgType.USER:
+        if len(view) > MAX_USER_BYTES:
+            raise _err("user message too large")
+        return User(bytes(view))
+    if t in (MsgType.COMPOUND, MsgType.PUSH_PULL):
+        raise _err(f"message type {t} not allowed here")
+    if t in (MsgType.COMPRESS, MsgType.ENCRYPT, MsgType.CRC):
+        raise _err(f"message type {t} is not supported")
+    return None
+
+
+def decode_packet(data: bytes | memoryview, cache: MetaCache | None = None) -> list[Message]:
+    """Decode one datagram into its messages (a compound yields several).
+
+    Parts of a type newer than we know are skipped, so the enum can grow without breaking
+    older peers; a malformed part of a known type fails the whole packet.
+    """
+    t, rest = wire.unframe(data, exc=MembershipProtocolError)
+    if t != MsgType.COMPOUND:
+        msg = _decode_one(t, rest, cache)
+        if msg is None:
+            raise _err(f"unknown message type {t}")
+        return [msg]
+    if len(rest) < 1:
+        raise _err("compound: missing count")
+    count = rest[0]
+    header_end = 1 + COMPOUND_PART_OVERHEAD * count
+    if count == 0 or len(rest) < header_end:
+        raise _err("compound: truncated header")
+    lengths = [
+        (rest[1 + 2 * i] << 8) | rest[2 + 2 * i] for i in range(count)
+    ]
+    if header_end + sum(lengths) != len(rest):
+        raise _err("compound: part lengths do not match packet")
+    out: list[Message] = []
+    off = header_end
+    for ln in lengths:
+        part = rest[off : off + ln]
+        off += ln
+        if ln < 1:
+            raise _err("compound: empty part")
+        msg = _decode_one(part[0], part[1:], cache)
+        if msg is not None:
+            out.append(msg)
+    return out
+
+
+def make_compound(parts: list[bytes]) -> bytes:
+    """``[COMPOUND][count u8][len u16 x count][parts]``; one part is sent as itself."""
+    if len(parts) == 1:
+        return parts[0]
+    if not 1 <= len(parts) <= MAX_COMPOUND_PARTS:
+        raise ValueError("compound needs 1..255 parts")
+    header = bytearray((MsgType.COMPOUND, len(parts)))
+    for p in parts:
+        if len(p) > 0xFFFF:
+            raise ValueError("compound part too long")
+        header += len(p).to_bytes(2, "big")
+    return bytes(header) + b"".join(parts)
+
+
+def decode_push_pull(
+    data: bytes | memoryview,
+    max_bytes: int = wire.MAX_STREAM_BYTES,
+    cache: MetaCache | None = None,
+) -> PushPull:
+    """Decode a push-pull stream payload (request or reply)."""
+    t, rest = wire.unframe(data, max_bytes=max_bytes, exc=MembershipProtocolError)
+    if t != MsgType.PUSH_PULL:
+        raise _err("stream: expected push-pull")
+    b = wire.unpack(rest, max_bytes=max_bytes, exc=MembershipProtocolError)
+    if type(b) is not list or len(b) < 4:
+        raise _err("push-pull: expected array of >= 4")
+    if type(b[0]) is not int or b[0] < PUSH_PULL_VERSION:
+        raise _err("push-pull: unsupported version")
+    join, rows, user_state = b[1], b[2], b[3]
+    if type(join) is not bool:
+        raise _err("push-pull: join flag must be bool")
+    if type(rows) is not list or len(rows) > MAX_PUSH_PULL_MEMBERS:
+        raise _err("push-pull: bad member list")
+    if type(user_state) is not bytes:
+        raise _err("push-pull: user state must be bytes")
+    states: list[PushPullState] = []
+    for row in rows:
+        if type(row) is not list or len(row) < 4:
+            raise _err("push-pull: bad member row")
+        code = row[2]
+        if type(code) is not int or not 0 <= code < len(STATE_CODES):
+            raise _err("push-pull: bad state code")
+        meta, raw = _decode_meta(row[3], cache)
+        name = check_name(row[0])
+        if name != meta.name:
+            raise _err("push-pull: name does not match metadata")
+        states.append(
+            PushPullState(name, _uint(row[1], "incarnation"), STATE_CODES[code], meta, raw)
+        )
+    return PushPull(join, states, user_state)
