@@ -50,7 +50,7 @@ def decode_body(data: bytes) -> tuple[dict[str, Any], bool]:
 
 
 def frame_length(header: bytes, limit: int) -> int:
-    (length,) = _LEN.unpack(header)
+    length: int = _LEN.unpack(header)[0]
     if length > limit:
         raise ApiError(f"frame of {length} bytes exceeds the limit of {limit}")
     return length

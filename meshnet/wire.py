@@ -34,9 +34,9 @@ __all__ = [
 ]
 
 # Bytes the agent shell adds around every datagram and stream message when a cluster key is set:
-# 1 version byte + 1 key-id byte + 12-byte AES-GCM nonce + 16-byte GCM tag. The cores reserve it so
+# 1 version byte + 4 key-id bytes + 12-byte AES-GCM nonce + 16-byte GCM tag. The cores reserve it so
 # that a packet built to fit ``udp_payload`` still fits once encrypted.
-ENCRYPTION_OVERHEAD = 1 + 1 + 12 + 16
+ENCRYPTION_OVERHEAD = 1 + 4 + 12 + 16  # keyring SEAL_OVERHEAD: version, key id, nonce, tag
 
 # memberlist's UDPBufferSize: 1400 bytes keeps a datagram under a 1500-byte Ethernet MTU with room
 # for IP/UDP headers and tunnel encapsulation, so it is never fragmented.

@@ -65,7 +65,8 @@ def member_json(m: Member) -> dict[str, Any]:
 
 def membership_config(config: Config) -> MembershipConfig:
     base = MembershipConfig.profile(config.profile)
-    return replace(base, **config.membership)
+    overrides: dict[str, Any] = dict(config.membership)
+    return replace(base, **overrides)
 
 
 class Agent:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from meshnet import __version__
@@ -81,13 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     async def run() -> int:
         return await Agent(cfg, ns.config, overrides).run()
 
+    runner: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
     try:
         import uvloop
+
         runner = uvloop.run
-    except ImportError:  # non-Linux development machines
-        runner = asyncio.run
+    except ImportError:  # non-Linux development machines keep the stock loop
+        pass
     try:
-        return int(runner(run()))
+        return runner(run())
     except StartError as e:
         print(f"meshnetd: {e}", file=sys.stderr)
         return 1

@@ -127,7 +127,7 @@ class MembershipConfig:
 
     @classmethod
     def wan(cls) -> MembershipConfig:
-        """memberlist DefaultWANConfig: probe 5 s / 3 s, suspicion 6, push-pull 60 s, gossip 0.5 s x 4."""
+        """memberlist DefaultWANConfig: probe 5/3 s, suspicion 6, push-pull 60 s, gossip 0.5 s x4"""
         return cls(
             probe_interval=5.0,
             probe_timeout=3.0,
@@ -147,7 +147,9 @@ class MembershipConfig:
         try:
             factory = PROFILES[name]
         except KeyError:
-            raise ValueError(f"unknown membership profile {name!r} (have {sorted(PROFILES)})")
+            raise ValueError(
+                f"unknown membership profile {name!r} (have {sorted(PROFILES)})"
+            ) from None
         return factory()
 
 

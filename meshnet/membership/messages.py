@@ -15,8 +15,8 @@ from meshnet import wire
 from meshnet.membership.types import (
     STATE_CODES,
     Addr,
-    MemberState,
     MembershipProtocolError,
+    MemberState,
     NodeMeta,
     check_name,
     check_port,

@@ -1,1 +1,51 @@
+"""The replicated cluster store: a sans-IO LWW-map CRDT per table (see store.py)."""
 
+from meshnet.state.codec import MsgType
+from meshnet.state.hlc import Hlc
+from meshnet.state.store import Changes, Store, StoreFull
+from meshnet.state.tables import (
+    ENDPOINTS,
+    NETWORKS,
+    SERVICES,
+    Endpoint,
+    Network,
+    Service,
+    endpoint_key,
+)
+from meshnet.state.types import (
+    ChangeEvent,
+    Entry,
+    EventsLost,
+    StateProtocolError,
+    StoreConfig,
+    StoreEvent,
+    StoreStats,
+    entry_order,
+    merge,
+    tombstone_ttl_for,
+)
+
+__all__ = [
+    "ENDPOINTS",
+    "NETWORKS",
+    "SERVICES",
+    "ChangeEvent",
+    "Changes",
+    "Endpoint",
+    "Entry",
+    "EventsLost",
+    "Hlc",
+    "MsgType",
+    "Network",
+    "Service",
+    "StateProtocolError",
+    "Store",
+    "StoreConfig",
+    "StoreEvent",
+    "StoreFull",
+    "StoreStats",
+    "endpoint_key",
+    "entry_order",
+    "merge",
+    "tombstone_ttl_for",
+]

@@ -72,7 +72,7 @@ def test_check_config_accepts_the_example(tmp_path: Path) -> None:
 
 def test_agent_without_key_refuses_to_start(tmp_path: Path) -> None:
     r = subprocess.run([MESHNETD, "--state-dir", str(tmp_path / "s"), "--socket",
-                        str(tmp_path / "c.sock"), "--bind", "127.0.0.1:0"],
+                        str(tmp_path / "c.sock"), "--bind", "127.0.0.1:7999"],
                        capture_output=True, text=True, timeout=20)
     assert r.returncode == 1
     assert "no cluster key" in r.stderr

@@ -1,0 +1,257 @@
+"""SQLite persistence of the replicated store (the agent side: this module does I/O).
+
+One database file in the state dir, ``store.db``, in WAL mode, holding one table of entries
+(``entries``) and a one-row-per-setting ``meta`` table (the GC horizon). The agent calls
+``load`` once at start to seed the core (and serves that copy at once), then ``save`` with the
+batches ``Store.take_dirty`` hands it. The calls block: run them in an executor thread.
+
+Crash safety
+------------
+Every ``save`` is one transaction (``BEGIN IMMEDIATE`` .. ``COMMIT``). In WAL mode a transaction
+is appended to ``store.db-wal`` and becomes visible only when its commit frame is written, so a
+``kill -9`` at any instant leaves the previous commit or the new one, never a torn mix, and the
+next open replays or discards the tail of the log (tests/unit/test_store_db.py kills a writer
+at random moments and reopens it, several rounds).
+
+``synchronous=FULL``, not NORMAL
+--------------------------------
+Against a *process* crash (``kill -9``, OOM) both are safe: a commit is in the OS page cache
+once ``COMMIT`` returns. They differ on power loss or a kernel crash: with NORMAL the last
+transactions before the fsync at checkpoint time can vanish (the database stays consistent).
+The issue asks that nothing be lost if all but one agent die, and a rack-wide power cut is the
+case where every other copy dies too, so the survivor's copy must be on the platter when
+``save`` returns. FULL costs one fsync of the WAL per commit, and the agent commits batches
+(every change since the last save), not single writes, so that is a few fsyncs a second at the
+very most.
+
+Damage we cannot recover from (a disk error, a file that is not a database) is not fatal
+either: the damaged files are moved aside as ``store.db.corrupt-N`` and the agent starts empty;
+its peers refill it by anti-entropy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+
+from meshnet.state.hlc import MAX_HLC, Hlc
+from meshnet.state.types import (
+    MAX_KEY_BYTES,
+    MAX_TABLE_NAME_BYTES,
+    MAX_VALUE_BYTES,
+    MAX_WRITER_BYTES,
+    Entry,
+)
+
+__all__ = ["SCHEMA_VERSION", "STORE_DB_FILE", "StoreDb", "StoreDbError"]
+
+STORE_DB_FILE = "store.db"
+SCHEMA_VERSION = 1
+# How long a statement waits for a lock held by another connection before failing. Only one
+# agent uses a state dir; this covers a checkpoint by a second reader such as a debugging shell.
+BUSY_TIMEOUT_S = 5.0
+# sqlite3 result codes that mean the file itself is damaged (not a lock or an I/O hiccup).
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    tbl       TEXT    NOT NULL,
+    key       TEXT    NOT NULL,
+    value     BLOB,
+    hlc       INTEGER NOT NULL,
+    writer    TEXT    NOT NULL,
+    tombstone INTEGER NOT NULL,
+    PRIMARY KEY (tbl, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+class StoreDbError(Exception):
+    """The store database could not be opened or written."""
+
+
+class _Damaged(Exception):
+    """The file opened but failed its integrity check."""
+
+
+def _damaged(e: BaseException) -> bool:
+    if isinstance(e, _Damaged):
+        return True
+    return getattr(e, "sqlite_errorcode", None) in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+
+
+class StoreDb:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.quarantined: Path | None = None  # where a damaged database was moved, if it was
+        self.skipped_rows = 0  # malformed rows ``load`` ignored
+        try:
+            self._db = self._open()
+        except (sqlite3.Error, _Damaged) as e:
+            if not _damaged(e):
+                raise StoreDbError(f"{self.path}: {e}") from None
+            self.quarantined = self._quarantine()
+            try:
+                self._db = self._open()
+            except (sqlite3.Error, _Damaged) as e2:
+                raise StoreDbError(f"{self.path}: {e2}") from None
+
+    @classmethod
+    def in_state_dir(cls, state_dir: str | os.PathLike[str]) -> StoreDb:
+        return cls(Path(state_dir) / STORE_DB_FILE)
+
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            # create it 0600 ourselves: SQLite would use the umask, and the -wal/-shm files it
+            # makes later copy the main file's permissions
+            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+        db = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        try:
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()
+            if mode is None or str(mode[0]).lower() != "wal":
+                raise StoreDbError(f"{self.path}: cannot enable WAL mode (got {mode})")
+            db.execute("PRAGMA synchronous=FULL")
+            check = db.execute("PRAGMA quick_check").fetchone()
+            if check is None or check[0] != "ok":
+                raise _Damaged(f"quick_check: {check}")
+            db.executescript(_SCHEMA)
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            elif version > SCHEMA_VERSION:
+                raise StoreDbError(f"{self.path}: schema {version} is newer than this agent")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _quarantine(self) -> Path:
+        n = 0
+        while True:
+            dest = self.path.with_name(f"{self.path.name}.corrupt-{n}")
+            if not dest.exists():
+                break
+            n += 1
+        os.replace(self.path, dest)
+        for suffix in ("-wal", "-shm"):
+            side = self.path.with_name(self.path.name + suffix)
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(side, dest.with_name(dest.name + suffix))
+        return dest
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def load(self) -> list[Entry]:
+        """Every persisted entry; a malformed row is skipped (and counted in skipped_rows)."""
+        out: list[Entry] = []
+        try:
+            rows = self._db.execute(
+                "SELECT tbl, key, value, hlc, writer, tombstone FROM entries"
+            ).fetchall()
+        except sqlite3.Error as e:
+            raise StoreDbError(f"{self.path}: {e}") from None
+        for tbl, key, value, hlc, writer, tombstone in rows:
+            entry = _row_entry(tbl, key, value, hlc, writer, tombstone)
+            if entry is None:
+                self.skipped_rows += 1
+            else:
+                out.append(entry)
+        return out
+
+    def load_gc_horizon(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE name = 'gc_horizon'").fetchone()
+        if row is None or type(row[0]) is not int or not 0 <= row[0] <= MAX_HLC:
+            return 0
+        return int(row[0])
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    def save(
+        self,
+        entries: Iterable[Entry],
+        removed: Iterable[tuple[str, str]] = (),
+        gc_horizon: int | None = None,
+    ) -> None:
+        """Upsert ``entries``, delete ``removed`` and record ``gc_horizon``, in one transaction."""
+        rows = [
+            (e.table, e.key, e.value, e.hlc.pack(), e.writer, 1 if e.value is None else 0)
+            for e in entries
+        ]
+        gone = list(removed)
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "INSERT OR REPLACE INTO entries (tbl, key, value, hlc, writer, tombstone)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                if gone:
+                    db.executemany("DELETE FROM entries WHERE tbl = ? AND key = ?", gone)
+                if gc_horizon is not None:
+                    db.execute(
+                        "INSERT OR REPLACE INTO meta (name, value) VALUES ('gc_horizon', ?)",
+                        (gc_horizon,),
+                    )
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise StoreDbError(f"{self.path}: {e}") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> StoreDb:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _text(value: object, max_bytes: int) -> bool:
+    return type(value) is str and 0 < len(value.encode()) <= max_bytes
+
+
+def _row_entry(
+    tbl: object, key: object, value: object, hlc: object, writer: object, tombstone: object
+) -> Entry | None:
+    if not (
+        _text(tbl, MAX_TABLE_NAME_BYTES)
+        and _text(key, MAX_KEY_BYTES)
+        and _text(writer, MAX_WRITER_BYTES)
+    ):
+        return None
+    if type(hlc) is not int or not 0 <= hlc <= MAX_HLC:
+        return None
+    if tombstone == 1:
+        if value is not None:
+            return None
+        blob = None
+    elif tombstone == 0 and type(value) is bytes and len(value) <= MAX_VALUE_BYTES:
+        blob = value
+    else:
+        return None
+    assert type(tbl) is str and type(key) is str and type(writer) is str
+    return Entry(tbl, key, blob, Hlc.unpack(hlc), writer)

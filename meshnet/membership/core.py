@@ -1,0 +1,926 @@
+"""SWIM + Lifeguard membership as a sans-IO state machine (DESIGN §2).
+
+Nothing here reads a clock, opens a socket or touches global randomness: every entry point takes
+``now`` and the instance owns an injected ``random.Random``. The caller (the agent shell, or the
+simulator) moves bytes and arms one timer at ``get_timer()``.
+
+State rules (one total order, so any set of updates converges whatever the order)
+----------------------------------------------------------------------------------
+A claim about member X is ``(incarnation, rank)`` with rank alive < suspect < dead < left; a
+claim replaces the held one iff it is larger. Concretely:
+
+* alive@a replaces anything held at incarnation < a (suspect refuted, dead/left rejoined);
+  never a claim at the same incarnation;
+* suspect@s replaces alive@<=s, and suspect/dead/left only from a newer incarnation;
+* dead@d replaces alive/suspect@<=d; left stays left (dead@<=l is ignored);
+* left@l (a ``dead`` sent by the node about itself) replaces everything at <=l;
+* claims about an unknown member other than alive are ignored (we could not probe it);
+* claims about ourselves that are not alive at or above our incarnation are refuted by
+  raising our incarnation above the claim (unless we are leaving). A restarted node learns its
+  old incarnation from the first push-pull and comes back above it.
+
+Lifeguard: awareness scales probe interval and timeout; suspicion timeouts start at the maximum
+and shrink with independent confirmations; a suspect hears of its suspicion first (buddy system)
+and, beyond memberlist, hears of it at once from the accuser, and answers the accuser directly.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import deque
+from collections.abc import Callable
+
+from meshnet import wire
+from meshnet.membership.broadcast import BroadcastQueue
+from meshnet.membership.config import MembershipConfig
+from meshnet.membership.lifeguard import Awareness, Suspicion, suspicion_bounds
+from meshnet.membership.messages import (
+    COMPOUND_OVERHEAD,
+    COMPOUND_PART_OVERHEAD,
+    MAX_COMPOUND_PARTS,
+    MAX_PUSH_PULL_MEMBERS,
+    SEQ_MOD,
+    Ack,
+    Alive,
+    Dead,
+    IndirectPing,
+    Message,
+    MetaCache,
+    MsgType,
+    Nack,
+    Ping,
+    PushPull,
+    Suspect,
+    User,
+    decode_packet,
+    decode_push_pull,
+    encode_push_pull_raw,
+    make_compound,
+)
+from meshnet.membership.types import (
+    STATE_CODES,
+    STATE_RANK,
+    Addr,
+    Delegate,
+    Member,
+    MemberAlive,
+    MemberDead,
+    MemberEvent,
+    MemberJoined,
+    MemberLeft,
+    MemberReaped,
+    MembershipProtocolError,
+    MemberState,
+    MemberSuspect,
+    MemberUpdated,
+    NodeMeta,
+)
+
+ALIVE = MemberState.ALIVE
+SUSPECT = MemberState.SUSPECT
+DEAD = MemberState.DEAD
+LEFT = MemberState.LEFT
+
+# Most members we track. Matches the largest push-pull we accept; a peer announcing more (bug or
+# attack) cannot grow our tables past it.
+MAX_MEMBERS = MAX_PUSH_PULL_MEMBERS
+# Indirect pings we relay at once. Each failed probe in the cluster asks indirect_checks helpers,
+# so at N=1000 with a few percent of probes failing we relay a handful; 1024 leaves a wide margin
+# and bounds what a flood of ping-reqs can make us hold.
+MAX_RELAYS = 1024
+# Events not yet drained by the shell. Past this the oldest are dropped (and counted): a shell
+# that stops draining must not make us grow without bound.
+MAX_PENDING_EVENTS = 65_536
+# Reaped members remembered (name -> incarnation) so that a stale alive from a lagging peer does
+# not resurrect them. FIFO-evicted; each entry is ~100 bytes.
+MAX_TOMBSTONES = 10_000
+# Decoded-metadata memo entries; cleared when it grows past this (it only saves decoding work).
+MAX_META_CACHE = 4 * 1024
+
+# Heap timer kinds.
+_T_SUSPICION = 0
+_T_RELAY = 1
+_T_REAP = 2
+_T_STREAM = 3
+
+_STAT_KEYS = (
+    "packets_received",
+    "bytes_received",
+    "packets_sent",
+    "bytes_sent",
+    "bad_packets",
+    "misdirected_pings",
+    "probes",
+    "probe_failures",
+    "indirect_probes",
+    "relays",
+    "relays_dropped",
+    "nacks_sent",
+    "acks_forwarded",
+    "suspicions_raised",
+    "deaths_declared",
+    "refuted_suspicions",
+    "push_pulls_started",
+    "push_pulls_completed",
+    "push_pulls_failed",
+    "push_pulls_served",
+    "push_pulls_bad",
+    "push_pulls_skipped",
+    "reconnects",
+    "reaped",
+    "user_messages",
+    "user_dropped",
+    "events_dropped",
+    "members_refused",
+)
+
+
+class _Node:
+    __slots__ = (
+        "addr",
+        "incarnation",
+        "meta",
+        "meta_bytes",
+        "name",
+        "state",
+        "state_changed_at",
+        "suspicion",
+    )
+
+    def __init__(
+        self, meta: NodeMeta, meta_bytes: bytes, incarnation: int, state: MemberState, now: float
+    ) -> None:
+        self.name = meta.name
+        self.addr = meta.addr
+        self.meta = meta
+        self.meta_bytes = meta_bytes
+        self.incarnation = incarnation
+        self.state = state
+        self.state_changed_at = now
+        self.suspicion: Suspicion | None = None
+
+    def snapshot(self) -> Member:
+        return Member(
+            self.name, self.addr, self.state, self.incarnation, self.meta, self.state_changed_at
+        )
+
+
+class _Probe:
+    __slots__ = (
+        "acked",
+        "expected_nacks",
+        "incarnation",
+        "indirect_sent",
+        "nacks",
+        "node",
+        "seq",
+        "timeout_at",
+    )
+
+    def __init__(self, node: _Node, seq: int, timeout_at: float) -> None:
+        self.node = node
+        self.seq = seq
+        self.incarnation = node.incarnation
+        self.timeout_at = timeout_at
+        self.acked = False
+        self.indirect_sent = False
+        self.expected_nacks = 0
+        self.nacks = 0
+
+
+class _Relay:
+    __slots__ = ("nack", "origin", "origin_seq", "stage")
+
+    def __init__(self, origin: Addr, origin_seq: int, nack: bool) -> None:
+        self.origin = origin
+        self.origin_seq = origin_seq
+        self.nack = nack
+        self.stage = 0
+
+
+class Membership:
+    """One member's view of the cluster. See the module docstring for the rules."""
+
+    def __init__(
+        self,
+        config: MembershipConfig,
+        meta: NodeMeta,
+        rng: random.Random,
+        now: float,
+        delegate: Delegate | None = None,
+        incarnation: int = 0,
+    ) -> None:
+        self.config = config
+        self._rng = rng
+        self._delegate = delegate
+        meta_bytes = meta.encode()  # ValueError if over MAX_META_BYTES
+        self._me = _Node(meta, meta_bytes, incarnation, ALIVE, now)
+        self.name = meta.name
+        self._nodes: dict[str, _Node] = {self.name: self._me}
+        self._ring: list[_Node] = [self._me]  # probe order and random selection
+        self._probe_index = 0
+        self._n_live = 1  # alive + suspect, including us
+        self._leaving = False
+        self._seq = rng.randrange(SEQ_MOD)
+        self._awareness = Awareness(config.awareness_max_multiplier)
+        self._queue = BroadcastQueue()
+        self._meta_cache: MetaCache = {meta_bytes: meta}
+        self._tombstones: dict[str, int] = {}
+        self._heap: list[tuple[float, int, int, object]] = []
+        self._heap_seq = 0
+        self._relays: dict[int, _Relay] = {}
+        self._out: list[tuple[bytes, Addr]] = []
+        self._streams: list[tuple[bytes, Addr]] = []
+        self._inflight: dict[Addr, float] = {}  # outbound push-pull -> expiry
+        self._events: deque[MemberEvent] = deque()
+        self.stats: dict[str, int] = dict.fromkeys(_STAT_KEYS, 0)
+
+        self._probe: _Probe | None = None
+        # Stagger the periodic work so that nodes started together do not tick together.
+        self._probe_tick_at = now + rng.random() * config.probe_interval
+        self._gossip_at: float | None = None
+        self._push_pull_at = now + config.push_pull_interval * (0.5 + rng.random())
+        self._reconnect_at = now + config.reconnect_interval * (0.5 + rng.random())
+        # Announce ourselves (memberlist's setAlive).
+        self._broadcast(self.name, Alive(incarnation, meta, meta_bytes).encode(), now)
+
+    # ------------------------------------------------------------------ queries
+
+    def members(self) -> list[Member]:
+        return [n.snapshot() for n in sorted(self._nodes.values(), key=lambda n: n.name)]
+
+    def local(self) -> Member:
+        return self._me.snapshot()
+
+    def member(self, name: str) -> Member | None:
+        node = self._nodes.get(name)
+        return node.snapshot() if node is not None else None
+
+    def state_of(self, name: str) -> MemberState | None:
+        """Cheap lookup for hot loops (the simulator's observers)."""
+        node = self._nodes.get(name)
+        return node.state if node is not None else None
+
+    def num_alive(self) -> int:
+        """Members believed alive or suspect, including ourselves."""
+        return self._n_live
+
+    @property
+    def incarnation(self) -> int:
+        return self._me.incarnation
+
+    @property
+    def health_score(self) -> int:
+        """Lifeguard local health: 0 (healthy) .. awareness_max_multiplier - 1."""
+        return self._awareness.score
+
+    def pending_broadcasts(self) -> int:
+        return len(self._queue)
+
+    # ------------------------------------------------------------------ commands
+
+    def join(self, seeds: list[Addr], now: float) -> None:
+        """Queue a join push-pull to each seed (any member's address will do)."""
+        if self._leaving:
+            # Rejoin after leave: come back above the incarnation we left with.
+            self._leaving = False
+            self._me.incarnation += 1
+            self._me.state = ALIVE
+            self._me.state_changed_at = now
+            self._n_live += 1
+            self._broadcast(self.name, self._alive_msg(), now)
+        payload = self._encode_state(join=True)
+        for addr in seeds:
+            if addr == self._me.addr:
+                continue
+            self._streams.append((payload, addr))
+            expires = now + self.config.stream_timeout
+            self._inflight[addr] = expires
+            self._push_timer(expires, _T_STREAM, addr)
+            self.stats["push_pulls_started"] += 1
+
+    def leave(self, now: float) -> None:
+        """Announce a graceful leave: ``left`` at a higher incarnation. Never counted as failure."""
+        if self._leaving:
+            return
+        self._leaving = True
+        me = self._me
+        me.incarnation += 1
+        me.state = LEFT
+        me.state_changed_at = now
+        self._n_live -= 1
+        self._probe = None
+        self._broadcast(self.name, Dead(me.incarnation, self.name, self.name).encode(), now)
+
+    def update_meta(self, meta: NodeMeta, now: float) -> None:
+        """Re-announce ourselves alive at incarnation + 1 with new metadata."""
+        if meta.name != self.name:
+            raise ValueError("cannot rename a member; start a new one")
+        raw = meta.encode()
+        me = self._me
+        me.meta = meta
+        me.meta_bytes = raw
+        me.addr = meta.addr
+        me.incarnation += 1
+        self._broadcast(self.name, self._alive_msg(), now)
+
+    # ------------------------------------------------------------------ UDP
+
+    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
+        """Handle one datagram. Malformed input is dropped and counted, never raised."""
+        self.stats["packets_received"] += 1
+        self.stats["bytes_received"] += len(data)
+        if len(data) > wire.MAX_DATAGRAM_BYTES:
+            self.stats["bad_packets"] += 1
+            return
+        try:
+            msgs = decode_packet(data, self._cache())
+        except MembershipProtocolError:
+            self.stats["bad_packets"] += 1
+            return
+        for msg in msgs:
+            self._handle(msg, addr, now)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Addr]]:
+        out = self._out
+        self._out = []
+        return out
+
+    def next_event(self) -> MemberEvent | None:
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        t = self._probe_tick_at
+        p = self._probe
+        if p is not None and not p.acked and not p.indirect_sent and p.timeout_at < t:
+            t = p.timeout_at
+        if self._gossip_at is not None and self._gossip_at < t:
+            t = self._gossip_at
+        if self._push_pull_at < t:
+            t = self._push_pull_at
+        if self._reconnect_at < t:
+            t = self._reconnect_at
+        heap = self._heap
+        while heap and not self._timer_valid(heap[0]):
+            heapq.heappop(heap)
+        if heap and heap[0][0] < t:
+            t = heap[0][0]
+        return t
+
+    def handle_timer(self, now: float) -> None:
+        p = self._probe
+        if p is not None and not p.acked and not p.indirect_sent and now >= p.timeout_at:
+            self._send_indirect(p, now)
+        if now >= self._probe_tick_at:
+            self._probe_tick(now)
+        if self._gossip_at is not None and now >= self._gossip_at:
+            self._gossip(now)
+        if now >= self._push_pull_at:
+            self._periodic_push_pull(now)
+        if now >= self._reconnect_at:
+            self._reconnect(now)
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            if self._timer_valid(entry):
+                self._fire(entry, now)
+
+    # ------------------------------------------------------------------ TCP push-pull
+
+    def streams_to_open(self) -> list[tuple[bytes, Addr]]:
+        out = self._streams
+        self._streams = []
+        return out
+
+    def handle_stream_request(self, data: bytes, addr: Addr, now: float) -> bytes | None:
+        """An inbound push-pull: merge the peer's state, return ours (None: drop the stream)."""
+        try:
+            pp = decode_push_pull(data, self.config.max_push_pull_bytes, self._cache())
+        except MembershipProtocolError:
+            self.stats["push_pulls_bad"] += 1
+            return None
+        self.stats["push_pulls_served"] += 1
+        self._merge(pp, now)
+        return self._encode_state(join=False)
+
+    def receive_stream_reply(self, data: bytes, addr: Addr, now: float) -> None:
+        self._inflight.pop(addr, None)
+        try:
+            pp = decode_push_pull(data, self.config.max_push_pull_bytes, self._cache())
+        except MembershipProtocolError:
+            self.stats["push_pulls_bad"] += 1
+            return
+        self.stats["push_pulls_completed"] += 1
+        self._merge(pp, now)
+
+    def stream_failed(self, addr: Addr, now: float) -> None:
+        self._inflight.pop(addr, None)
+        self.stats["push_pulls_failed"] += 1
+
+    # ------------------------------------------------------------------ internals: timers
+
+    def _push_timer(self, when: float, kind: int, key: object) -> None:
+        self._heap_seq += 1
+        heapq.heappush(self._heap, (when, self._heap_seq, kind, key))
+
+    def _timer_valid(self, entry: tuple[float, int, int, object]) -> bool:
+        when, _, kind, key = entry
+        if kind == _T_SUSPICION:
+            node = self._nodes.get(key)  # type: ignore[call-overload]
+            return node is not None and node.suspicion is not None and (
+                node.suspicion.deadline == when
+            )
+        if kind == _T_RELAY:
+            return key in self._relays
+        if kind == _T_REAP:
+            node = self._nodes.get(key)  # type: ignore[call-overload]
+            return (
+                node is not None
+                and node is not self._me
+                and node.state in (DEAD, LEFT)
+                and node.state_changed_at + self.config.reap_after == when
+            )
+        expiry: float | None = self._inflight.get(key)  # type: ignore[call-overload]
+        return expiry == when
+
+    def _fire(self, entry: tuple[float, int, int, object], now: float) -> None:
+        _, _, kind, key = entry
+        if kind == _T_SUSPICION:
+            node = self._nodes[key]  # type: ignore[index]
+            self.stats["deaths_declared"] += 1
+            self._on_dead(Dead(node.incarnation, node.name, self.name), now)
+        elif kind == _T_RELAY:
+            seq = key
+            relay = self._relays[seq]  # type: ignore[index]
+            if relay.stage == 0:
+                if relay.nack:
+                    self.stats["nacks_sent"] += 1
+                    self._send([Nack(relay.origin_seq).encode()], relay.origin)
+                # Keep listening a little longer: a late ack is still forwarded (the origin
+                # waits until the end of its probe interval).
+                relay.stage = 1
+                self._push_timer(
+                    now + self.config.probe_interval - self.config.probe_timeout, _T_RELAY, seq
+                )
+            else:
+                del self._relays[seq]  # type: ignore[arg-type]
+        elif kind == _T_REAP:
+            self._reap(self._nodes[key], now)  # type: ignore[index]
+        else:
+            self._inflight.pop(key, None)  # type: ignore[call-overload]
+            self.stats["push_pulls_failed"] += 1
+
+    # ------------------------------------------------------------------ internals: probing
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) % SEQ_MOD
+        return self._seq
+
+    def _probe_tick(self, now: float) -> None:
+        p = self._probe
+        if p is not None and not p.acked:
+            self._probe_failed(p, now)
+        self._probe = None
+        interval = self._awareness.scale(self.config.probe_interval)
+        self._probe_tick_at = now + interval
+        if self._leaving:
+            return
+        node = self._next_probe_target()
+        if node is None:
+            return
+        seq = self._next_seq()
+        self._probe = _Probe(node, seq, now + self._awareness.scale(self.config.probe_timeout))
+        self.stats["probes"] += 1
+        parts = []
+        if node.state is SUSPECT:
+            # Buddy system: the suspect hears of its suspicion before the ping, and the refutation
+            # it queues rides back on the ack.
+            parts.append(Suspect(node.incarnation, node.name, self.name).encode())
+        parts.append(Ping(seq, node.name, self.name).encode())
+        self._send(parts, node.addr)
+
+    def _next_probe_target(self) -> _Node | None:
+        ring = self._ring
+        checked = 0
+        while checked <= len(ring):
+            if self._probe_index >= len(ring):
+                self._rng.shuffle(ring)
+                self._probe_index = 0
+                checked += 1
+                continue
+            node = ring[self._probe_index]
+            self._probe_index += 1
+            checked += 1
+            if node is self._me or node.state is DEAD or node.state is LEFT:
+                continue
+            return node
+        return None
+
+    def _send_indirect(self, p: _Probe, now: float) -> None:
+        p.indirect_sent = True
+        target = p.node
+        helpers = self._k_random(
+            self.config.indirect_checks,
+            lambda n: n is not target and n.state is ALIVE,
+        )
+        p.expected_nacks = len(helpers)
+        if not helpers:
+            return
+        self.stats["indirect_probes"] += 1
+        msg = IndirectPing(p.seq, target.name, target.addr, True).encode()
+        for h in helpers:
+            self._send([msg], h.addr)
+
+    def _probe_failed(self, p: _Probe, now: float) -> None:
+        self.stats["probe_failures"] += 1
+        if p.expected_nacks > 0:
+            missing = p.expected_nacks - p.nacks
+            if missing > 0:
+                self._awareness.apply_delta(missing)
+        else:
+            self._awareness.apply_delta(1)
+        node = p.node
+        if self._nodes.get(node.name) is not node or node.state not in (ALIVE, SUSPECT):
+            return
+        if node.incarnation != p.incarnation:
+            return  # it refuted while we probed: our failure is about an older life
+        msg = Suspect(p.incarnation, node.name, self.name)
+        self._on_suspect(msg, now)
+        # Tell the suspect at once (Lifeguard's buddy system, without waiting for the next probe).
+        self._send([msg.encode()], node.addr)
+
+    # ------------------------------------------------------------------ internals: dispatch
+
+    def _handle(self, msg: Message, addr: Addr, now: float) -> None:
+        t = type(msg)
+        if t is Ping:
+            self._on_ping(msg, addr)  # type: ignore[arg-type]
+        elif t is Ack:
+            self._on_ack(msg, now)  # type: ignore[arg-type]
+        elif t is Alive:
+            self._on_alive(msg, now)  # type: ignore[arg-type]
+        elif t is Suspect:
+            self._on_suspect(msg, now)  # type: ignore[arg-type]
+        elif t is Dead:
+            self._on_dead(msg, now)  # type: ignore[arg-type]
+        elif t is IndirectPing:
+            self._on_indirect_ping(msg, addr, now)  # type: ignore[arg-type]
+        elif t is Nack:
+            p = self._probe
+            if p is not None and p.seq == msg.seq:  # type: ignore[union-attr]
+                p.nacks += 1
+        elif t is User:
+            self.stats["user_messages"] += 1
+            if self._delegate is not None:
+                self._delegate.notify_message(msg.data)  # type: ignore[union-attr]
+
+    def _on_ping(self, msg: Ping, addr: Addr) -> None:
+        if msg.target != self.name:
+            self.stats["misdirected_pings"] += 1
+            return
+        parts = [Ack(msg.seq).encode()]
+        src = self._nodes.get(msg.source)
+        if src is not None and src is not self._me and src.state in (SUSPECT, DEAD):
+            # It is evidently running but we hold it suspect/dead: tell it, so it refutes.
+            if src.state is SUSPECT:
+                parts.append(Suspect(src.incarnation, src.name, self.name).encode())
+            else:
+                parts.append(Dead(src.incarnation, src.name, self.name).encode())
+        self._send(parts, addr)
+
+    def _on_ack(self, msg: Ack, now: float) -> None:
+        p = self._probe
+        if p is not None and p.seq == msg.seq:
+            if not p.acked:
+                p.acked = True
+                self._awareness.apply_delta(-1)
+            return
+        relay = self._relays.pop(msg.seq, None)
+        if relay is not None:
+            self.stats["acks_forwarded"] += 1
+            self._send([Ack(relay.origin_seq).encode()], relay.origin)
+
+    def _on_indirect_ping(self, msg: IndirectPing, addr: Addr, now: float) -> None:
+        if len(self._relays) >= MAX_RELAYS:
+            self.stats["relays_dropped"] += 1
+            return
+        self.stats["relays"] += 1
+        seq = self._next_seq()
+        self._relays[seq] = _Relay(addr, msg.seq, msg.nack)
+        self._push_timer(now + self.config.probe_timeout, _T_RELAY, seq)
+        self._send([Ping(seq, msg.target, self.name).encode()], msg.addr)
+
+    # ------------------------------------------------------------------ internals: state
+
+    def _cache(self) -> MetaCache:
+        if len(self._meta_cache) > MAX_META_CACHE:
+            self._meta_cache = {n.meta_bytes: n.meta for n in self._nodes.values()}
+            if len(self._meta_cache) > MAX_META_CACHE:
+                self._meta_cache = {}
+        return self._meta_cache
+
+    def _set_state(self, node: _Node, state: MemberState, now: float) -> None:
+        was_live = node.state is ALIVE or node.state is SUSPECT
+        is_live = state is ALIVE or state is SUSPECT
+        self._n_live += is_live - was_live
+        if node.state is not state:
+            node.state = state
+            node.state_changed_at = now
+        if state is not SUSPECT:
+            node.suspicion = None
+        if state is DEAD or state is LEFT:
+            self._push_timer(now + self.config.reap_after, _T_REAP, node.name)
+
+    def _emit(self, cls: type[MemberEvent], node: _Node) -> None:
+        if len(self._events) >= MAX_PENDING_EVENTS:
+            self._events.popleft()
+            self.stats["events_dropped"] += 1
+        self._events.append(cls(node.snapshot()))
+
+    def _alive_msg(self) -> bytes:
+        me = self._me
+        return Alive(me.incarnation, me.meta, me.meta_bytes).encode()
+
+    def _refute(self, claimed: int, accuser: str | None, now: float) -> None:
+        """Someone says we are not alive at ``claimed``: come back above it."""
+        me = self._me
+        me.incarnation = max(me.incarnation, claimed) + 1
+        self.stats["refuted_suspicions"] += 1
+        self._awareness.apply_delta(1)
+        msg = self._alive_msg()
+        self._broadcast(self.name, msg, now)
+        if accuser is not None and accuser != self.name:
+            acc = self._nodes.get(accuser)
+            if acc is not None and (acc.state is ALIVE or acc.state is SUSPECT):
+                self._send([msg], acc.addr)
+
+    def _on_alive(self, a: Alive, now: float) -> None:
+        name = a.meta.name
+        node = self._nodes.get(name)
+        if node is self._me:
+            if self._leaving:
+                return
+            if a.incarnation > self._me.incarnation or (
+                a.incarnation == self._me.incarnation and a.meta_bytes != self._me.meta_bytes
+            ):
+                self._refute(a.incarnation, None, now)
+            return
+        if node is None:
+            tomb = self._tombstones.get(name)
+            if tomb is not None and a.incarnation <= tomb:
+                return
+            if len(self._nodes) >= MAX_MEMBERS:
+                self.stats["members_refused"] += 1
+                return
+            self._tombstones.pop(name, None)
+            node = _Node(a.meta, a.meta_bytes, a.incarnation, ALIVE, now)
+            self._nodes[name] = node
+            self._n_live += 1
+            ring = self._ring
+            ring.append(node)
+            # Random position, as memberlist: appending everyone would make fresh members wait
+            # a whole round before their first probe.
+            off = int(self._rng.random() * len(ring))
+            ring[off], ring[-1] = ring[-1], ring[off]
+            self._broadcast(name, a.encode(), now)
+            self._emit(MemberJoined, node)
+            return
+        if a.incarnation <= node.incarnation:
+            return
+        old = node.state
+        meta_changed = a.meta_bytes != node.meta_bytes
+        node.incarnation = a.incarnation
+        node.meta = a.meta
+        node.meta_bytes = a.meta_bytes
+        node.addr = a.meta.addr
+        self._broadcast(name, a.encode(), now)
+        if old is not ALIVE:
+            self._set_state(node, ALIVE, now)
+            self._emit(MemberAlive if old is SUSPECT else MemberJoined, node)
+        elif meta_changed:
+            self._emit(MemberUpdated, node)
+
+    def _on_suspect(self, s: Suspect, now: float) -> None:
+        node = self._nodes.get(s.node)
+        if node is None:
+            return
+        if node is self._me:
+            if not self._leaving and s.incarnation >= node.incarnation:
+                self._refute(s.incarnation, s.sender, now)
+            return
+        if s.incarnation < node.incarnation:
+            return
+        if node.state is SUSPECT:
+            assert node.suspicion is not None
+            if s.incarnation > node.incarnation:
+                node.incarnation = s.incarnation
+            if node.suspicion.confirm(s.sender):
+                self._push_timer(node.suspicion.deadline, _T_SUSPICION, node.name)
+                self._broadcast(node.name, s.encode(), now)
+            return
+        if node.state is not ALIVE and s.incarnation == node.incarnation:
+            return  # dead/left at the same incarnation outrank suspect
+        node.incarnation = s.incarnation
+        self._set_state(node, SUSPECT, now)
+        n = self._n_live
+        k = self.config.suspicion_k
+        if n - 2 < k:
+            k = 0
+        lo, hi = suspicion_bounds(
+            self.config.suspicion_mult,
+            self.config.suspicion_max_timeout_mult,
+            n,
+            self.config.probe_interval,
+        )
+        node.suspicion = Suspicion(now, s.sender, k, lo, hi)
+        self._push_timer(node.suspicion.deadline, _T_SUSPICION, node.name)
+        if s.sender == self.name:
+            self.stats["suspicions_raised"] += 1
+        self._broadcast(node.name, s.encode(), now)
+        self._emit(MemberSuspect, node)
+
+    def _on_dead(self, d: Dead, now: float) -> None:
+        node = self._nodes.get(d.node)
+        if node is None:
+            return
+        if node is self._me:
+            if not self._leaving and d.incarnation >= node.incarnation:
+                self._refute(d.incarnation, None if d.sender == d.node else d.sender, now)
+            return
+        new = LEFT if d.sender == d.node else DEAD
+        if d.incarnation < node.incarnation:
+            return
+        if d.incarnation == node.incarnation and STATE_RANK[new] <= STATE_RANK[node.state]:
+            return
+        node.incarnation = d.incarnation
+        self._set_state(node, new, now)
+        self._broadcast(node.name, d.encode(), now)
+        self._emit(MemberLeft if new is LEFT else MemberDead, node)
+
+    def _reap(self, node: _Node, now: float) -> None:
+        del self._nodes[node.name]
+        idx = self._ring.index(node)
+        del self._ring[idx]
+        if idx < self._probe_index:
+            self._probe_index -= 1
+        self._queue.remove(node.name)
+        tombs = self._tombstones
+        if len(tombs) >= MAX_TOMBSTONES:
+            del tombs[next(iter(tombs))]
+        tombs[node.name] = node.incarnation
+        self.stats["reaped"] += 1
+        self._emit(MemberReaped, node)
+
+    # ------------------------------------------------------------------ internals: push-pull
+
+    def _encode_state(self, join: bool) -> bytes:
+        rows = [
+            [n.name, n.incarnation, STATE_CODES.index(n.state), n.meta_bytes]
+            for n in self._nodes.values()
+        ]
+        user = b""
+        if self._delegate is not None:
+            user = self._delegate.local_state(join)
+        return encode_push_pull_raw(join, rows, user)
+
+    def _merge(self, pp: PushPull, now: float) -> None:
+        for st in pp.states:
+            if st.name == self.name:
+                me = self._me
+                if self._leaving:
+                    continue
+                if st.state is ALIVE:
+                    if st.incarnation > me.incarnation:
+                        self._refute(st.incarnation, None, now)
+                elif st.incarnation >= me.incarnation:
+                    self._refute(st.incarnation, None, now)
+                continue
+            node = self._nodes.get(st.name)
+            if node is not None and node.state is st.state and node.incarnation == st.incarnation:
+                continue
+            if st.state is ALIVE:
+                self._on_alive(Alive(st.incarnation, st.meta, st.meta_bytes), now)
+            elif st.state is LEFT:
+                self._on_dead(Dead(st.incarnation, st.name, st.name), now)
+            else:
+                # memberlist: a remote "dead" only makes us suspect, giving the node a chance
+                # to refute to us before we declare it ourselves.
+                self._on_suspect(Suspect(st.incarnation, st.name, self.name), now)
+        if self._delegate is not None:
+            self._delegate.merge_remote_state(pp.user_state, pp.join)
+
+    def _start_push_pull(self, node: _Node, now: float) -> bool:
+        if len(self._inflight) >= self.config.max_push_pull_concurrent or (
+            node.addr in self._inflight
+        ):
+            self.stats["push_pulls_skipped"] += 1
+            return False
+        self._streams.append((self._encode_state(join=False), node.addr))
+        expires = now + self.config.stream_timeout
+        self._inflight[node.addr] = expires
+        self._push_timer(expires, _T_STREAM, node.addr)
+        self.stats["push_pulls_started"] += 1
+        return True
+
+    def _periodic_push_pull(self, now: float) -> None:
+        self._push_pull_at = now + self.config.push_pull_scaled(self._n_live)
+        if self._leaving:
+            return
+        peers = self._k_random(1, lambda n: n.state is ALIVE)
+        if peers:
+            self._start_push_pull(peers[0], now)
+
+    def _reconnect(self, now: float) -> None:
+        """serf's reconnect: push-pull with a random dead member, with probability dead/alive."""
+        self._reconnect_at = now + self.config.reconnect_interval
+        if self._leaving:
+            return
+        dead = [n for n in self._ring if n.state is DEAD]
+        if not dead:
+            return
+        if self._rng.random() >= len(dead) / max(1, self._n_live):
+            return
+        node = dead[int(self._rng.random() * len(dead))]
+        if self._start_push_pull(node, now):
+            self.stats["reconnects"] += 1
+
+    # ------------------------------------------------------------------ internals: sending
+
+    def _k_random(self, k: int, accept: Callable[[_Node], bool]) -> list[_Node]:
+        """Up to k distinct random members (never us) that ``accept`` admits."""
+        ring = self._ring
+        n = len(ring)
+        out: list[_Node] = []
+        if k <= 0 or n <= 1:
+            return out
+        rnd = self._rng.random
+        me = self._me
+        for _ in range(3 * n):
+            node = ring[int(rnd() * n)]
+            if node is me or node in out or not accept(node):
+                continue
+            out.append(node)
+            if len(out) >= k:
+                break
+        return out
+
+    def _broadcast(self, key: str, msg: bytes, now: float) -> None:
+        self._queue.queue(key, msg)
+        if self._gossip_at is None:
+            self._gossip_at = now + self.config.gossip_interval
+
+    def _piggyback(self, room: int, max_parts: int) -> list[bytes]:
+        """Queued broadcasts, then delegate messages, fitting ``room`` bytes (framing included)."""
+        extra = self._queue.get(
+            COMPOUND_PART_OVERHEAD, room, self.config.retransmit_limit(self._n_live), max_parts
+        )
+        if self._delegate is not None:
+            used = sum(len(m) + COMPOUND_PART_OVERHEAD for m in extra)
+            left = room - used
+            if left > COMPOUND_PART_OVERHEAD + 2 and len(extra) < max_parts:
+                for data in self._delegate.get_broadcasts(left):
+                    cost = len(data) + 1 + COMPOUND_PART_OVERHEAD
+                    if cost > left or len(extra) >= max_parts:
+                        self.stats["user_dropped"] += 1
+                        continue
+                    left -= cost
+                    extra.append(bytes((MsgType.USER,)) + data)
+        return extra
+
+    def _send(self, parts: list[bytes], addr: Addr) -> None:
+        """Send ``parts`` to ``addr`` in one packet, filling spare room with broadcasts."""
+        budget = self.config.packet_budget
+        used = COMPOUND_OVERHEAD + sum(len(p) + COMPOUND_PART_OVERHEAD for p in parts)
+        if used < budget:
+            extra = self._piggyback(budget - used, MAX_COMPOUND_PARTS - len(parts))
+            if extra:
+                parts = parts + extra
+        pkt = make_compound(parts)
+        self._out.append((pkt, addr))
+        self.stats["packets_sent"] += 1
+        self.stats["bytes_sent"] += len(pkt)
+
+    def _gossip(self, now: float) -> None:
+        cfg = self.config
+        if self._delegate is None and not self._queue:
+            self._gossip_at = None
+            return
+        self._gossip_at = now + cfg.gossip_interval
+        dead_cutoff = now - cfg.gossip_to_the_dead_time
+
+        def accept(n: _Node) -> bool:
+            s = n.state
+            if s is ALIVE or s is SUSPECT:
+                return True
+            return s is DEAD and n.state_changed_at > dead_cutoff
+
+        budget = cfg.packet_budget - COMPOUND_OVERHEAD
+        for node in self._k_random(cfg.gossip_nodes, accept):
+            extra = self._piggyback(budget, MAX_COMPOUND_PARTS)
+            if not extra:
+                break
+            pkt = make_compound(extra)
+            self._out.append((pkt, node.addr))
+            self.stats["packets_sent"] += 1
+            self.stats["bytes_sent"] += len(pkt)

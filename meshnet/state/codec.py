@@ -1,0 +1,268 @@
+"""Wire format of the replicated store: ``[type u8][msgpack array]`` (DESIGN §3).
+
+Three messages:
+
+* ``DELTA``   ``[entry]`` - one recent write, piggybacked on membership gossip.
+* ``DIGEST``  ``[version, [[table, level, hashes], ...]]`` - per table, ``2**level`` bucket hashes
+  of 8 bytes each, concatenated into one bin (anti-entropy, step 1).
+* ``ENTRIES`` ``[version, [entry, ...], [[table, level, [bucket, ...]], ...] | nil]`` - the
+  entries of some buckets, and the buckets the receiver should answer with its own entries
+  (step 2), or nil when no answer is wanted (step 3).
+
+An entry is ``[table, key, value | nil, hlc, writer]``: ``value`` is the writer's msgpack
+encoding of a dict (bin), nil for a tombstone; ``hlc`` is the packed clock (see hlc.py).
+
+Every decoder raises StateProtocolError and nothing else; arrays may be *longer* than we know
+(a newer peer may append fields) but never shorter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from meshnet import wire
+from meshnet.state.hlc import Hlc
+from meshnet.state.types import (
+    MAX_BUCKET_BITS,
+    MAX_KEY_BYTES,
+    MAX_TABLE_NAME_BYTES,
+    MAX_TABLES,
+    MAX_VALUE_BYTES,
+    MAX_WRITER_BYTES,
+    Entry,
+    StateProtocolError,
+    check_hlc_int,
+)
+
+__all__ = [
+    "BUCKET_HASH_BYTES",
+    "PROTOCOL_VERSION",
+    "Decoded",
+    "EntriesMsg",
+    "MsgType",
+    "decode_delta",
+    "decode_digest",
+    "decode_entries",
+    "encode_delta",
+    "encode_digest",
+    "encode_entries",
+    "encode_entry",
+]
+
+
+class MsgType(IntEnum):
+    """One byte in front of every store message. Only ever append; never renumber or reuse."""
+
+    DELTA = 1
+    DIGEST = 2
+    ENTRIES = 3
+
+
+# Version of the DIGEST and ENTRIES bodies; a newer peer's extra fields are ignored.
+PROTOCOL_VERSION = 1
+# A bucket hash is the XOR of 64-bit entry hashes: two different bucket contents collide with
+# probability 2**-64, and 8 bytes keep a 1024-bucket digest at 8 KiB.
+BUCKET_HASH_BYTES = 8
+# Bucket-request groups in one ENTRIES message: at most one per table we can hold.
+MAX_REQUEST_GROUPS = MAX_TABLES
+# A delta is one gossip user message; nothing larger arrives in a datagram.
+MAX_DELTA_BYTES = wire.MAX_DATAGRAM_BYTES
+
+
+def _err(msg: str) -> StateProtocolError:
+    return StateProtocolError(msg)
+
+
+def _str(value: object, what: str, max_bytes: int) -> str:
+    if type(value) is not str or not value:
+        raise _err(f"{what}: expected non-empty str")
+    if len(value) > max_bytes or len(value.encode()) > max_bytes:
+        raise _err(f"{what}: longer than {max_bytes} bytes")
+    return value
+
+
+def check_table(value: object) -> str:
+    return _str(value, "table", MAX_TABLE_NAME_BYTES)
+
+
+def check_key(value: object) -> str:
+    return _str(value, "key", MAX_KEY_BYTES)
+
+
+def check_writer(value: object) -> str:
+    return _str(value, "writer", MAX_WRITER_BYTES)
+
+
+def decode_value(value: bytes) -> dict[str, Any]:
+    """Decode a stored/received value: a msgpack map with string keys, nothing else."""
+    if len(value) > MAX_VALUE_BYTES:
+        raise _err("value too large")
+    data = wire.unpack(value, max_bytes=MAX_VALUE_BYTES, exc=StateProtocolError)
+    if type(data) is not dict or not all(type(k) is str for k in data):
+        raise _err("value: expected a map with str keys")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A decoded entry and its decoded value (decoded once, here)."""
+
+    entry: Entry
+    data: dict[str, Any] | None
+
+
+def _entry(raw: object) -> Decoded:
+    if type(raw) is not list or len(raw) < 5:
+        raise _err("entry: expected array of >= 5")
+    table = check_table(raw[0])
+    key = check_key(raw[1])
+    value = raw[2]
+    data: dict[str, Any] | None
+    if value is None:
+        data = None
+    elif type(value) is bytes:
+        data = decode_value(value)
+    else:
+        raise _err("entry value: expected bin or nil")
+    hlc = Hlc.unpack(check_hlc_int(raw[3]))
+    writer = check_writer(raw[4])
+    return Decoded(Entry(table, key, value, hlc, writer), data)
+
+
+def entry_body(e: Entry) -> list[Any]:
+    return [e.table, e.key, e.value, e.hlc.pack(), e.writer]
+
+
+def encode_entry(e: Entry) -> bytes:
+    """The msgpack of one entry (used to size messages before building them)."""
+    return wire.pack(entry_body(e))
+
+
+def encode_delta(e: Entry) -> bytes:
+    return wire.frame(MsgType.DELTA, [entry_body(e)])
+
+
+def _body(data: bytes | memoryview, want: MsgType, max_bytes: int, n: int) -> list[Any]:
+    msg_type, rest = wire.unframe(data, max_bytes=max_bytes, exc=StateProtocolError)
+    if msg_type != want:
+        raise _err(f"expected message type {want.name}, got {msg_type}")
+    body = wire.unpack(rest, max_bytes=max_bytes, exc=StateProtocolError)
+    if type(body) is not list or len(body) < n:
+        raise _err(f"{want.name}: expected array of >= {n}")
+    return body
+
+
+def _version(value: object) -> int:
+    if type(value) is not int or value < PROTOCOL_VERSION:
+        raise _err("unsupported protocol version")
+    return value
+
+
+def decode_delta(data: bytes | memoryview) -> Decoded:
+    body = _body(data, MsgType.DELTA, MAX_DELTA_BYTES, 1)
+    return _entry(body[0])
+
+
+# ---- digest ------------------------------------------------------------------------------------
+
+
+def encode_digest(tables: list[tuple[str, int, bytes]]) -> bytes:
+    return wire.frame(MsgType.DIGEST, [PROTOCOL_VERSION, [list(t) for t in tables]])
+
+
+def _level(value: object) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_BUCKET_BITS:
+        raise _err("bucket level out of range")
+    return value
+
+
+def decode_digest(data: bytes | memoryview) -> dict[str, tuple[int, bytes]]:
+    """table -> (level, 2**level x 8-byte bucket hashes)."""
+    body = _body(data, MsgType.DIGEST, wire.MAX_STREAM_BYTES, 2)
+    _version(body[0])
+    groups = body[1]
+    if type(groups) is not list or len(groups) > MAX_TABLES:
+        raise _err("digest: expected at most MAX_TABLES tables")
+    out: dict[str, tuple[int, bytes]] = {}
+    for g in groups:
+        if type(g) is not list or len(g) < 3:
+            raise _err("digest table: expected array of >= 3")
+        table = check_table(g[0])
+        level = _level(g[1])
+        hashes = g[2]
+        if type(hashes) is not bytes or len(hashes) != BUCKET_HASH_BYTES << level:
+            raise _err("digest table: hash block of the wrong size")
+        if table in out:
+            raise _err("digest: duplicate table")
+        out[table] = (level, hashes)
+    return out
+
+
+# ---- entries -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EntriesMsg:
+    entries: list[Decoded]
+    # table -> (level, buckets) the receiver should answer with its own entries; None: the last
+    # message of an exchange, no answer wanted
+    requests: dict[str, tuple[int, frozenset[int]]] | None
+
+
+def encode_entries_parts(
+    entry_blobs: list[bytes], requests: dict[str, tuple[int, list[int]]] | None
+) -> bytes:
+    """Assemble an ENTRIES message from pre-encoded entries (see ``encode_entry``)."""
+    head = bytes((MsgType.ENTRIES,)) + bytes((0x93,))  # fixarray of 3
+    parts = [head, wire.pack(PROTOCOL_VERSION), _array_header(len(entry_blobs))]
+    parts.extend(entry_blobs)
+    if requests is None:
+        parts.append(wire.pack(None))
+    else:
+        parts.append(wire.pack([[t, lvl, sorted(b)] for t, (lvl, b) in requests.items()]))
+    return b"".join(parts)
+
+
+def encode_entries(
+    entries: list[Entry], requests: dict[str, tuple[int, list[int]]] | None
+) -> bytes:
+    return encode_entries_parts([encode_entry(e) for e in entries], requests)
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def decode_entries(data: bytes | memoryview, max_bytes: int = wire.MAX_STREAM_BYTES) -> EntriesMsg:
+    body = _body(data, MsgType.ENTRIES, max_bytes, 3)
+    _version(body[0])
+    raw_entries, raw_requests = body[1], body[2]
+    if type(raw_entries) is not list:
+        raise _err("entries: expected array")
+    entries = [_entry(r) for r in raw_entries]
+    if raw_requests is None:
+        return EntriesMsg(entries, None)
+    if type(raw_requests) is not list or len(raw_requests) > MAX_REQUEST_GROUPS:
+        raise _err("requests: expected nil or an array of at most MAX_TABLES groups")
+    requests: dict[str, tuple[int, frozenset[int]]] = {}
+    for g in raw_requests:
+        if type(g) is not list or len(g) < 3:
+            raise _err("request group: expected array of >= 3")
+        table = check_table(g[0])
+        level = _level(g[1])
+        buckets = g[2]
+        if type(buckets) is not list or len(buckets) > 1 << level:
+            raise _err("request group: expected at most 2**level buckets")
+        for b in buckets:
+            if type(b) is not int or not 0 <= b < 1 << level:
+                raise _err("request group: bucket out of range")
+        if table in requests:
+            raise _err("requests: duplicate table")
+        requests[table] = (level, frozenset(buckets))
+    return EntriesMsg(entries, requests)

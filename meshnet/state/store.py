@@ -1,0 +1,717 @@
+"""The replicated cluster store: a sans-IO last-writer-wins map per table.
+
+Every agent holds a full copy, any agent writes, and copies converge with no leader:
+
+* **CRDT.** ``(table, key) -> Entry``; two writes of one key merge to the larger under
+  ``entry_order`` (HLC, then writer id). A delete is a tombstone entry, so it beats exactly the
+  writes it happened after. Merging is commutative, associative and idempotent, so any order,
+  duplication or partition of the same writes ends in the same store.
+* **Tombstone GC.** A tombstone is dropped once its HLC wall time is ``tombstone_ttl`` old.
+  Dropping it records a *horizon* (the largest HLC collected); from then on a write of a key we
+  do not hold that is no newer than the horizon is refused, because it can only be an old write
+  the collected tombstone had already beaten (a replica that missed it for longer than the ttl
+  was dead long enough to be reaped: like Cassandra's gc_grace, its stale copy must not
+  resurrect what the cluster deleted). Owned entries come back from such a replica by
+  re-announcement with a fresh HLC.
+* **Ownership.** Entries of owned tables (``endpoints``: field ``node``) are hidden from every
+  view while their owner is not live (``set_node_live``), with no write; they show again when it
+  is, and ``owned_by`` lists them so the owner can re-announce.
+* **Dissemination.** ``take_deltas`` gives recent writes to piggyback on gossip (memberlist's
+  TransmitLimitedQueue: least-sent first, newest first, each sent a bounded number of times, a
+  newer write of a key replacing the queued older one); received writes that were news are
+  queued again (epidemic). ``digest``/``diff_for``/``apply_entries`` are the anti-entropy that
+  repairs whatever gossip missed (see ``digest``).
+
+Pure: no I/O, no clock (``now`` in seconds is passed in), no global random.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+import struct
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from meshnet import wire
+from meshnet.state import codec
+from meshnet.state.codec import BUCKET_HASH_BYTES, Decoded
+from meshnet.state.hlc import MAX_HLC, Hlc, now_ms
+from meshnet.state.queue import DeltaQueue
+from meshnet.state.tables import ENDPOINTS, NETWORKS, SERVICES, Endpoint, Network, Service
+from meshnet.state.types import (
+    MAX_BUCKET_BITS,
+    MAX_TABLES,
+    MAX_VALUE_BYTES,
+    ChangeEvent,
+    Entry,
+    EventsLost,
+    StateProtocolError,
+    StoreConfig,
+    StoreEvent,
+    StoreStats,
+    entry_order,
+)
+
+__all__ = ["Changes", "Store", "StoreFull"]
+
+_T = TypeVar("_T")
+
+FINE_BUCKETS = 1 << MAX_BUCKET_BITS
+_FINE_MASK = FINE_BUCKETS - 1
+# Target entries per digest bucket: the digest shrinks as this grows, the diff for one change
+# grows with it. 16 puts both near 8 KiB and ~2 KiB for a 10,000-entry table.
+BUCKET_TARGET_ENTRIES = 16
+
+
+# Outcomes of merging one remote write.
+_APPLIED = 0
+_STALE = 1  # we already had it or something newer
+_REFUSED = 2  # beyond max_clock_skew, or over capacity
+_REFUSED_HORIZON = 3  # older than a tombstone we collected (see the module docstring)
+
+
+class StoreFull(ValueError):
+    """A local write would exceed ``max_entries`` or ``MAX_TABLES``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What changed since the last ``take_dirty``: for the persistence adapter."""
+
+    upserts: list[Entry]
+    removed: list[tuple[str, str]]  # (table, key) no longer held (collected tombstones)
+    gc_horizon: int  # packed HLC; persist and pass back to ``load``
+
+
+@dataclass(slots=True)
+class _Slot:
+    entry: Entry
+    data: dict[str, Any] | None  # decoded value; None for a tombstone
+    ehash: int
+    bucket: int
+
+
+class _Table:
+    """Per-table anti-entropy index: XOR of entry hashes per fine bucket, keys per bucket."""
+
+    __slots__ = ("count", "fine", "folded", "keys")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.fine = [0] * FINE_BUCKETS
+        self.keys: list[set[str] | None] = [None] * FINE_BUCKETS
+        self.folded: dict[int, tuple[int, ...]] = {}
+
+    def add(self, key: str, bucket: int, ehash: int) -> None:
+        self.fine[bucket] ^= ehash
+        ks = self.keys[bucket]
+        if ks is None:
+            ks = self.keys[bucket] = set()
+        if key not in ks:
+            ks.add(key)
+            self.count += 1
+        self.folded.clear()
+
+    def remove(self, key: str, bucket: int, ehash: int) -> None:
+        self.fine[bucket] ^= ehash
+        ks = self.keys[bucket]
+        if ks is not None and key in ks:
+            ks.discard(key)
+            self.count -= 1
+            if not ks:
+                self.keys[bucket] = None
+        self.folded.clear()
+
+    def level(self) -> int:
+        """Bucket bits for this table's size: ~BUCKET_TARGET_ENTRIES a bucket, at most 2**12."""
+        need = max(1, math.ceil(self.count / BUCKET_TARGET_ENTRIES))
+        return min(MAX_BUCKET_BITS, (need - 1).bit_length())
+
+    def fold(self, level: int) -> tuple[int, ...]:
+        got = self.folded.get(level)
+        if got is None:
+            mask = (1 << level) - 1
+            out = [0] * (1 << level)
+            for f, h in enumerate(self.fine):
+                if h:
+                    out[f & mask] ^= h
+            got = self.folded[level] = tuple(out)
+        return got
+
+    def keys_in(self, level: int, bucket: int) -> Iterator[str]:
+        for f in range(bucket, FINE_BUCKETS, 1 << level):
+            ks = self.keys[f]
+            if ks:
+                yield from sorted(ks)
+
+
+def _bucket_of(key: str) -> int:
+    h = hashlib.blake2b(key.encode(), digest_size=4, person=b"meshnet-bucket").digest()
+    return int.from_bytes(h, "little") & _FINE_MASK
+
+
+def _hash_entry(e: Entry) -> int:
+    h = hashlib.blake2b(codec.encode_entry(e), digest_size=8, person=b"meshnet-entry").digest()
+    return int.from_bytes(h, "little")
+
+
+def _ro(data: dict[str, Any] | None) -> Mapping[str, Any] | None:
+    return None if data is None else MappingProxyType(data)
+
+
+@dataclass
+class Store:
+    """One replica. ``node_id`` is this agent's membership name (the writer id of its writes)."""
+
+    node_id: str
+    config: StoreConfig = field(default_factory=StoreConfig)
+
+    def __post_init__(self) -> None:
+        try:
+            codec.check_writer(self.node_id)
+        except StateProtocolError as e:
+            raise ValueError(f"node_id: {e}") from None
+        self.version = 0
+        self.stats = StoreStats()
+        self._clock = Hlc()
+        self._entries: dict[tuple[str, str], _Slot] = {}
+        self._tables: dict[str, _Table] = {}
+        self._owners: dict[str, set[tuple[str, str]]] = {}
+        self._live: set[str] = {self.node_id}
+        self._gc_heap: list[tuple[int, str, str, int]] = []
+        self._horizon = 0
+        self._events: deque[StoreEvent] = deque()
+        self._queue = DeltaQueue(self.config.retransmit_mult, self.config.max_queued_deltas)
+        self._dirty: dict[tuple[str, str], Entry | None] = {}
+        self._ae_cursor = 0  # where the next truncated diff starts inside an oversized bucket
+        self._ttl_ms = max(1, int(self.config.tombstone_ttl * 1000))
+        self._skew_ms = int(self.config.max_clock_skew * 1000)
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    @property
+    def clock(self) -> Hlc:
+        """The latest HLC this replica issued or observed."""
+        return self._clock
+
+    @property
+    def gc_horizon(self) -> int:
+        """Packed HLC of the newest tombstone collected here (0: none)."""
+        return self._horizon
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entry(self, table: str, key: str) -> Entry | None:
+        """The raw entry (tombstones and hidden entries included)."""
+        slot = self._entries.get((table, key))
+        return None if slot is None else slot.entry
+
+    def entries(self) -> Iterator[Entry]:
+        """Every entry held, tombstones and hidden ones included, in no particular order."""
+        for slot in self._entries.values():
+            yield slot.entry
+
+    def get(self, table: str, key: str) -> Mapping[str, Any] | None:
+        """The visible value of (table, key), or None."""
+        return _ro(self._visible(self._entries.get((table, key))))
+
+    def view(self, table: str) -> dict[str, Mapping[str, Any]]:
+        """key -> value of every visible entry of ``table`` (read-only mappings)."""
+        t = self._tables.get(table)
+        out: dict[str, Mapping[str, Any]] = {}
+        if t is None:
+            return out
+        for ks in t.keys:
+            if not ks:
+                continue
+            for key in ks:
+                data = self._visible(self._entries[(table, key)])
+                if data is not None:
+                    out[key] = MappingProxyType(data)
+        return out
+
+    def networks(self) -> dict[str, Network]:
+        return _typed(self.view(NETWORKS), Network.from_value)
+
+    def services(self) -> dict[str, Service]:
+        return _typed(self.view(SERVICES), Service.from_value)
+
+    def endpoints(self, network: str | None = None) -> list[Endpoint]:
+        """Visible endpoints (owners live), optionally of one network, sorted by key."""
+        out = []
+        for _key, value in sorted(self.view(ENDPOINTS).items()):
+            ep = Endpoint.from_value(value)
+            if ep is not None and (network is None or ep.network == network):
+                out.append(ep)
+        return out
+
+    def owned_by(self, node: str) -> list[Entry]:
+        """Live (non-tombstone) entries of owned tables whose owner is ``node``, visible or not:
+        what an agent coming back re-announces (``reannounce``) or withdraws (``delete``)."""
+        out = [self._entries[k].entry for k in self._owners.get(node, ())]
+        out.sort(key=lambda e: (e.table, e.key))
+        return out
+
+    def is_live(self, node: str) -> bool:
+        return node in self._live
+
+    # ---- events ----------------------------------------------------------------------------
+
+    def next_event(self) -> StoreEvent | None:
+        return self._events.popleft() if self._events else None
+
+    # ---- ownership -------------------------------------------------------------------------
+
+    def set_node_live(self, node: str, live: bool) -> None:
+        """Membership says ``node`` is alive (True) or dead/left (False). Its owned entries hide
+        or show at once, each visible change giving an event; no write is made."""
+        if (node in self._live) == live:
+            return
+        keys = sorted(self._owners.get(node, ()))
+        before = [self._visible(self._entries[k]) for k in keys]
+        if live:
+            self._live.add(node)
+        else:
+            self._live.discard(node)
+        for k, old in zip(keys, before, strict=True):
+            self._changed(k, old, self._visible(self._entries[k]))
+
+    # ---- local writes ----------------------------------------------------------------------
+
+    def put(self, table: str, key: str, value: Mapping[str, Any], now: float) -> Entry:
+        """Write ``value`` (a msgpack-able dict) with a fresh HLC; returns the entry."""
+        _local_check(table, key)
+        try:
+            blob = wire.pack(dict(value))
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"value is not msgpack-able: {e}") from None
+        if len(blob) > MAX_VALUE_BYTES:
+            raise ValueError(f"value of {len(blob)} bytes exceeds {MAX_VALUE_BYTES}")
+        try:
+            data = codec.decode_value(blob)  # what every other replica will see
+        except StateProtocolError as e:
+            raise ValueError(f"bad value: {e}") from None
+        return self._local_write(table, key, blob, data, now)
+
+    def delete(self, table: str, key: str, now: float) -> Entry | None:
+        """Tombstone (table, key); None if there is nothing live to delete."""
+        _local_check(table, key)
+        slot = self._entries.get((table, key))
+        if slot is None or slot.data is None:
+            return None
+        return self._local_write(table, key, None, None, now)
+
+    def reannounce(self, node: str, now: float) -> list[Entry]:
+        """Re-write every entry ``node`` owns with a fresh HLC (what an agent does on rejoin for
+        what it still runs), so it beats any delete made while it was away."""
+        out = []
+        for e in self.owned_by(node):
+            slot = self._entries[(e.table, e.key)]
+            out.append(self._local_write(e.table, e.key, e.value, slot.data, now))
+        return out
+
+    def put_network(self, net: Network, now: float) -> Entry:
+        return self.put(NETWORKS, net.key, net.to_value(), now)
+
+    def put_service(self, svc: Service, now: float) -> Entry:
+        return self.put(SERVICES, svc.key, svc.to_value(), now)
+
+    def put_endpoint(self, ep: Endpoint, now: float) -> Entry:
+        return self.put(ENDPOINTS, ep.key, ep.to_value(), now)
+
+    def _local_write(
+        self, table: str, key: str, blob: bytes | None, data: dict[str, Any] | None, now: float
+    ) -> Entry:
+        k = (table, key)
+        if k not in self._entries:
+            if len(self._entries) >= self.config.max_entries:
+                raise StoreFull("store holds max_entries")
+            if table not in self._tables and len(self._tables) >= MAX_TABLES:
+                raise StoreFull("store holds MAX_TABLES tables")
+        self._clock = self._clock.tick(now)
+        e = Entry(table, key, blob, self._clock, self.node_id)
+        self._install(k, e, data)
+        self._enqueue(e)
+        return e
+
+    # ---- persistence seeding ---------------------------------------------------------------
+
+    def load(self, entries: Iterable[Entry], now: float, gc_horizon: int = 0) -> int:
+        """Seed from the persisted copy (before serving). No events, no deltas, not dirty; the
+        clock moves past every loaded HLC so the next local write beats them. Returns the count
+        of entries taken (a malformed value is skipped)."""
+        self._horizon = max(self._horizon, gc_horizon)
+        n = 0
+        for e in entries:
+            try:
+                data = None if e.value is None else codec.decode_value(e.value)
+            except StateProtocolError:
+                continue
+            k = (e.table, e.key)
+            slot = self._entries.get(k)
+            if slot is not None and entry_order(e) <= entry_order(slot.entry):
+                continue
+            if slot is None and len(self._entries) >= self.config.max_entries:
+                continue
+            self._clock = max(self._clock, e.hlc)
+            self._install(k, e, data, quiet=True)
+            n += 1
+        self._clock = self._clock.tick(now)
+        self.version += 1
+        return n
+
+    def take_dirty(self) -> Changes:
+        """Entries changed (and keys removed) since the last call, for StoreDb.save."""
+        ups = [e for e in self._dirty.values() if e is not None]
+        gone = [k for k, e in self._dirty.items() if e is None]
+        self._dirty = {}
+        return Changes(ups, gone, self._horizon)
+
+    # ---- gossip (deltas) -------------------------------------------------------------------
+
+    def set_cluster_size(self, n: int) -> None:
+        """Members in the cluster: each delta is sent retransmit_mult x ceil(log10(n + 1))
+        times (memberlist's retransmit limit)."""
+        n = max(1, n)
+        self._queue.set_limit(self.config.retransmit_mult * math.ceil(math.log10(n + 1)))
+
+    def pending_deltas(self) -> int:
+        return len(self._queue)
+
+    def take_deltas(self, limit_bytes: int, overhead: int = 0) -> list[bytes]:
+        """Encoded writes to piggyback on one gossip packet: their lengths plus ``overhead``
+        each (the caller's per-message framing) total at most ``limit_bytes``, so each is at
+        most ``limit_bytes``. Least-sent first, then newest; each counts as one transmission."""
+        return self._queue.take(limit_bytes, overhead)
+
+    def apply_delta(self, data: bytes | memoryview, now: float) -> bool:
+        """A gossiped write. True if it changed the store (it is then queued for re-gossip).
+        Raises StateProtocolError on malformed input."""
+        try:
+            dec = codec.decode_delta(data)
+        except StateProtocolError:
+            self.stats.bad_messages += 1
+            raise
+        changed = self._apply(dec, now_ms(now), now) == _APPLIED
+        if changed:
+            self._enqueue(dec.entry)
+        return changed
+
+    def _enqueue(self, e: Entry) -> None:
+        k = (e.table, e.key)
+        msg = codec.encode_delta(e)
+        if len(msg) > self.config.max_delta_bytes:
+            self.stats.deltas_too_large += 1
+            self._queue.discard(k)  # an older queued write of the key is superseded anyway
+            return
+        self._queue.push(k, msg)
+        self.stats.deltas_evicted = self._queue.evicted
+
+    # ---- anti-entropy ----------------------------------------------------------------------
+
+    def digest(self) -> bytes:
+        """Step 1 of anti-entropy: per table (tombstones included), ``2**level`` bucket hashes,
+        each the XOR of the 64-bit hashes of the entries whose key falls in the bucket.
+
+        Buckets are the low bits of a hash of the key, kept at 4096 per table and folded down by
+        XOR to ~16 entries a bucket, so the level can differ between two peers and either side
+        can fold to the other's. A 10,000-entry table is 1024 buckets: 8 KiB, not the ~1 MB of
+        its entries. Maintained incrementally (XOR out, XOR in) on every write.
+        """
+        groups = []
+        for name in sorted(self._tables):
+            t = self._tables[name]
+            if t.count:
+                level = t.level()
+                groups.append((name, level, _pack_hashes(t.fold(level))))
+        return codec.encode_digest(groups)
+
+    def diff_for(self, remote_digest: bytes | memoryview) -> bytes:
+        """Step 2: our entries in every bucket whose hash differs from the remote digest's, plus
+        a request for the remote's entries in those same buckets. The peer applies it with
+        ``apply_entries``, which returns step 3 (its entries we lack or hold older); once we
+        apply that, both replicas hold the same entries in every bucket. One digest -> diff ->
+        diff exchange converges two replicas (unless ``max_diff_bytes`` truncates it; the rest
+        then converges in the next exchange)."""
+        try:
+            remote = codec.decode_digest(remote_digest)
+        except StateProtocolError:
+            self.stats.bad_messages += 1
+            raise
+        blobs: list[bytes] = []
+        requests: dict[str, tuple[int, list[int]]] = {}
+        budget = self.config.max_diff_bytes - 64 * (MAX_TABLES + 1)
+        size = 0
+        full = False
+        names = sorted(set(remote) | {n for n, t in self._tables.items() if t.count})
+        for name in names:
+            t = self._tables.get(name)
+            if name in remote:
+                level, rblock = remote[name]
+            else:
+                level = t.level() if t is not None else 0
+                rblock = bytes(BUCKET_HASH_BYTES << level)
+            theirs = _unpack_hashes(rblock)
+            ours = t.fold(level) if t is not None else (0,) * (1 << level)
+            wanted: list[int] = []
+            for b in range(1 << level):
+                if ours[b] == theirs[b]:
+                    continue
+                chunk = self._bucket_blobs(name, t, level, b, None)
+                csize = sum(len(x) for x in chunk) + 8
+                if size + csize > budget:
+                    # Out of room. Ship a window of this bucket (without requesting it back),
+                    # starting where the last truncated diff stopped, so that even a bucket larger
+                    # than max_diff_bytes (a big table against a peer whose few entries made its
+                    # digest coarse) gets across over a few exchanges.
+                    size += self._window(chunk, budget - size, blobs)
+                    full = True
+                    break
+                size += csize
+                blobs.extend(chunk)
+                wanted.append(b)
+            if wanted:
+                requests[name] = (level, wanted)
+            if full:
+                break
+        return codec.encode_entries_parts(blobs, requests)
+
+    def apply_entries(self, data: bytes | memoryview, now: float) -> bytes | None:
+        """Apply an anti-entropy message (step 2 or 3). For step 2 returns step 3, the reply to
+        send back: our entries in the requested buckets that the sender did not ship or shipped
+        older. For step 3 returns None. Raises StateProtocolError on malformed input."""
+        try:
+            msg = codec.decode_entries(data, self.config.max_diff_bytes)
+        except StateProtocolError:
+            self.stats.bad_messages += 1
+            raise
+        pms, ns = now_ms(now), now
+        shipped: dict[tuple[str, str], tuple[int, str, int, bytes]] = {}
+        beyond_horizon: list[bytes] = []
+        for dec in msg.entries:
+            outcome = self._apply(dec, pms, ns)
+            if msg.requests is not None:
+                e = dec.entry
+                shipped[(e.table, e.key)] = entry_order(e)
+                if outcome == _REFUSED_HORIZON and e.value is not None:
+                    # The sender holds a write we refuse: an old write of a key whose tombstone we
+                    # have collected. Tell it so with a tombstone stamped at our horizon (newer
+                    # than the write, past the ttl): it deletes the write there and
+                    # collects itself at once, and the two replicas agree again.
+                    stamp = min(MAX_HLC, max(self._horizon, e.hlc.pack() + 1))
+                    gone = Entry(e.table, e.key, None, Hlc.unpack(stamp), self.node_id)
+                    beyond_horizon.append(codec.encode_entry(gone))
+        if msg.requests is None:
+            return None
+        blobs: list[bytes] = beyond_horizon
+        size = sum(len(x) for x in blobs)
+        budget = self.config.max_diff_bytes - 64
+        for name, (level, buckets) in sorted(msg.requests.items()):
+            t = self._tables.get(name)
+            for b in sorted(buckets):
+                chunk = self._bucket_blobs(name, t, level, b, shipped)
+                csize = sum(len(x) for x in chunk)
+                if size + csize > budget:
+                    break
+                size += csize
+                blobs.extend(chunk)
+        return codec.encode_entries_parts(blobs, None)
+
+    def _window(self, chunk: list[bytes], room: int, out: list[bytes]) -> int:
+        if not chunk:
+            return 0
+        start = self._ae_cursor % len(chunk)
+        used = taken = 0
+        for i in range(len(chunk)):
+            blob = chunk[(start + i) % len(chunk)]
+            if used + len(blob) > room:
+                break
+            out.append(blob)
+            used += len(blob)
+            taken += 1
+        self._ae_cursor += taken
+        return used
+
+    def _bucket_blobs(
+        self,
+        name: str,
+        t: _Table | None,
+        level: int,
+        bucket: int,
+        skip: dict[tuple[str, str], tuple[int, str, int, bytes]] | None,
+    ) -> list[bytes]:
+        if t is None:
+            return []
+        out = []
+        for key in t.keys_in(level, bucket):
+            e = self._entries[(name, key)].entry
+            if skip is not None and skip.get((name, key)) == entry_order(e):
+                continue
+            out.append(codec.encode_entry(e))
+        return out
+
+    # ---- timers (tombstone GC) -------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        """When the next tombstone may be collected (seconds), or None."""
+        while self._gc_heap:
+            due, table, key, hlc = self._gc_heap[0]
+            slot = self._entries.get((table, key))
+            if slot is not None and slot.data is None and slot.entry.hlc.pack() == hlc:
+                return due / 1000.0
+            heapq.heappop(self._gc_heap)  # superseded or already gone
+        return None
+
+    def handle_timer(self, now: float) -> int:
+        """Collect tombstones older than tombstone_ttl; returns how many."""
+        pms = now_ms(now)
+        n = 0
+        while self._gc_heap and self._gc_heap[0][0] <= pms:
+            _, table, key, hlc = heapq.heappop(self._gc_heap)
+            slot = self._entries.get((table, key))
+            if slot is None or slot.data is not None or slot.entry.hlc.pack() != hlc:
+                continue
+            self._collect((table, key), slot)
+            n += 1
+        return n
+
+    def _collect(self, k: tuple[str, str], slot: _Slot) -> None:
+        self._horizon = max(self._horizon, slot.entry.hlc.pack())
+        self._uninstall(k, slot)
+        del self._entries[k]
+        self._dirty[k] = None
+        self.stats.tombstones_collected += 1
+
+    def _expired(self, e: Entry, pms: int) -> bool:
+        return e.value is None and e.hlc.wall_ms + self._ttl_ms <= pms
+
+    # ---- merge -----------------------------------------------------------------------------
+
+    def _apply(self, dec: Decoded, pms: int, now: float) -> int:
+        e = dec.entry
+        if e.hlc.wall_ms > pms + self._skew_ms:
+            self.stats.refused_skew += 1
+            return _REFUSED
+        self._clock = self._clock.update(e.hlc, now)
+        k = (e.table, e.key)
+        slot = self._entries.get(k)
+        if slot is None:
+            if e.hlc.pack() <= self._horizon:
+                self.stats.refused_horizon += 1
+                return _REFUSED_HORIZON
+            if self._expired(e, pms):
+                # a tombstone already past its ttl, of a key we do not hold: nothing to delete,
+                # nothing to keep, but older writes of the key must stay out from now on
+                self._horizon = max(self._horizon, e.hlc.pack())
+                self.stats.stale += 1
+                return _STALE
+            if len(self._entries) >= self.config.max_entries or (
+                e.table not in self._tables and len(self._tables) >= MAX_TABLES
+            ):
+                self.stats.refused_capacity += 1
+                return _REFUSED
+        elif entry_order(e) <= entry_order(slot.entry):
+            self.stats.stale += 1
+            return _STALE
+        self.stats.applied += 1
+        self._install(k, e, dec.data)
+        if self._expired(e, pms):
+            self._collect(k, self._entries[k])
+        return _APPLIED
+
+    def _visible(self, slot: _Slot | None) -> dict[str, Any] | None:
+        if slot is None or slot.data is None:
+            return None
+        owner_field = self.config.owned_tables.get(slot.entry.table)
+        if owner_field is not None and slot.data.get(owner_field) not in self._live:
+            return None
+        return slot.data
+
+    def _owner(self, slot: _Slot) -> str | None:
+        field_ = self.config.owned_tables.get(slot.entry.table)
+        if field_ is None or slot.data is None:
+            return None
+        owner = slot.data.get(field_)
+        return owner if type(owner) is str else None
+
+    def _uninstall(self, k: tuple[str, str], slot: _Slot) -> None:
+        t = self._tables[k[0]]
+        t.remove(k[1], slot.bucket, slot.ehash)
+        if t.count == 0:
+            del self._tables[k[0]]
+        owner = self._owner(slot)
+        if owner is not None:
+            keys = self._owners[owner]
+            keys.discard(k)
+            if not keys:
+                del self._owners[owner]
+
+    def _install(
+        self, k: tuple[str, str], e: Entry, data: dict[str, Any] | None, quiet: bool = False
+    ) -> None:
+        old = self._entries.get(k)
+        old_visible = self._visible(old)
+        if old is not None:
+            self._uninstall(k, old)
+            bucket = old.bucket
+        else:
+            bucket = _bucket_of(k[1])
+        slot = _Slot(e, data, _hash_entry(e), bucket)
+        self._entries[k] = slot
+        t = self._tables.get(k[0])
+        if t is None:
+            t = self._tables[k[0]] = _Table()
+        t.add(k[1], bucket, slot.ehash)
+        owner = self._owner(slot)
+        if owner is not None:
+            self._owners.setdefault(owner, set()).add(k)
+        if data is None:
+            heapq.heappush(self._gc_heap, (e.hlc.wall_ms + self._ttl_ms, k[0], k[1], e.hlc.pack()))
+        if quiet:
+            return
+        self._dirty[k] = e
+        self._changed(k, old_visible, self._visible(slot))
+
+    def _changed(
+        self, k: tuple[str, str], old: dict[str, Any] | None, new: dict[str, Any] | None
+    ) -> None:
+        if old == new:
+            return
+        self.version += 1
+        if len(self._events) >= self.config.max_pending_events:
+            self._events.clear()
+            self._events.append(EventsLost(self.version))
+        self._events.append(ChangeEvent(k[0], k[1], _ro(old), _ro(new), self.version))
+
+
+def _pack_hashes(hashes: tuple[int, ...]) -> bytes:
+    return struct.pack(f"<{len(hashes)}Q", *hashes)
+
+
+def _unpack_hashes(block: bytes) -> tuple[int, ...]:
+    return struct.unpack(f"<{len(block) // BUCKET_HASH_BYTES}Q", block)
+
+
+def _local_check(table: str, key: str) -> None:
+    try:
+        codec.check_table(table)
+        codec.check_key(key)
+    except StateProtocolError as e:
+        raise ValueError(str(e)) from None
+
+
+def _typed(
+    view: dict[str, Mapping[str, Any]], make: Callable[[Mapping[str, Any]], _T | None]
+) -> dict[str, _T]:
+    out: dict[str, _T] = {}
+    for key, value in view.items():
+        obj = make(value)
+        if obj is not None:
+            out[key] = obj
+    return out
