@@ -39,6 +39,7 @@ from pathlib import Path
 from types import TracebackType
 
 from meshnet.state.hlc import MAX_HLC, Hlc
+from meshnet.state.store import NO_HORIZON, Horizon
 from meshnet.state.types import (
     MAX_KEY_BYTES,
     MAX_TABLE_NAME_BYTES,
@@ -70,7 +71,7 @@ CREATE TABLE IF NOT EXISTS entries (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
+    value NOT NULL
 ) WITHOUT ROWID;
 """
 
@@ -171,11 +172,20 @@ class StoreDb:
                 out.append(entry)
         return out
 
-    def load_gc_horizon(self) -> int:
-        row = self._db.execute("SELECT value FROM meta WHERE name = 'gc_horizon'").fetchone()
-        if row is None or type(row[0]) is not int or not 0 <= row[0] <= MAX_HLC:
-            return 0
-        return int(row[0])
+    def load_gc_horizon(self) -> Horizon:
+        """The store's GC horizon as last saved (``NO_HORIZON`` if none or unreadable)."""
+        try:
+            rows = dict(
+                self._db.execute(
+                    "SELECT name, value FROM meta WHERE name IN ('gc_horizon', 'gc_horizon_writer')"
+                ).fetchall()
+            )
+        except sqlite3.Error as e:
+            raise StoreDbError(f"{self.path}: {e}") from None
+        hlc, writer = rows.get("gc_horizon"), rows.get("gc_horizon_writer")
+        if type(hlc) is not int or not 0 <= hlc <= MAX_HLC or type(writer) is not str:
+            return NO_HORIZON
+        return (hlc, writer)
 
     # ---- writing -------------------------------------------------------------------------------
 
@@ -183,7 +193,7 @@ class StoreDb:
         self,
         entries: Iterable[Entry],
         removed: Iterable[tuple[str, str]] = (),
-        gc_horizon: int | None = None,
+        gc_horizon: Horizon | None = None,
     ) -> None:
         """Upsert ``entries``, delete ``removed`` and record ``gc_horizon``, in one transaction."""
         rows = [
@@ -203,9 +213,9 @@ class StoreDb:
                 if gone:
                     db.executemany("DELETE FROM entries WHERE tbl = ? AND key = ?", gone)
                 if gc_horizon is not None:
-                    db.execute(
-                        "INSERT OR REPLACE INTO meta (name, value) VALUES ('gc_horizon', ?)",
-                        (gc_horizon,),
+                    db.executemany(
+                        "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+                        [("gc_horizon", gc_horizon[0]), ("gc_horizon_writer", gc_horizon[1])],
                     )
                 db.execute("COMMIT")
             except BaseException:

@@ -2,7 +2,7 @@
 
 from meshnet.state.codec import MsgType
 from meshnet.state.hlc import Hlc
-from meshnet.state.store import Changes, Store, StoreFull
+from meshnet.state.store import NO_HORIZON, Changes, Horizon, Store, StoreFull
 from meshnet.state.tables import (
     ENDPOINTS,
     NETWORKS,
@@ -28,6 +28,7 @@ from meshnet.state.types import (
 __all__ = [
     "ENDPOINTS",
     "NETWORKS",
+    "NO_HORIZON",
     "SERVICES",
     "ChangeEvent",
     "Changes",
@@ -35,6 +36,7 @@ __all__ = [
     "Entry",
     "EventsLost",
     "Hlc",
+    "Horizon",
     "MsgType",
     "Network",
     "Service",

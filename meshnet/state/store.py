@@ -57,7 +57,7 @@ from meshnet.state.types import (
     entry_order,
 )
 
-__all__ = ["Changes", "Store", "StoreFull"]
+__all__ = ["NO_HORIZON", "Changes", "Horizon", "Store", "StoreFull"]
 
 _T = TypeVar("_T")
 
@@ -75,6 +75,17 @@ _REFUSED = 2  # beyond max_clock_skew, or over capacity
 _REFUSED_HORIZON = 3  # older than a tombstone we collected (see the module docstring)
 
 
+# (packed HLC, writer) of the newest tombstone collected: an absent key's write that would lose to
+# a tombstone stamped so is refused. Compared like ``entry_order`` so exact ties resolve the same
+# way whether the tombstone is still held or already collected.
+Horizon = tuple[int, str]
+NO_HORIZON: Horizon = (0, "")
+
+
+def _tomb_order(e: Entry) -> Horizon:
+    return (e.hlc.pack(), e.writer)
+
+
 class StoreFull(ValueError):
     """A local write would exceed ``max_entries`` or ``MAX_TABLES``."""
 
@@ -85,7 +96,7 @@ class Changes:
 
     upserts: list[Entry]
     removed: list[tuple[str, str]]  # (table, key) no longer held (collected tombstones)
-    gc_horizon: int  # packed HLC; persist and pass back to ``load``
+    gc_horizon: Horizon  # persist and pass back to ``load``
 
 
 @dataclass(slots=True)
@@ -184,7 +195,7 @@ class Store:
         self._owners: dict[str, set[tuple[str, str]]] = {}
         self._live: set[str] = {self.node_id}
         self._gc_heap: list[tuple[int, str, str, int]] = []
-        self._horizon = 0
+        self._horizon: Horizon = NO_HORIZON
         self._events: deque[StoreEvent] = deque()
         self._queue = DeltaQueue(self.config.retransmit_mult, self.config.max_queued_deltas)
         self._dirty: dict[tuple[str, str], Entry | None] = {}
@@ -200,8 +211,8 @@ class Store:
         return self._clock
 
     @property
-    def gc_horizon(self) -> int:
-        """Packed HLC of the newest tombstone collected here (0: none)."""
+    def gc_horizon(self) -> Horizon:
+        """(packed HLC, writer) of the newest tombstone collected here ((0, ""): none)."""
         return self._horizon
 
     def __len__(self) -> int:
@@ -342,7 +353,7 @@ class Store:
 
     # ---- persistence seeding ---------------------------------------------------------------
 
-    def load(self, entries: Iterable[Entry], now: float, gc_horizon: int = 0) -> int:
+    def load(self, entries: Iterable[Entry], now: float, gc_horizon: Horizon = NO_HORIZON) -> int:
         """Seed from the persisted copy (before serving). No events, no deltas, not dirty; the
         clock moves past every loaded HLC so the next local write beats them. Returns the count
         of entries taken (a malformed value is skipped)."""
@@ -504,7 +515,7 @@ class Store:
                     # have collected. Tell it so with a tombstone stamped at our horizon (newer
                     # than the write, past the ttl): it deletes the write there and
                     # collects itself at once, and the two replicas agree again.
-                    stamp = min(MAX_HLC, max(self._horizon, e.hlc.pack() + 1))
+                    stamp = min(MAX_HLC, max(self._horizon[0], e.hlc.pack() + 1))
                     gone = Entry(e.table, e.key, None, Hlc.unpack(stamp), self.node_id)
                     beyond_horizon.append(codec.encode_entry(gone))
         if msg.requests is None:
@@ -582,7 +593,7 @@ class Store:
         return n
 
     def _collect(self, k: tuple[str, str], slot: _Slot) -> None:
-        self._horizon = max(self._horizon, slot.entry.hlc.pack())
+        self._horizon = max(self._horizon, _tomb_order(slot.entry))
         self._uninstall(k, slot)
         del self._entries[k]
         self._dirty[k] = None
@@ -602,13 +613,13 @@ class Store:
         k = (e.table, e.key)
         slot = self._entries.get(k)
         if slot is None:
-            if e.hlc.pack() <= self._horizon:
+            if entry_order(e) <= (*self._horizon, 0, b""):
                 self.stats.refused_horizon += 1
                 return _REFUSED_HORIZON
             if self._expired(e, pms):
                 # a tombstone already past its ttl, of a key we do not hold: nothing to delete,
                 # nothing to keep, but older writes of the key must stay out from now on
-                self._horizon = max(self._horizon, e.hlc.pack())
+                self._horizon = max(self._horizon, _tomb_order(e))
                 self.stats.stale += 1
                 return _STALE
             if len(self._entries) >= self.config.max_entries or (

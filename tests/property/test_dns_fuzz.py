@@ -103,7 +103,7 @@ def test_random_bytes_never_raise(data: bytes, scope: frozenset[str] | None, tcp
         check_reply(data, out)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(queries(), SCOPES, st.booleans(), st.data())
 def test_mutated_valid_queries_never_raise(
     q: tuple[bytes, dns.message.QueryMessage, int | None],
@@ -126,7 +126,7 @@ def test_mutated_valid_queries_never_raise(
             check_reply(mutated, out)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(queries(), SCOPES, st.booleans())
 def test_valid_queries_get_well_formed_consistent_replies(
     q: tuple[bytes, dns.message.QueryMessage, int | None],

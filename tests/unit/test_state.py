@@ -19,10 +19,10 @@ from meshnet.state import (
     Store,
     StoreConfig,
     StoreFull,
+    codec,
     merge,
     tombstone_ttl_for,
 )
-from meshnet.state import codec
 from meshnet.state.hlc import MAX_LOGICAL, MAX_WALL_MS
 from meshnet.state.types import MAX_VALUE_BYTES
 
@@ -469,7 +469,7 @@ def test_tombstone_collected_after_ttl_and_never_resurrects() -> None:
     assert a.handle_timer(T0 + 50) == 0 and a.entry(NETWORKS, "n") == d
     assert a.handle_timer(T0 + 102) == 1
     assert a.entry(NETWORKS, "n") is None and len(a) == 0 and a.get_timer() is None
-    assert a.gc_horizon == d.hlc.pack()
+    assert a.gc_horizon == (d.hlc.pack(), "a")
     # the old write comes back by gossip and by anti-entropy: refused both ways
     assert not a.apply_delta(codec.encode_delta(w), T0 + 103)
     sync(a, stale, T0 + 104)
@@ -491,7 +491,7 @@ def test_expired_tombstone_arriving_late_still_deletes() -> None:
     d = a.delete("t", "k", T0 + 1)
     assert d is not None
     b.apply_delta(codec.encode_delta(d), T0 + 500)
-    assert b.entry("t", "k") is None and b.gc_horizon == d.hlc.pack()
+    assert b.entry("t", "k") is None and b.gc_horizon == (d.hlc.pack(), "a")
     assert not b.apply_delta(codec.encode_delta(w), T0 + 500)
 
 
@@ -505,7 +505,7 @@ def test_take_dirty_reports_upserts_and_collections() -> None:
     s.delete("t", "k", T0)
     s.handle_timer(T0 + 10)
     ch = s.take_dirty()
-    assert ch.upserts == [] and ch.removed == [("t", "k")] and ch.gc_horizon > 0
+    assert ch.upserts == [] and ch.removed == [("t", "k")] and ch.gc_horizon[0] > 0
 
 
 def test_load_seeds_without_events_and_moves_clock() -> None:
@@ -513,8 +513,8 @@ def test_load_seeds_without_events_and_moves_clock() -> None:
     es = [a.put("t", f"k{i}", {"i": i}, T0 + 1000) for i in range(5)]
     a.delete("t", "k0", T0 + 1000)
     b = Store("a")
-    assert b.load(list(a.entries()), T0, gc_horizon=7) == 5
-    assert b.next_event() is None and b.take_dirty().upserts == [] and b.gc_horizon == 7
+    assert b.load(list(a.entries()), T0, gc_horizon=(7, "x")) == 5
+    assert b.next_event() is None and b.take_dirty().upserts == [] and b.gc_horizon == (7, "x")
     assert b.clock > es[-1].hlc
     assert b.put("t", "k1", {"new": 1}, T0).hlc > es[-1].hlc  # beats what it wrote before restart
     assert canon(b) != canon(a)
