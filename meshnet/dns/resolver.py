@@ -347,8 +347,6 @@ class Resolver:
         self._records: frozenset[TaskRecord] = frozenset()
         self._index = _Index((), ())
         self._known_networks: frozenset[str] = frozenset()
-        # scope -> raw query bytes [2:end] -> (reply bytes after the ID, or head + question for a
-        # rotating answer; template or None if static; exact query length)
         # scope -> query bytes after the ID -> (the reply after the ID if the template is static,
         # else the header + question part of it; the template if rotating, else None)
         self._udp: dict[frozenset[str] | None, dict[bytes, tuple[bytes, _Template | None]]]

@@ -7,6 +7,7 @@ import dns.flags
 import dns.message
 import dns.name
 import dns.rcode
+import dns.rdatatype
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -64,12 +65,12 @@ def random_case(name: str, data: st.DataObject) -> str:
 @st.composite
 def queries(draw: st.DrawFn) -> tuple[bytes, dns.message.QueryMessage, int | None]:
     name = random_case(draw(NAMES), draw(st.data()))
-    qtype = draw(QTYPES)
+    qtype = dns.rdatatype.RdataType.make(draw(QTYPES))
     edns = draw(st.one_of(st.none(), st.integers(0, 65535)))
     if edns is None:
         q = dns.message.make_query(name, qtype, use_edns=False)
     else:
-        options = draw(
+        options: list[dns.edns.Option] = draw(
             st.lists(
                 st.builds(
                     dns.edns.GenericOption, st.sampled_from([10, 8, 65001]), st.binary(max_size=16)
@@ -103,7 +104,7 @@ def test_random_bytes_never_raise(data: bytes, scope: frozenset[str] | None, tcp
         check_reply(data, out)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(queries(), SCOPES, st.booleans(), st.data())
 def test_mutated_valid_queries_never_raise(
     q: tuple[bytes, dns.message.QueryMessage, int | None],
@@ -126,7 +127,7 @@ def test_mutated_valid_queries_never_raise(
             check_reply(mutated, out)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(queries(), SCOPES, st.booleans())
 def test_valid_queries_get_well_formed_consistent_replies(
     q: tuple[bytes, dns.message.QueryMessage, int | None],
@@ -164,3 +165,46 @@ def test_valid_queries_get_well_formed_consistent_replies(
     assert len(rcodes) == 1
     if not any(dns.message.from_wire(r).flags & dns.flags.TC for r in results):  # type: ignore[arg-type]
         assert all(s == seen[0] for s in seen)
+
+
+POOL = [
+    TaskRecord(svc, slot, f"{svc}.{slot}", net, f"10.{n}.{k}.{slot}")
+    for n, net in enumerate(["front", "back"])
+    for k, svc in enumerate(["web", "db", "api"])
+    for slot in range(1, 5)
+]
+CACHE_NAMES = ["web", "db", "api", "tasks.web", "web.front", "db.back", "api.2", "web.1.back"]
+
+
+def summary(out: object) -> object:
+    if isinstance(out, Forward):
+        return out
+    assert isinstance(out, bytes)
+    reply = dns.message.from_wire(out)
+    addrs = sorted(rd.address for rrset in reply.answer for rd in rrset if rrset.rdtype == 1)
+    return reply.rcode(), addrs, bool(reply.flags & dns.flags.TC)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sets(st.sampled_from(POOL)),
+            st.lists(st.tuples(st.sampled_from(CACHE_NAMES), SCOPES), min_size=1, max_size=6),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_cached_answers_are_never_older_than_the_records(
+    steps: list[tuple[set[TaskRecord], list[tuple[str, frozenset[str] | None]]]],
+) -> None:
+    cached = Resolver()
+    for version, (records, asks) in enumerate(steps):
+        cached.set_records(records, version)
+        fresh = Resolver()
+        fresh.set_records(records, version)
+        for name, scope in asks:
+            wire = dns.message.make_query(name, "A").to_wire()
+            for _ in range(2):
+                assert summary(cached.answer(wire, scope)) == summary(fresh.answer(wire, scope))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from meshnet import wire
@@ -63,7 +65,7 @@ def test_hlc_monotonic_when_now_goes_backwards() -> None:
     for now in [10.0, 10.0, 9.0, 5.0, 10.0005, 10.002, 3.0, 11.0]:
         h = h.tick(now)
         seen.append(h)
-    assert all(a < b for a, b in zip(seen, seen[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(seen))
     assert seen[0] == Hlc(10_000, 0)
     assert seen[2] == Hlc(10_000, 2)  # now went back: logical advances, wall holds
     assert seen[-1] == Hlc(11_000, 0)
