@@ -11,8 +11,12 @@ Every agent holds a full copy, any agent writes, and copies converge with no lea
   do not hold that is no newer than the horizon is refused, because it can only be an old write
   the collected tombstone had already beaten (a replica that missed it for longer than the ttl
   was dead long enough to be reaped: like Cassandra's gc_grace, its stale copy must not
-  resurrect what the cluster deleted). Owned entries come back from such a replica by
-  re-announcement with a fresh HLC.
+  resurrect what the cluster deleted). The refusing side answers such a write in the diff
+  reply with a tombstone stamped at its horizon, so the stale replica drops it too and the two
+  agree again. Owned entries come back from such a replica by re-announcement with a fresh HLC.
+  The cost: clocks must agree to well within ``tombstone_ttl``, and writes made on the far side
+  of a partition longer than the ttl, to keys the other side never saw, can be refused
+  (the partition outlived the reap time, so each side had already given the other up).
 * **Ownership.** Entries of owned tables (``endpoints``: field ``node``) are hidden from every
   view while their owner is not live (``set_node_live``), with no write; they show again when it
   is, and ``owned_by`` lists them so the owner can re-announce.

@@ -20,6 +20,7 @@ from meshnet.state import (
     StateProtocolError,
     Store,
     StoreConfig,
+    StoreEvent,
     StoreFull,
     codec,
     merge,
@@ -49,7 +50,7 @@ def canon(s: Store) -> list[tuple[str, str, bytes | None, int, str]]:
     return sorted((e.table, e.key, e.value, e.hlc.pack(), e.writer) for e in s.entries())
 
 
-def drain(s: Store) -> list[object]:
+def drain(s: Store) -> list[StoreEvent]:
     out = []
     while (ev := s.next_event()) is not None:
         out.append(ev)
@@ -287,8 +288,10 @@ def test_events_and_version() -> None:
         ({"x": 2}, None),
     ]
     assert s.version == 3 and [e.version for e in evs] == [1, 2, 3]
+    first = evs[0]
+    assert isinstance(first, ChangeEvent)
     with pytest.raises(AttributeError):
-        evs[0].key = "other"  # type: ignore[misc]
+        first.key = "other"  # type: ignore[misc]
 
 
 def test_event_queue_bounded() -> None:
