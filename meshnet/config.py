@@ -62,6 +62,10 @@ class Config:
     log_format: str = "text"
     log_level: str = "info"
     profile: str = "lan"
+    dns_ttl: int = 2
+    # None: the host's resolvers from /etc/resolv.conf; a list (maybe empty): exactly these.
+    dns_upstreams: tuple[tuple[str, int], ...] | None = None
+    address_pool: str = "10.10.0.0/16"
     membership: dict[str, float | int] = field(default_factory=dict)
 
     def advertise_addr(self) -> tuple[str, int]:
@@ -152,7 +156,21 @@ def _parse_key(cfg: dict[str, Any], key: str, value: object) -> None:
             except ValueError:
                 raise ConfigError(f"advertise: {text!r} is not an IP address") from None
         cfg[key] = text
-    elif key in ("join", "dns_listen"):
+    elif key == "dns_ttl":
+        ttl = _expect(key, value, int)
+        if not 0 <= ttl <= 3600:
+            raise ConfigError(f"{key}: must be 0..3600 seconds")
+        cfg[key] = ttl
+    elif key == "address_pool":
+        text = _expect(key, value, str)
+        try:
+            pool = ipaddress.IPv4Network(text)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
+        if pool.prefixlen > 24:
+            raise ConfigError(f"{key}: {text} is smaller than one /24")
+        cfg[key] = text
+    elif key in ("join", "dns_listen", "dns_upstreams"):
         items = _expect(key, value, list)
         port = DEFAULT_PORT if key == "join" else 53
         cfg[key] = tuple(parse_hostport(f"{key}[{i}]", v, port) for i, v in enumerate(items))

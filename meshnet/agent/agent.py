@@ -18,10 +18,13 @@ import msgpack
 import meshnet
 from meshnet import config as configmod
 from meshnet.agent import identity, logs, systemd
+from meshnet.agent.cluster_ops import ClusterOps
 from meshnet.agent.control import ControlServer, Handler, OpError, SendEvent
 from meshnet.agent.gossip import STREAM_KEY_OP, GossipTransport, Sealer, StreamError
+from meshnet.agent.state_service import StateService
 from meshnet.config import Config
 from meshnet.crypto.keyring import Keyring, KeyringError
+from meshnet.dns import Resolver
 from meshnet.fsutil import atomic_write
 from meshnet.membership import (
     Member,
@@ -30,6 +33,7 @@ from meshnet.membership import (
     MembershipConfig,
     NodeMeta,
 )
+from meshnet.state import Store, StoreConfig, tombstone_ttl_for
 
 log = logging.getLogger("meshnet.agent")
 
@@ -81,6 +85,8 @@ class Agent:
         self.keyring_path = Path(config.state_dir) / KEYRING_FILE
         self.record = identity.NodeRecord("", config.name, 0, 0)
         self.membership: Membership | None = None
+        self.state: StateService | None = None
+        self.ops: ClusterOps | None = None
         self.gossip: GossipTransport | None = None
         self.control: ControlServer | None = None
         self.background: set[asyncio.Task[Any]] = set()
@@ -125,10 +131,18 @@ class Agent:
         except identity.StateDirError as e:
             raise StartError(str(e)) from None
         self.keyring = self._load_keyring()
+        mcfg = membership_config(self.config)
+        store = Store(self.config.name, StoreConfig(
+            tombstone_ttl=tombstone_ttl_for(mcfg.reap_after, mcfg.push_pull_interval)))
+        self.state = await StateService.open(self.config.state_dir, self.config.name, store)
+        resolver = Resolver(ttl=self.config.dns_ttl)
+        self.ops = ClusterOps(self.state, resolver, self.config.name, self.config.address_pool)
+        self.state.listeners.append(self.ops.refresh_dns)
+        self.ops.refresh_dns()
         try:
             self.membership = Membership(
-                membership_config(self.config), self._meta(), random.Random(),
-                loop.time(), incarnation=self.record.incarnation,
+                mcfg, self._meta(), random.Random(),
+                loop.time(), delegate=self.state, incarnation=self.record.incarnation,
             )
         except ValueError as e:
             raise StartError(f"membership: {e}") from None
@@ -136,6 +150,7 @@ class Agent:
             self.membership, Sealer(self.keyring), self.config.bind, self._on_member_event
         )
         self.gossip.stream_handlers[STREAM_KEY_OP] = self._key_op_in
+        self.state.attach(self.gossip)
         try:
             await self.gossip.start()
         except OSError as e:
@@ -183,6 +198,8 @@ class Agent:
             await self.control.close()
         if self.gossip is not None:
             await self.gossip.close()
+        if self.state is not None:
+            await self.state.close()
         if self.membership is not None:
             self.record.incarnation = self.membership.local().incarnation
             with contextlib.suppress(OSError):
@@ -271,6 +288,8 @@ class Agent:
 
     def _on_member_event(self, event: MemberEvent) -> None:
         self._schedule_peers_save()
+        if self.state is not None and self.membership is not None:
+            self.state.on_member_event(event, self.membership.num_alive())
         member = getattr(event, "member", None)
         name = type(event).__name__
         if member is not None:
@@ -280,7 +299,9 @@ class Agent:
     # --- control API --------------------------------------------------------------------------
 
     def _handlers(self) -> dict[str, Handler]:
+        assert self.ops is not None
         return {
+            **self.ops.handlers(),
             "status": self._op_status,
             "members": self._op_members,
             "join": self._op_join,

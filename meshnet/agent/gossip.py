@@ -26,6 +26,7 @@ SEAL_STREAM = KIND_STREAM
 # First byte of a stream's plaintext: which service answers it.
 STREAM_PUSH_PULL = 1
 STREAM_KEY_OP = 2
+STREAM_STATE = 3
 
 # memberlist caps a remote state at 20 MiB; a sealed frame adds a little on top.
 MAX_STREAM_BYTES = 24 << 20
@@ -78,6 +79,8 @@ class GossipTransport:
         self.inbound_streams = 0
         self.tasks: set[asyncio.Task[Any]] = set()
         self.stream_waiters: dict[Addr, list[asyncio.Future[bool]]] = {}
+        # Called with the peer after each push-pull we started succeeds (anti-entropy rides it).
+        self.after_push_pull: list[Callable[[Addr], None]] = []
         self.counters = {"auth_failures": 0, "oversize_drops": 0, "stream_failures": 0}
 
     def now(self) -> float:
@@ -211,6 +214,8 @@ class GossipTransport:
             reply = await self.request(addr, STREAM_PUSH_PULL, data)
             self.m.receive_stream_reply(reply, addr, self.now())
             ok = True
+            for hook in self.after_push_pull:
+                hook(addr)
         except KeyringError:
             self.counters["auth_failures"] += 1
         except (OSError, TimeoutError, asyncio.IncompleteReadError, StreamError):

@@ -100,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_parser("inspect").add_argument("name")
     net.add_parser("rm").add_argument("name")
 
+    ep = sub.add_parser("endpoint", help="register names owned by this host").add_subparsers(
+        dest="ep_cmd", required=True, parser_class=Parser)
+    ea = ep.add_parser("add")
+    ea.add_argument("name")
+    ea.add_argument("ip")
+    ea.add_argument("--network", required=True)
+    ea.add_argument("--service")
+    er = ep.add_parser("rm")
+    er.add_argument("name")
+    er.add_argument("--network", required=True)
+    ep.add_parser("ls")
+
     r = sub.add_parser("run", help="run a one-off command in a sandbox on a network")
     r.add_argument("--network", required=True)
     r.add_argument("--name")
@@ -154,6 +166,9 @@ def to_request(ns: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
         if ns.net_cmd == "create":
             args.update(subnet=ns.subnet, encrypted=ns.encrypted)
         return f"network {ns.net_cmd}", f"network.{ns.net_cmd}", args
+    if cmd == "endpoint":
+        args = {k: getattr(ns, k, None) for k in ("name", "ip", "network", "service")}
+        return f"endpoint {ns.ep_cmd}", f"endpoint.{ns.ep_cmd}", args
     if cmd == "run":
         return "run", "run", {"network": ns.network, "name": ns.name,
                               "command": _command(ns.command)}
@@ -223,6 +238,14 @@ def render(name: str, result: Any) -> str:
         out.append(f"{result.get('acked')}/{result.get('members')} members acknowledged")
         out += [f"  {n}: {err}" for n, err in sorted(result.get("errors", {}).items())]
         return "\n".join(out)
+    if name == "dns lookup" and isinstance(result, dict):
+        return "\n".join(map(str, result.get("answers", [])))
+    if name == "network inspect" and isinstance(result, dict):
+        head = [f"{k}: {_cell(result.get(k))}" for k in ("name", "vni", "subnet", "encrypted")]
+        eps = table(result.get("endpoints", []), ["name", "ip", "mac", "node", "service"])
+        return "\n".join([*head, "endpoints:", eps])
+    if name == "network ls" and isinstance(result, list):
+        return table(result, ["name", "vni", "subnet", "encrypted"])
     if isinstance(result, list) and result and isinstance(result[0], dict):
         return table(result, list(result[0].keys()))
     if isinstance(result, dict):

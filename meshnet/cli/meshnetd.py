@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", metavar="K=V", action="append", help="node label (repeatable)")
     p.add_argument("--dns-listen", metavar="IP:PORT", action="append",
                    help="extra DNS listener that sees every network (repeatable)")
+    p.add_argument("--dns-upstream", metavar="IP:PORT", action="append",
+                   help="forward other names here instead of /etc/resolv.conf's resolvers "
+                        "(repeatable; 'none' disables forwarding)")
+    p.add_argument("--dns-ttl", type=int, metavar="SECONDS")
     p.add_argument("--profile", choices=configmod.PROFILES, help="membership timings")
     p.add_argument("--log-format", choices=configmod.LOG_FORMATS)
     p.add_argument("--log-level", choices=configmod.LOG_LEVELS)
@@ -41,7 +45,7 @@ def flag_overrides(ns: argparse.Namespace) -> dict[str, Any]:
     """Flags in the same raw shape as the TOML file, so one validator checks both."""
     out: dict[str, Any] = {}
     for key in ("name", "bind", "advertise", "state_dir", "socket", "cluster_key_file",
-                "profile", "log_format", "log_level", "insecure_no_encryption"):
+                "profile", "log_format", "log_level", "insecure_no_encryption", "dns_ttl"):
         value = getattr(ns, key)
         if value is not None:
             out[key] = value
@@ -49,6 +53,8 @@ def flag_overrides(ns: argparse.Namespace) -> dict[str, Any]:
         out["join"] = [a for item in ns.join for a in item.split(",") if a]
     if ns.dns_listen:
         out["dns_listen"] = list(ns.dns_listen)
+    if ns.dns_upstream:
+        out["dns_upstreams"] = [a for a in ns.dns_upstream if a != "none"]
     if ns.label:
         labels: dict[str, str] = {}
         for text in ns.label:

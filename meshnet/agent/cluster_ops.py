@@ -1,0 +1,176 @@
+"""Control-API operations on the replicated store: networks, endpoints, DNS lookups."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from meshnet.agent.control import Handler, OpError, SendEvent
+from meshnet.agent.state_service import StateService
+from meshnet.dns import Resolver, TaskRecord
+from meshnet.state import Network
+from meshnet.state.networks import (
+    NetworkError,
+    assign_vnis,
+    check_name,
+    check_overlap,
+    mac_for_ip,
+    parse_subnet,
+    pick_subnet,
+    vni_hash,
+)
+from meshnet.state.tables import ENDPOINTS, NETWORKS, Endpoint, endpoint_key
+
+
+def endpoint_json(ep: Endpoint) -> dict[str, Any]:
+    return {"name": ep.name, "ip": ep.ip, "mac": ep.mac, "node": ep.node, "service": ep.service,
+            "slot": ep.slot, "network": ep.network}
+
+
+class ClusterOps:
+    def __init__(self, state: StateService, resolver: Resolver, node: str,
+                 address_pool: str) -> None:
+        self.state = state
+        self.store = state.store
+        self.resolver = resolver
+        self.node = node
+        self.address_pool = address_pool
+        self.dns_version = 0
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "network.create": self.network_create,
+            "network.ls": self.network_ls,
+            "network.inspect": self.network_inspect,
+            "network.rm": self.network_rm,
+            "endpoint.add": self.endpoint_add,
+            "endpoint.rm": self.endpoint_rm,
+            "endpoint.ls": self.endpoint_ls,
+            "dns.lookup": self.dns_lookup,
+        }
+
+    # --- views --------------------------------------------------------------------------------
+
+    def vnis(self) -> dict[str, int]:
+        """Effective VNIs: hash collisions resolved by creation order, the same on every agent."""
+        order = []
+        for name in self.store.networks():
+            entry = self.store.entry(NETWORKS, name)
+            assert entry is not None
+            order.append((name, (entry.hlc.pack(), entry.writer)))
+        return assign_vnis(order)
+
+    def network_json(self, net: Network, vnis: dict[str, int]) -> dict[str, Any]:
+        return {"name": net.name, "vni": vnis.get(net.name, net.vni), "subnet": net.subnet,
+                "encrypted": net.encrypted}
+
+    def refresh_dns(self) -> None:
+        """Rebuild the resolver's records from the store (called after every change)."""
+        records = [
+            TaskRecord(service=ep.service or "", slot=ep.slot, task=ep.name, network=ep.network,
+                       ip=ep.ip)
+            for ep in self.store.endpoints()
+        ]
+        self.dns_version += 1
+        self.resolver.set_records(records, self.dns_version, networks=self.store.networks())
+
+    # --- networks -----------------------------------------------------------------------------
+
+    async def network_create(self, args: dict[str, Any], send: SendEvent) -> Any:
+        try:
+            name = check_name("network", args.get("name"))
+            nets = self.store.networks()
+            if name in nets:
+                raise OpError(f"network {name} already exists")
+            existing = {n.name: ipaddress.IPv4Network(n.subnet) for n in nets.values()}
+            subnet_arg = args.get("subnet")
+            if subnet_arg:
+                subnet = parse_subnet(str(subnet_arg))
+                check_overlap(subnet, existing)
+            else:
+                subnet = pick_subnet(existing.values(), self.address_pool)
+        except NetworkError as e:
+            raise OpError(str(e)) from None
+        net = Network(name=name, vni=vni_hash(name), subnet=str(subnet),
+                      encrypted=bool(args.get("encrypted")))
+        await self.state.put(NETWORKS, name, net.to_value())
+        return self.network_json(net, self.vnis())
+
+    async def network_ls(self, args: dict[str, Any], send: SendEvent) -> Any:
+        vnis = self.vnis()
+        return [self.network_json(n, vnis) for n in sorted(self.store.networks().values(),
+                                                           key=lambda n: n.name)]
+
+    def _network(self, args: dict[str, Any], field: str = "name") -> Network:
+        name = args.get(field)
+        net = self.store.networks().get(str(name))
+        if net is None:
+            raise OpError(f"network {name} not found")
+        return net
+
+    async def network_inspect(self, args: dict[str, Any], send: SendEvent) -> Any:
+        net = self._network(args)
+        doc = self.network_json(net, self.vnis())
+        doc["endpoints"] = [endpoint_json(ep) for ep in self.store.endpoints(net.name)]
+        return doc
+
+    async def network_rm(self, args: dict[str, Any], send: SendEvent) -> Any:
+        net = self._network(args)
+        users = sorted(f"service {s.name}" for s in self.store.services().values()
+                       if s.network == net.name)
+        users += sorted(f"endpoint {e.name} (on {e.node})" for e in self.store.endpoints(net.name))
+        if users:
+            raise OpError(f"network {net.name} is in use by {', '.join(users)}")
+        await self.state.delete(NETWORKS, net.name)
+        return {"removed": net.name}
+
+    # --- endpoints (registrations owned by this node) ------------------------------------------
+
+    async def endpoint_add(self, args: dict[str, Any], send: SendEvent) -> Any:
+        net = self._network(args, "network")
+        try:
+            name = check_name("endpoint", args.get("name"))
+            ip = ipaddress.IPv4Address(str(args.get("ip")))
+        except (NetworkError, ValueError) as e:
+            raise OpError(str(e)) from None
+        subnet = ipaddress.IPv4Network(net.subnet)
+        if ip not in subnet or ip in (subnet.network_address, subnet.broadcast_address):
+            raise OpError(f"{ip} is not a host address of {net.name}'s subnet {subnet}")
+        for other in self.store.endpoints(net.name):
+            if other.ip == str(ip) and other.name != name:
+                raise OpError(f"{ip} is already used by {other.name} on {other.node}")
+        service = args.get("service") or None
+        ep = Endpoint(name=name, network=net.name, ip=str(ip), mac=mac_for_ip(str(ip)),
+                      node=self.node, service=str(service) if service else None)
+        await self.state.put(ENDPOINTS, ep.key, ep.to_value())
+        return endpoint_json(ep)
+
+    async def endpoint_rm(self, args: dict[str, Any], send: SendEvent) -> Any:
+        net = self._network(args, "network")
+        key = endpoint_key(net.name, str(args.get("name")))
+        current = self.store.get(ENDPOINTS, key)
+        if current is None:
+            raise OpError(f"endpoint {args.get('name')} not found on {net.name}")
+        if current.get("node") != self.node:
+            raise OpError(f"endpoint {args.get('name')} belongs to {current.get('node')}; "
+                          "remove it there")
+        await self.state.delete(ENDPOINTS, key)
+        return {"removed": args.get("name")}
+
+    async def endpoint_ls(self, args: dict[str, Any], send: SendEvent) -> Any:
+        return [endpoint_json(ep) for ep in self.store.endpoints()]
+
+    # --- DNS ----------------------------------------------------------------------------------
+
+    async def dns_lookup(self, args: dict[str, Any], send: SendEvent) -> Any:
+        name = args.get("name")
+        if not isinstance(name, str) or not name:
+            raise OpError("dns lookup needs a name")
+        network = args.get("network")
+        qtype = str(args.get("type") or "A")
+        scope = frozenset({str(network)}) if network else None
+        answers = self.resolver.answer_name(name, qtype, scope)
+        if not answers:
+            raise OpError(f"{name}: no {qtype} records" +
+                          (f" on network {network}" if network else ""))
+        return {"name": name, "type": qtype, "answers": answers}

@@ -1,0 +1,216 @@
+"""The replicated store's shell: gossip deltas, anti-entropy streams, SQLite, ownership.
+
+- Deltas ride membership gossip through the Delegate hooks (spare room in each packet).
+- Anti-entropy rides every push-pull: right after one succeeds with a peer, we run
+  digest -> diff -> diff with that peer on the STATE stream (two request/reply round trips).
+- Every change is written to SQLite (WAL) off the event loop, in batches; local writes are
+  durable before the control API answers.
+- Membership events drive ownership: a dead or left member's endpoints vanish from every view
+  at once, with no write; they come back if it comes back.
+
+The store's HLC needs wall-clock seconds (comparable across hosts), so this shell passes
+time.time() to the store, never the loop's monotonic clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from meshnet.agent.gossip import STREAM_STATE, GossipTransport, StreamError
+from meshnet.agent.store_db import StoreDb
+from meshnet.crypto.keyring import KeyringError
+from meshnet.membership import (
+    Addr,
+    MemberAlive,
+    MemberDead,
+    MemberEvent,
+    MemberJoined,
+    MemberLeft,
+    MemberReaped,
+    MemberUpdated,
+)
+from meshnet.state import StateProtocolError, Store
+
+log = logging.getLogger("meshnet.state")
+
+# Anti-entropy messages on the STATE stream: step 1 carries our digest, step 3 our entries.
+AE_DIGEST = 1
+AE_ENTRIES = 2
+# Coalesce bursts of changes (a push-pull can bring thousands) into one SQLite transaction.
+FLUSH_DELAY_S = 0.05
+
+
+class StateService:
+    def __init__(self, store: Store, db: StoreDb, node: str) -> None:
+        self.store = store
+        self.db = db
+        self.node = node
+        self.loop = asyncio.get_running_loop()
+        self.gossip: GossipTransport | None = None
+        self.listeners: list[Callable[[], None]] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.flush_task: asyncio.Task[None] | None = None
+        self.flush_lock = asyncio.Lock()
+        self.notify_scheduled = False
+        self.counters = {"bad_deltas": 0, "bad_entries": 0, "anti_entropy": 0,
+                         "anti_entropy_failed": 0}
+
+    @staticmethod
+    def now() -> float:
+        return time.time()
+
+    @classmethod
+    async def open(cls, state_dir: str, node: str, store: Store) -> StateService:
+        """Load the last-known copy from disk so it is served at once, before any peer answers."""
+        db = await asyncio.to_thread(StoreDb.in_state_dir, state_dir)
+        entries = await asyncio.to_thread(db.load)
+        horizon = await asyncio.to_thread(db.load_gc_horizon)
+        loaded = store.load(entries, time.time(), horizon)
+        if db.quarantined is not None:
+            log.warning("store file was unreadable; moved aside to %s", db.quarantined)
+        log.info("store loaded", extra={"fields": {"entries": loaded}})
+        service = cls(store, db, node)
+        # What we still own gets a fresh HLC so it beats any delete made while we were away.
+        store.reannounce(node, time.time())
+        service.changed()
+        return service
+
+    def attach(self, gossip: GossipTransport) -> None:
+        self.gossip = gossip
+        gossip.stream_handlers[STREAM_STATE] = self._serve_stream
+        gossip.after_push_pull.append(self._anti_entropy_with)
+
+    async def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        await self.flush()
+        await asyncio.to_thread(self.db.close)
+
+    # --- change plumbing ----------------------------------------------------------------------
+
+    def changed(self) -> None:
+        """Call after anything that may have changed the store."""
+        if self.flush_task is None or self.flush_task.done():
+            self.flush_task = self.loop.create_task(self._flush_soon())
+        if not self.notify_scheduled:
+            self.notify_scheduled = True
+            self.loop.call_soon(self._notify)
+        self._arm_timer()
+
+    def _notify(self) -> None:
+        self.notify_scheduled = False
+        while self.store.next_event() is not None:
+            pass  # listeners re-read the views; the events only tell us something changed
+        for listener in self.listeners:
+            listener()
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(FLUSH_DELAY_S)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write every pending change to SQLite; returns once it is durable."""
+        async with self.flush_lock:
+            changes = self.store.take_dirty()
+            if changes.upserts or changes.removed:
+                await asyncio.to_thread(self.db.save, changes.upserts, changes.removed,
+                                        changes.gc_horizon)
+
+    def _arm_timer(self) -> None:
+        deadline = self.store.get_timer()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if deadline is not None:
+            delay = max(0.0, deadline - time.time())
+            self.timer = self.loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.store.handle_timer(time.time()):
+            self.changed()
+        else:
+            self._arm_timer()
+
+    # --- local writes (control API) ---------------------------------------------------------
+
+    async def put(self, table: str, key: str, value: dict[str, Any]) -> None:
+        self.store.put(table, key, value, time.time())
+        self.changed()
+        await self.flush()
+
+    async def delete(self, table: str, key: str) -> bool:
+        entry = self.store.delete(table, key, time.time())
+        self.changed()
+        await self.flush()
+        return entry is not None
+
+    # --- membership -------------------------------------------------------------------------
+
+    def on_member_event(self, event: MemberEvent, cluster_size: int) -> None:
+        member = event.member
+        if member.name == self.node:
+            return
+        if isinstance(event, MemberJoined | MemberAlive | MemberUpdated):
+            self.store.set_node_live(member.name, True)
+        elif isinstance(event, MemberDead | MemberLeft | MemberReaped):
+            self.store.set_node_live(member.name, False)
+        self.store.set_cluster_size(cluster_size)
+        self.changed()
+
+    # Delegate hooks: the membership core calls these synchronously.
+    def get_broadcasts(self, limit_bytes: int) -> list[bytes]:
+        return self.store.take_deltas(limit_bytes)
+
+    def notify_message(self, data: bytes) -> None:
+        try:
+            if self.store.apply_delta(data, time.time()):
+                self.changed()
+        except StateProtocolError:
+            self.counters["bad_deltas"] += 1
+
+    def local_state(self, join: bool) -> bytes:
+        return b""  # the full state moves by digest on the STATE stream instead
+
+    def merge_remote_state(self, data: bytes, join: bool) -> None:
+        pass
+
+    # --- anti-entropy -----------------------------------------------------------------------
+
+    def _anti_entropy_with(self, addr: Addr) -> None:
+        self.loop.create_task(self._anti_entropy(addr))
+
+    async def _anti_entropy(self, addr: Addr) -> None:
+        assert self.gossip is not None
+        try:
+            diff = await self.gossip.request(addr, STREAM_STATE,
+                                             bytes([AE_DIGEST]) + self.store.digest())
+            reply = self.store.apply_entries(diff, time.time())
+            self.changed()
+            if reply:
+                await self.gossip.request(addr, STREAM_STATE, bytes([AE_ENTRIES]) + reply)
+            self.counters["anti_entropy"] += 1
+        except StateProtocolError:
+            self.counters["bad_entries"] += 1
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, StreamError, KeyringError):
+            self.counters["anti_entropy_failed"] += 1
+
+    async def _serve_stream(self, body: bytes, addr: Addr) -> bytes | None:
+        if not body:
+            return None
+        try:
+            if body[0] == AE_DIGEST:
+                return self.store.diff_for(body[1:])
+            if body[0] == AE_ENTRIES:
+                with contextlib.suppress(StateProtocolError):
+                    self.store.apply_entries(body[1:], time.time())
+                self.changed()
+                return b""
+        except StateProtocolError:
+            self.counters["bad_entries"] += 1
+        return None
