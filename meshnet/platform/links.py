@@ -422,9 +422,7 @@ class OverlayKernel:
                 if mac in selfs:
                     await _ignore_missing(
                         f"del fdb {mac}",
-                        ipr.neigh(
-                            "del", family=AF_BRIDGE, ifindex=vx, lladdr=mac, flags=NTF_SELF
-                        ),
+                        ipr.neigh("del", family=AF_BRIDGE, ifindex=vx, lladdr=mac, flags=NTF_SELF),
                     )
                 if mac in masters:
                     await _ignore_missing(

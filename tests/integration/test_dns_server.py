@@ -11,7 +11,7 @@ import random
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import dns.asyncquery
 import dns.flags
@@ -56,8 +56,7 @@ class Stub(asyncio.DatagramProtocol):
         self.queries: list[str] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)  # 3.11: not a subclass
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         q = dns.message.from_wire(data)
@@ -162,7 +161,7 @@ async def test_large_answer_truncated_over_udp_whole_over_tcp(
     make_server: Callable[..., Any],
 ) -> None:
     server, host, _ = await make_server()
-    r = await udp(host, "big", ignore_trunc=True)
+    r = await udp(host, "big")  # dnspython returns a TC reply as is
     assert r.flags & dns.flags.TC
     assert 0 < len(addrs(r)) < len(BIG)
     assert set(addrs(r)) <= set(BIG)
@@ -244,15 +243,16 @@ async def test_record_updates_show_on_the_next_query(make_server: Callable[..., 
 async def test_garbage_does_not_kill_the_server(make_server: Callable[..., Any]) -> None:
     server, host, _ = await make_server()
     rng = random.Random(4)
-    loop = asyncio.get_running_loop()
     sent = 0
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         junk = [b"", b"\x00", b"\xff" * 11, bytes(12), b"\x12\x34\x81\x80" + bytes(8)]
         junk += [rng.randbytes(rng.randrange(1, 600)) for _ in range(200)]
-        for blob in junk:
+        for i, blob in enumerate(junk):
             s.sendto(blob, host.addr)
             sent += 1
+            if i % 20 == 0:  # let the server drain, so no datagram is lost to a full buffer
+                await wait_until(lambda: server.stats()["queries"] >= sent - 1, "junk counted")
     # Stream garbage: a frame of junk, a truncated frame, a zero-length frame, a bare byte.
     for blob in (b"\x00\x05hello", b"\x01\x00abc", b"\x00\x00", b"\x07"):
         reader, writer = await asyncio.open_connection(*host.addr)
@@ -268,7 +268,6 @@ async def test_garbage_does_not_kill_the_server(make_server: Callable[..., Any])
     stats = server.stats()
     assert stats["dropped"] > 0
     assert stats["resolver_internal_errors"] == 0
-    del loop
 
 
 async def test_tcp_pipelined_queries_on_one_connection(make_server: Callable[..., Any]) -> None:

@@ -1,0 +1,303 @@
+"""Sandboxes: what a task lives in.
+
+A sandbox is
+
+- a named network namespace NS (`ip netns add` semantics: a bind mount under /run/netns);
+- a veth pair: the host end `mnv<11 hex digits of a hash of NS>` is a port of the network's
+  bridge (in the host's namespace), the other end is `eth0` inside NS with the endpoint's MAC,
+  the overlay MTU and the endpoint's address;
+- `lo` up, and a default route out of eth0: "default dev eth0" (the subnet is on-link and
+  the overlay routes nowhere else) or "default via GATEWAY dev eth0" when a gateway is given;
+- /etc/netns/NS/resolv.conf saying `nameserver 127.0.0.11` and `options ndots:0`, which
+  `ip netns exec` bind-mounts over /etc/resolv.conf for the processes it starts.
+
+create_sandbox is an "ensure": run it again and it converges what is there (and repairs a
+missing veth) instead of failing. If it fails on a sandbox it was creating, it removes what it
+made. delete_sandbox deletes the host end of the veth explicitly, because a namespace lives on
+after its unmount while anything still holds it (a DNS socket opened in it with
+nsfd.open_socket_in_netns does), and with it the veth would stay on the bridge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import ipaddress
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from meshnet.platform import netns as netns_tool
+from meshnet.platform import nsfd
+from meshnet.platform.links import norm_mac, open_iproute
+from meshnet.platform.nsfd import PlatformError
+
+SANDBOX_IFNAME = "eth0"
+HOST_IFNAME_PREFIX = "mnv"
+# 11 hex digits (44 bits) of SHA-256 of the namespace name: "mnv" + 11 = 14 characters, within
+# IFNAMSIZ, and a collision needs ~4 million sandboxes on one host.
+HOST_IFNAME_HEX = 11
+NETNS_ETC = Path("/etc/netns")
+DNS_SERVER = "127.0.0.11"
+RESOLV_CONF = f"nameserver {DNS_SERVER}\noptions ndots:0\n"
+RT_SCOPE_LINK = 253
+RTNH_F_ONLINK = 4
+IFF_UP = 1
+
+
+class SandboxError(PlatformError):
+    """Making, changing or removing a sandbox failed."""
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    ns: str
+    host_ifname: str
+    bridge: str
+    ip_cidr: str
+    mac: str
+    mtu: int
+    gateway: str | None = None
+    host_netns: str | None = None
+    ifname: str = SANDBOX_IFNAME
+
+    @property
+    def ip(self) -> str:
+        return str(ipaddress.ip_interface(self.ip_cidr).ip)
+
+
+def host_ifname(ns_name: str) -> str:
+    """The name of the host end of NS_NAME's veth."""
+    digest = hashlib.sha256(ns_name.encode()).hexdigest()[:HOST_IFNAME_HEX]
+    return f"{HOST_IFNAME_PREFIX}{digest}"
+
+
+def resolv_conf_path(ns_name: str) -> Path:
+    return NETNS_ETC / nsfd.check_name(ns_name) / "resolv.conf"
+
+
+def list_sandboxes(prefix: str) -> list[str]:
+    """Names of the named namespaces starting with PREFIX (the agent's sandbox prefix)."""
+    return nsfd.list_netns(prefix)
+
+
+def sandbox_command(ns_name: str, argv: Sequence[str]) -> list[str]:
+    """The argv that runs ARGV inside sandbox NS_NAME (`ip netns exec`, which also bind-mounts
+    /etc/netns/NS_NAME/resolv.conf)."""
+    return netns_tool.exec_argv(nsfd.check_name(ns_name), argv)
+
+
+async def create_sandbox(
+    ns_name: str,
+    bridge: str,
+    ip_cidr: str,
+    mac: str,
+    mtu: int,
+    gateway: str | None = None,
+    *,
+    host_netns: str | None = None,
+    resolv_conf: str | None = RESOLV_CONF,
+) -> Sandbox:
+    """Make (or converge) sandbox NS_NAME on BRIDGE, which lives in HOST_NETNS (None: ours).
+
+    RESOLV_CONF is written to /etc/netns/NS_NAME/resolv.conf (None: write none)."""
+    nsfd.check_name(ns_name)
+    iface = ipaddress.ip_interface(ip_cidr)
+    if iface.network.prefixlen == iface.max_prefixlen:
+        raise SandboxError(f"{ip_cidr}: give the address with the subnet's prefix length")
+    sb = Sandbox(
+        ns=ns_name,
+        host_ifname=host_ifname(ns_name),
+        bridge=bridge,
+        ip_cidr=str(iface),
+        mac=norm_mac(mac),
+        mtu=mtu,
+        gateway=str(ipaddress.ip_address(gateway)) if gateway else None,
+        host_netns=host_netns,
+    )
+    created = await asyncio.to_thread(nsfd.create_netns, ns_name)
+    try:
+        await _converge(sb)
+        if resolv_conf is not None:
+            await asyncio.to_thread(_write_text, resolv_conf_path(ns_name), resolv_conf)
+    except BaseException as e:
+        if created:
+            with contextlib.suppress(Exception):
+                await delete_sandbox(ns_name, host_netns=host_netns)
+        if isinstance(e, NetlinkError):
+            raise SandboxError(f"sandbox {ns_name}: {_nlmsg(e)}") from e
+        if isinstance(e, OSError) and not isinstance(e, PlatformError):
+            raise SandboxError(f"sandbox {ns_name}: {e.strerror or e}") from e
+        raise
+    return sb
+
+
+async def delete_sandbox(ns_name: str, *, host_netns: str | None = None) -> bool:
+    """Remove sandbox NS_NAME: the host end of its veth (the other end goes with it), the
+    namespace, and /etc/netns/NS_NAME. Idempotent; True if anything was there."""
+    nsfd.check_name(ns_name)
+    removed = False
+    host = await open_iproute(host_netns)
+    try:
+        try:
+            await host.link("del", ifname=host_ifname(ns_name))
+            removed = True
+        except NetlinkError as e:
+            if e.code not in (errno.ENODEV, errno.ENOENT):
+                raise SandboxError(f"delete veth of {ns_name}: {_nlmsg(e)}") from e
+    finally:
+        host.close()
+    removed = await asyncio.to_thread(nsfd.delete_netns, ns_name) or removed
+    etc = NETNS_ETC / ns_name
+    if etc.exists():
+        await asyncio.to_thread(shutil.rmtree, etc, True)
+        removed = True
+    return removed
+
+
+# ---------------------------------------------------------------- internals
+
+
+async def _converge(sb: Sandbox) -> None:
+    host = await open_iproute(sb.host_netns)
+    inner: Any = None
+    try:
+        inner = await open_iproute(sb.ns)
+        bridge = await _get_link(host, sb.bridge)
+        if bridge is None:
+            raise SandboxError(f"no bridge {sb.bridge}" + _where(sb.host_netns))
+        br_index = int(bridge["index"])
+
+        # The veth pair: both ends must exist and be veths; otherwise start over.
+        h = await _get_link(host, sb.host_ifname)
+        e = await _get_link(inner, sb.ifname)
+        if h is None or e is None or _kind(h) != "veth" or _kind(e) != "veth":
+            if h is not None:
+                await _del(host, sb.host_ifname)
+            if e is not None:
+                await _del(inner, sb.ifname)
+            fd = os.open(nsfd.netns_path(sb.ns), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                await host.link(
+                    "add",
+                    ifname=sb.host_ifname,
+                    kind="veth",
+                    mtu=sb.mtu,
+                    peer={"ifname": sb.ifname, "net_ns_fd": fd, "address": sb.mac, "mtu": sb.mtu},
+                )
+            finally:
+                os.close(fd)
+            h = await _get_link(host, sb.host_ifname)
+            e = await _get_link(inner, sb.ifname)
+            if h is None or e is None:
+                raise SandboxError(f"veth of {sb.ns} vanished right after it was made")
+
+        # Host end: on the bridge, MTU, up.
+        hi = int(h["index"])
+        if int(h.get("mtu")) != sb.mtu:
+            await host.link("set", index=hi, mtu=sb.mtu)
+        if h.get("master") != br_index:
+            await host.link("set", index=hi, master=br_index)
+        if not int(h.get("flags") or 0) & IFF_UP:
+            await host.link("set", index=hi, state="up")
+
+        # Inside: lo up; eth0 with MAC, MTU, exactly our address, up; the default route.
+        lo = await _get_link(inner, "lo")
+        if lo is not None and not int(lo.get("flags") or 0) & IFF_UP:
+            await inner.link("set", index=int(lo["index"]), state="up")
+        ei = int(e["index"])
+        if norm_mac(str(e.get("address"))) != sb.mac:
+            await inner.link("set", index=ei, address=sb.mac)
+        if int(e.get("mtu")) != sb.mtu:
+            await inner.link("set", index=ei, mtu=sb.mtu)
+        await _ensure_address(inner, ei, sb.ip_cidr)
+        if not int(e.get("flags") or 0) & IFF_UP:
+            await inner.link("set", index=ei, state="up")
+        default = "0.0.0.0/0" if ipaddress.ip_interface(sb.ip_cidr).version == 4 else "::/0"
+        if sb.gateway is None:
+            await inner.route("replace", dst=default, oif=ei, scope=RT_SCOPE_LINK)
+        else:
+            await inner.route(
+                "replace", dst=default, gateway=sb.gateway, oif=ei, flags=RTNH_F_ONLINK
+            )
+    finally:
+        host.close()
+        if inner is not None:
+            inner.close()
+
+
+async def _ensure_address(ipr: Any, index: int, ip_cidr: str) -> None:
+    want = ipaddress.ip_interface(ip_cidr)
+    family = socket.AF_INET if want.version == 4 else socket.AF_INET6
+    have: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = []
+    async for msg in await ipr.addr("dump", index=index, family=family):
+        if msg.get("index") != index:
+            continue
+        addr = msg.get("address")
+        if addr is None:
+            continue
+        iface = ipaddress.ip_interface(f"{addr}/{msg['prefixlen']}")
+        if iface.version == 6 and iface.ip.is_link_local:
+            continue
+        have.append(iface)
+    for iface in have:
+        if iface != want:
+            await ipr.addr(
+                "del", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen
+            )
+    if want not in have:
+        await ipr.addr("add", index=index, address=str(want.ip), prefixlen=want.network.prefixlen)
+
+
+async def _get_link(ipr: Any, name: str) -> Any | None:
+    try:
+        res = await ipr.link("get", ifname=name)
+    except NetlinkError as e:
+        if e.code in (errno.ENODEV, errno.ENOENT):
+            return None
+        raise
+    return res[0] if res else None
+
+
+async def _del(ipr: Any, name: str) -> None:
+    try:
+        await ipr.link("del", ifname=name)
+    except NetlinkError as e:
+        if e.code not in (errno.ENODEV, errno.ENOENT):
+            raise
+
+
+def _kind(msg: Any) -> str | None:
+    kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+    return None if kind is None else str(kind)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _nlmsg(e: NetlinkError) -> str:
+    return str(e.args[1]) if len(e.args) > 1 else str(e)
+
+
+def _where(netns: str | None) -> str:
+    return f" in netns {netns}" if netns else ""
