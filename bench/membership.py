@@ -66,6 +66,9 @@ def bootstrap(sim: Simulator) -> None:
     blob = PushPull(False, states, b"").encode()
     seed_addr = sim.nodes[0].addr
     for node in sim.nodes:
+        if node.addr != seed_addr:
+            node.core.join([seed_addr], sim.now)
+            node.core.streams_to_open()  # answered below, in memory
         node.core.receive_stream_reply(blob, seed_addr, sim.now)
         sim._after(node)  # noqa: SLF001 (bench-only shortcut: drain the join events)
 
@@ -132,7 +135,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     healthy = [i for i in range(n) if i not in slow]
     rng.shuffle(healthy)
     while sim.now < t_end:
-        if sim.now >= next_crash and healthy and next_crash < t_end - args.crash_tail:
+        if next_crash >= t_end - args.crash_tail or not healthy:
+            next_crash = t_end
+        if sim.now >= next_crash and next_crash < t_end:
             v = healthy.pop()
             sim.crash(v)
             live.discard(v)

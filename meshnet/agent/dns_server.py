@@ -28,7 +28,6 @@ import ipaddress
 import socket
 from collections.abc import Iterable
 from pathlib import Path
-from typing import cast
 
 from meshnet.dns import (
     DEFAULT_TIMEOUT,
@@ -45,7 +44,9 @@ from meshnet.dns import (
 __all__ = [
     "EMBEDDED_DNS_IP",
     "MAX_TCP_CONNECTIONS",
+    "MAX_UDP_QUERY_BYTES",
     "TCP_IDLE_TIMEOUT",
+    "UDP_BATCH",
     "DnsServer",
     "Listener",
     "parse_resolv_conf",
@@ -71,13 +72,21 @@ TCP_IDLE_TIMEOUT = 10.0
 # Listen backlog for a TCP listener; a burst beyond it is refused by the kernel.
 TCP_BACKLOG = 128
 
+# Datagrams read per readiness callback before yielding to the loop: amortises the wakeup over a
+# burst while letting TCP, timers and other listeners run between batches.
+UDP_BATCH = 64
+
+# Bytes read per UDP datagram. A query is one question (a name is at most 255 bytes) and an OPT
+# record with a few options, far below this; a longer datagram is cut here and answered FORMERR.
+MAX_UDP_QUERY_BYTES = 4096
+
 # Attempts at finding one port free for both UDP and TCP when a listener asks for port 0.
 _PORT_ATTEMPTS = 16
 
 _RCODE_SERVFAIL = 2
 
 # What the pool remembers as the client of a forwarded query: where to send its reply.
-_UdpClient = tuple[asyncio.DatagramTransport, Addr]
+_UdpClient = tuple["_UdpListener", Addr]
 _Client = _UdpClient | asyncio.Future[bytes]
 
 
@@ -124,35 +133,75 @@ def read_resolv_conf(path: str | Path = "/etc/resolv.conf") -> list[Addr]:
 # -- UDP ------------------------------------------------------------------------------------------
 
 
-class _UdpListener(asyncio.DatagramProtocol):
-    """The hot path: one resolver call and one sendto per query."""
+class _UdpListener:
+    """The hot path: a batch of recvfrom, and per query one resolver call and one sendto.
 
-    __slots__ = ("answer", "answered", "networks", "sendto", "server", "transport")
+    The socket is read directly from a reader callback rather than through a transport and a
+    protocol: the per-datagram work left is the kernel's two syscalls, the answer bytes and the
+    address tuple (see bench/dns.py for what the transport path cost). Replies are sent at once
+    and never queued: if the socket's send buffer is full the reply is dropped and counted, and
+    the client retries, as it would after any lost datagram (dnsmasq does the same).
+    """
 
-    def __init__(self, server: DnsServer, networks: frozenset[str] | None) -> None:
+    __slots__ = (
+        "answer",
+        "answered",
+        "closed",
+        "fd",
+        "networks",
+        "recvfrom",
+        "sendto",
+        "server",
+        "sock",
+    )
+
+    def __init__(
+        self, server: DnsServer, networks: frozenset[str] | None, sock: socket.socket
+    ) -> None:
         self.server = server
         self.networks = networks
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.recvfrom = sock.recvfrom
+        self.sendto = sock.sendto
         self.answer = server.resolver.answer
         self.answered = 0
-        self.transport: asyncio.DatagramTransport | None = None
+        self.closed = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # (CPython 3.11's selector transport does not subclass DatagramTransport; uvloop's does.)
-        udp = cast(asyncio.DatagramTransport, transport)
-        self.transport = udp
-        self.sendto = udp.sendto
+    def on_readable(self) -> None:
+        recvfrom = self.recvfrom
+        sendto = self.sendto
+        answer = self.answer
+        networks = self.networks
+        answered = 0
+        for _ in range(UDP_BATCH):
+            try:
+                data, addr = recvfrom(MAX_UDP_QUERY_BYTES)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.server.counters["recv_errors"] += 1
+                break
+            reply = answer(data, networks)
+            if reply.__class__ is bytes:
+                try:
+                    sendto(reply, addr)
+                except OSError:
+                    self.server.counters["send_errors"] += 1
+                    continue
+                answered += 1
+            else:
+                self.server._udp_slow(self, data, addr, reply)
+        self.answered += answered
 
-    def datagram_received(self, data: bytes, addr: Addr) -> None:
-        reply = self.answer(data, self.networks)
-        if reply.__class__ is bytes:
-            self.sendto(reply, addr)
-            self.answered += 1
-        else:
-            self.server._udp_slow(self, data, addr, reply)
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP errors for earlier sends (a client that went away): nothing to do.
-        self.server.counters["send_errors"] += 1
+    def send(self, data: bytes, addr: Addr) -> None:
+        """Send one reply from the slow paths (forwarded answers, SERVFAIL)."""
+        if self.closed:
+            return
+        try:
+            self.sendto(data, addr)
+        except OSError:
+            self.server.counters["send_errors"] += 1
 
 
 class _UpstreamProtocol(asyncio.DatagramProtocol):
@@ -176,14 +225,12 @@ class Listener:
         self,
         addr: Addr,
         networks: frozenset[str] | None,
-        udp: asyncio.DatagramTransport,
-        proto: _UdpListener,
+        udp: _UdpListener,
         tcp: asyncio.AbstractServer,
     ) -> None:
         self.addr = addr
         self.networks = networks
         self.udp = udp
-        self.proto = proto
         self.tcp = tcp
         self.tcp_tasks: set[asyncio.Task[None]] = set()
         self.closed = False
@@ -225,6 +272,7 @@ class DnsServer:
             "tcp": 0,
             "tcp_refused": 0,
             "send_errors": 0,
+            "recv_errors": 0,
             "upstream_errors": 0,
         }
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -262,9 +310,9 @@ class DnsServer:
         addr = (addr[0], addr[1] or int(sock_udp.getsockname()[1]))
         sock_udp.setblocking(False)
         sock_tcp.setblocking(False)
+        udp = _UdpListener(self, networks, sock_udp)
         try:
-            proto = _UdpListener(self, networks)
-            udp, _ = await loop.create_datagram_endpoint(lambda: proto, sock=sock_udp)
+            loop.add_reader(udp.fd, udp.on_readable)
         except BaseException:
             sock_udp.close()
             sock_tcp.close()
@@ -277,10 +325,10 @@ class DnsServer:
         try:
             tcp = await asyncio.start_server(serve, sock=sock_tcp, backlog=TCP_BACKLOG)
         except BaseException:
-            udp.close()
+            self._close_udp(udp)
             sock_tcp.close()
             raise
-        listener = Listener(addr, networks, udp, proto, tcp)
+        listener = Listener(addr, networks, udp, tcp)
         holder.append(listener)
         self.listeners.append(listener)
         return listener
@@ -292,9 +340,10 @@ class DnsServer:
         listener.closed = True
         with contextlib.suppress(ValueError):
             self.listeners.remove(listener)
-        self.counters["answered"] += listener.proto.answered
-        listener.proto.answered = 0
-        listener.udp.close()
+        self.counters["answered"] += listener.udp.answered
+        self.counters["queries"] += listener.udp.answered
+        listener.udp.answered = 0
+        self._close_udp(listener.udp)
         listener.tcp.close()
         tasks = list(listener.tcp_tasks)
         for task in tasks:
@@ -326,7 +375,7 @@ class DnsServer:
     def stats(self) -> dict[str, int]:
         """Counters: queries, answered, forwarded, servfail, dropped, tcp, ... (all ints)."""
         out = dict(self.counters)
-        hot = sum(listener.proto.answered for listener in self.listeners)
+        hot = sum(listener.udp.answered for listener in self.listeners)
         out["answered"] += hot
         out["queries"] += hot
         out["listeners"] = len(self.listeners)
@@ -337,6 +386,14 @@ class DnsServer:
         for k, v in self.resolver.counters.items():
             out[f"resolver_{k}"] = v
         return out
+
+    def _close_udp(self, udp: _UdpListener) -> None:
+        if udp.closed:
+            return
+        udp.closed = True
+        if self._loop is not None:
+            self._loop.remove_reader(udp.fd)
+        udp.sock.close()
 
     # -- upstream socket ------------------------------------------------------------------------
 
@@ -377,13 +434,10 @@ class DnsServer:
         if isinstance(reply, Drop):
             c["dropped"] += 1
             return
-        transport = proto.transport
-        if transport is None:
-            return
         if isinstance(reply, Forward):
-            self._forward(data, (transport, addr))
+            self._forward(data, (proto, addr))
         else:  # pragma: no cover - the hot path handles bytes
-            proto.sendto(reply, addr)
+            proto.send(reply, addr)
             proto.answered += 1
 
     def _forward(self, query: bytes, client: _Client) -> None:
@@ -417,13 +471,7 @@ class DnsServer:
             self.counters["servfail"] += 1
         client = out.client
         if isinstance(client, tuple):
-            transport, addr = client
-            if transport.is_closing():
-                return
-            try:
-                transport.sendto(data, addr)
-            except (OSError, ValueError):
-                self.counters["send_errors"] += 1
+            client[0].send(data, client[1])
         elif not client.done():
             client.set_result(data)
 

@@ -233,6 +233,7 @@ class Membership:
         self._out: list[tuple[bytes, Addr]] = []
         self._streams: list[tuple[bytes, Addr]] = []
         self._inflight: dict[Addr, float] = {}  # outbound push-pull -> expiry
+        self._joining: set[Addr] = set()  # seeds we sent a join push-pull to
         self._events: deque[MemberEvent] = deque()
         self.stats: dict[str, int] = dict.fromkeys(_STAT_KEYS, 0)
 
@@ -240,7 +241,7 @@ class Membership:
         # Stagger the periodic work so that nodes started together do not tick together.
         self._probe_tick_at = now + rng.random() * config.probe_interval
         self._gossip_at: float | None = None
-        self._push_pull_at = now + config.push_pull_interval * (0.5 + rng.random())
+        self._push_pull_at = now + config.push_pull_interval * rng.random()
         self._reconnect_at = now + config.reconnect_interval * (0.5 + rng.random())
         # Announce ourselves (memberlist's setAlive).
         self._broadcast(self.name, Alive(incarnation, meta, meta_bytes).encode(), now)
@@ -295,6 +296,7 @@ class Membership:
             if addr == self._me.addr:
                 continue
             self._streams.append((payload, addr))
+            self._joining.add(addr)
             expires = now + self.config.stream_timeout
             self._inflight[addr] = expires
             self._push_timer(expires, _T_STREAM, addr)
@@ -406,16 +408,21 @@ class Membership:
 
     def receive_stream_reply(self, data: bytes, addr: Addr, now: float) -> None:
         self._inflight.pop(addr, None)
+        joined = addr in self._joining
+        self._joining.discard(addr)
         try:
             pp = decode_push_pull(data, self.config.max_push_pull_bytes, self._cache())
         except MembershipProtocolError:
             self.stats["push_pulls_bad"] += 1
             return
         self.stats["push_pulls_completed"] += 1
-        self._merge(pp, now)
+        # A joiner learns the whole cluster from this reply; re-gossiping every member to a
+        # cluster that already knows them would be a broadcast storm of N messages per joiner.
+        self._merge(pp, now, quiet_new=joined)
 
     def stream_failed(self, addr: Addr, now: float) -> None:
         self._inflight.pop(addr, None)
+        self._joining.discard(addr)
         self.stats["push_pulls_failed"] += 1
 
     # ------------------------------------------------------------------ internals: timers
@@ -655,7 +662,7 @@ class Membership:
             if acc is not None and (acc.state is ALIVE or acc.state is SUSPECT):
                 self._send([msg], acc.addr)
 
-    def _on_alive(self, a: Alive, now: float) -> None:
+    def _on_alive(self, a: Alive, now: float, quiet: bool = False) -> None:
         name = a.meta.name
         node = self._nodes.get(name)
         if node is self._me:
@@ -683,7 +690,8 @@ class Membership:
             # a whole round before their first probe.
             off = int(self._rng.random() * len(ring))
             ring[off], ring[-1] = ring[-1], ring[off]
-            self._broadcast(name, a.encode(), now)
+            if not quiet:
+                self._broadcast(name, a.encode(), now)
             self._emit(MemberJoined, node)
             return
         if a.incarnation <= node.incarnation:
@@ -784,7 +792,7 @@ class Membership:
             user = self._delegate.local_state(join)
         return encode_push_pull_raw(join, rows, user)
 
-    def _merge(self, pp: PushPull, now: float) -> None:
+    def _merge(self, pp: PushPull, now: float, quiet_new: bool = False) -> None:
         for st in pp.states:
             if st.name == self.name:
                 me = self._me
@@ -800,7 +808,9 @@ class Membership:
             if node is not None and node.state is st.state and node.incarnation == st.incarnation:
                 continue
             if st.state is ALIVE:
-                self._on_alive(Alive(st.incarnation, st.meta, st.meta_bytes), now)
+                self._on_alive(
+                    Alive(st.incarnation, st.meta, st.meta_bytes), now, quiet=quiet_new
+                )
             elif st.state is LEFT:
                 self._on_dead(Dead(st.incarnation, st.name, st.name), now)
             else:
@@ -824,8 +834,13 @@ class Membership:
         return True
 
     def _periodic_push_pull(self, now: float) -> None:
-        self._push_pull_at = now + self.config.push_pull_scaled(self._n_live)
+        # Tick at the base interval and exchange with probability base/scaled: the mean period
+        # follows the cluster size as it changes, with no phase to carry over.
+        cfg = self.config
+        self._push_pull_at = now + cfg.push_pull_interval
         if self._leaving:
+            return
+        if self._rng.random() * cfg.push_pull_scaled(self._n_live) >= cfg.push_pull_interval:
             return
         peers = self._k_random(1, lambda n: n.state is ALIVE)
         if peers:

@@ -190,7 +190,7 @@ class OverlayKernel:
     async def _links(self) -> dict[str, Any]:
         ipr = await self._nl()
         out: dict[str, Any] = {}
-        async for msg in await _call("dump links", ipr.link("dump")):
+        for msg in await dump("dump links", ipr.link("dump")):
             name = msg.get("ifname")
             if name:
                 out[str(name)] = msg
@@ -212,7 +212,7 @@ class OverlayKernel:
             ip = norm_ip(local_ip)
             ipr = await self._nl()
             index = None
-            async for msg in await _call("dump addresses", ipr.addr("dump")):
+            for msg in await dump("dump addresses", ipr.addr("dump")):
                 if msg.get("address") == ip or msg.get("local") == ip:
                     index = msg["index"]
                     break
@@ -384,9 +384,7 @@ class OverlayKernel:
         ipr = await self._nl()
         selfs: dict[str, str] = {}
         masters: set[str] = set()
-        async for msg in await _call(
-            "dump fdb", ipr.neigh("dump", family=AF_BRIDGE, ifindex=vx_index)
-        ):
+        for msg in await dump("dump fdb", ipr.neigh("dump", family=AF_BRIDGE, ifindex=vx_index)):
             if msg.get("ifindex") != vx_index:
                 continue
             mac = msg.get("lladdr")
@@ -476,7 +474,7 @@ class OverlayKernel:
         ipr = await self._nl()
         out: dict[str, str] = {}
         for family in (socket.AF_INET, socket.AF_INET6):
-            async for msg in await _call(
+            for msg in await dump(
                 "dump neighbours", ipr.neigh("dump", family=family, ifindex=vx_index)
             ):
                 if msg.get("ifindex") != vx_index:
@@ -530,6 +528,15 @@ async def open_iproute(netns: str | None) -> Any:
         nsfd.open_socket_in_netns, netns, socket.AF_NETLINK, socket.SOCK_DGRAM, None
     )
     return AsyncIPRoute(fileno=sock.detach())
+
+
+async def dump(what: str, aw: Awaitable[Any]) -> list[Any]:
+    """All messages of a pyroute2 dump (an awaitable giving an async iterator), with netlink
+    errors, whether raised by the request or while reading the answer, as OverlayError."""
+    try:
+        return [msg async for msg in await aw]
+    except NetlinkError as e:
+        raise OverlayError(f"{what}: {e.args[1] if len(e.args) > 1 else e}") from e
 
 
 async def _call(what: str, aw: Awaitable[T]) -> T:

@@ -38,7 +38,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from meshnet.platform import netns as netns_tool
 from meshnet.platform import nsfd
-from meshnet.platform.links import norm_mac, open_iproute
+from meshnet.platform.links import dump, norm_mac, open_iproute
 from meshnet.platform.nsfd import PlatformError
 
 SANDBOX_IFNAME = "eth0"
@@ -239,7 +239,7 @@ async def _ensure_address(ipr: Any, index: int, ip_cidr: str) -> None:
     want = ipaddress.ip_interface(ip_cidr)
     family = socket.AF_INET if want.version == 4 else socket.AF_INET6
     have: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = []
-    async for msg in await ipr.addr("dump", index=index, family=family):
+    for msg in await dump("dump addresses", ipr.addr("dump", index=index, family=family)):
         if msg.get("index") != index:
             continue
         addr = msg.get("address")
