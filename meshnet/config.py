@@ -20,6 +20,7 @@ DEFAULT_SOCKET = "/run/meshnet/meshnet.sock"
 DEFAULT_PORT = 7946
 PROFILES = ("lan", "lan-fast", "wan")
 LOG_FORMATS = ("text", "json")
+DATAPATHS = ("vxlan", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # Node names end up in DNS labels, task names and file names: keep them to one safe DNS label.
@@ -66,6 +67,8 @@ class Config:
     # None: the host's resolvers from /etc/resolv.conf; a list (maybe empty): exactly these.
     dns_upstreams: tuple[tuple[str, int], ...] | None = None
     address_pool: str = "10.10.0.0/16"
+    # "vxlan": build the overlay in the kernel; "none": control plane only (loopback tests).
+    datapath: str = "vxlan"
     membership: dict[str, float | int] = field(default_factory=dict)
 
     def advertise_addr(self) -> tuple[str, int]:
@@ -188,6 +191,8 @@ def _parse_key(cfg: dict[str, Any], key: str, value: object) -> None:
         cfg[key] = _choice(key, value, LOG_FORMATS)
     elif key == "log_level":
         cfg[key] = _choice(key, value, LOG_LEVELS)
+    elif key == "datapath":
+        cfg[key] = _choice(key, value, DATAPATHS)
     elif key == "profile":
         cfg[key] = _choice(key, value, PROFILES)
     elif key == "membership":

@@ -20,7 +20,10 @@ from meshnet import config as configmod
 from meshnet.agent import identity, logs, systemd
 from meshnet.agent.cluster_ops import ClusterOps
 from meshnet.agent.control import ControlServer, Handler, OpError, SendEvent
+from meshnet.agent.dns_server import DnsServer, read_resolv_conf
 from meshnet.agent.gossip import STREAM_KEY_OP, GossipTransport, Sealer, StreamError
+from meshnet.agent.overlay import Overlay
+from meshnet.agent.sandboxes import Sandboxes
 from meshnet.agent.state_service import StateService
 from meshnet.config import Config
 from meshnet.crypto.keyring import Keyring, KeyringError
@@ -87,6 +90,9 @@ class Agent:
         self.membership: Membership | None = None
         self.state: StateService | None = None
         self.ops: ClusterOps | None = None
+        self.dns: DnsServer | None = None
+        self.overlay: Overlay | None = None
+        self.sandboxes: Sandboxes | None = None
         self.gossip: GossipTransport | None = None
         self.control: ControlServer | None = None
         self.background: set[asyncio.Task[Any]] = set()
@@ -156,6 +162,9 @@ class Agent:
         except OSError as e:
             raise StartError(f"bind {self.config.bind[0]}:{self.config.bind[1]}: "
                              f"{e.strerror}") from None
+        await self._start_dns(resolver)
+        if self.config.datapath == "vxlan":
+            await self._start_overlay()
         self.control = ControlServer(self.config.socket, self._handlers())
         try:
             await self.control.start()
@@ -187,8 +196,43 @@ class Agent:
             log.warning("shutdown took too long; exiting anyway")
         return 0
 
+    async def _start_dns(self, resolver: Resolver) -> None:
+        cfg = self.config
+        upstreams = (list(cfg.dns_upstreams) if cfg.dns_upstreams is not None
+                     else read_resolv_conf())
+        self.dns = DnsServer(resolver, upstreams)
+        for addr in cfg.dns_listen:
+            try:
+                await self.dns.add_listener(addr, None)
+            except OSError as e:
+                raise StartError(f"dns_listen {addr[0]}:{addr[1]}: {e.strerror}") from None
+
+    async def _start_overlay(self) -> None:
+        assert self.ops is not None and self.state is not None and self.gossip is not None
+        self.overlay = Overlay(self.ops, self.config.advertise_addr()[0], self._vteps)
+        try:
+            await self.overlay.start()
+        except OSError as e:
+            raise StartError(f"overlay: {e}") from None
+        self.state.listeners.append(self.overlay.kick)
+        self.sandboxes = Sandboxes(self.ops, self.state, self.overlay, self.dns,  # type: ignore[arg-type]
+                                   self.gossip, self._peers)
+        await self.sandboxes.adopt()
+
+    def _vteps(self) -> dict[str, str]:
+        assert self.membership is not None
+        return {m.name: m.addr[0] for m in self.membership.members()
+                if str(m.state.value) in ("alive", "suspect")}
+
+    def _peers(self) -> list[Member]:
+        assert self.membership is not None
+        return [m for m in self.membership.members()
+                if m.name != self.config.name and str(m.state.value) in ("alive", "suspect")]
+
     async def _shutdown(self) -> None:
         log.info("shutting down")
+        if self.sandboxes is not None:  # endpoints are withdrawn before we say `left`
+            await self.sandboxes.close()
         if not self.left:
             await self._leave()
         for task in [*self.background, self.peers_save]:
@@ -198,6 +242,10 @@ class Agent:
             await self.control.close()
         if self.gossip is not None:
             await self.gossip.close()
+        if self.overlay is not None:
+            await self.overlay.close()
+        if self.dns is not None:
+            await self.dns.close()
         if self.state is not None:
             await self.state.close()
         if self.membership is not None:
@@ -290,6 +338,8 @@ class Agent:
         self._schedule_peers_save()
         if self.state is not None and self.membership is not None:
             self.state.on_member_event(event, self.membership.num_alive())
+        if self.overlay is not None:
+            self.overlay.kick()
         member = getattr(event, "member", None)
         name = type(event).__name__
         if member is not None:
@@ -300,8 +350,12 @@ class Agent:
 
     def _handlers(self) -> dict[str, Handler]:
         assert self.ops is not None
+        extra: dict[str, Handler] = {}
+        if self.sandboxes is not None:
+            extra["run"] = self.sandboxes.op_run
         return {
             **self.ops.handlers(),
+            **extra,
             "status": self._op_status,
             "members": self._op_members,
             "join": self._op_join,
@@ -330,8 +384,12 @@ class Agent:
             "profile": self.config.profile,
             "encryption": "none (INSECURE)" if self.keyring is None else "aes-256-gcm",
             "members": self._member_counts(),
-            "datapath": {"overlay": "none", "encrypted": "none"},
+            "datapath": {"overlay": self.overlay.status() if self.overlay else "none",
+                         "encrypted": "none (not available yet)"},
             "gossip": {**self.membership.stats, **self.gossip.counters},
+            "store": {"entries": sum(1 for _ in self.state.store.entries()),
+                      **self.state.counters} if self.state else {},
+            "dns": self.dns.stats() if self.dns else {},
         }
 
     async def _op_members(self, args: dict[str, Any], send: SendEvent) -> Any:

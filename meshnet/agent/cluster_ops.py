@@ -69,7 +69,7 @@ class ClusterOps:
         records = [
             TaskRecord(service=ep.service or "", slot=ep.slot, task=ep.name, network=ep.network,
                        ip=ep.ip)
-            for ep in self.store.endpoints()
+            for ep in self.store.endpoints() if not ep.extra.get("pending")
         ]
         self.dns_version += 1
         self.resolver.set_records(records, self.dns_version, networks=self.store.networks())
@@ -111,7 +111,8 @@ class ClusterOps:
     async def network_inspect(self, args: dict[str, Any], send: SendEvent) -> Any:
         net = self._network(args)
         doc = self.network_json(net, self.vnis())
-        doc["endpoints"] = [endpoint_json(ep) for ep in self.store.endpoints(net.name)]
+        doc["endpoints"] = [endpoint_json(ep) for ep in self.store.endpoints(net.name)
+                            if not ep.extra.get("pending")]
         return doc
 
     async def network_rm(self, args: dict[str, Any], send: SendEvent) -> Any:

@@ -27,6 +27,7 @@ SEAL_STREAM = KIND_STREAM
 STREAM_PUSH_PULL = 1
 STREAM_KEY_OP = 2
 STREAM_STATE = 3
+STREAM_IPAM = 4
 
 # memberlist caps a remote state at 20 MiB; a sealed frame adds a little on top.
 MAX_STREAM_BYTES = 24 << 20

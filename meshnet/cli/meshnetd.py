@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dns-upstream", metavar="IP:PORT", action="append",
                    help="forward other names here instead of /etc/resolv.conf's resolvers "
                         "(repeatable; 'none' disables forwarding)")
+    p.add_argument("--datapath", choices=configmod.DATAPATHS,
+                   help="vxlan (default) or none: control plane only, no kernel devices")
     p.add_argument("--dns-ttl", type=int, metavar="SECONDS")
     p.add_argument("--profile", choices=configmod.PROFILES, help="membership timings")
     p.add_argument("--log-format", choices=configmod.LOG_FORMATS)
@@ -45,7 +47,8 @@ def flag_overrides(ns: argparse.Namespace) -> dict[str, Any]:
     """Flags in the same raw shape as the TOML file, so one validator checks both."""
     out: dict[str, Any] = {}
     for key in ("name", "bind", "advertise", "state_dir", "socket", "cluster_key_file",
-                "profile", "log_format", "log_level", "insecure_no_encryption", "dns_ttl"):
+                "profile", "log_format", "log_level", "insecure_no_encryption", "dns_ttl",
+                "datapath"):
         value = getattr(ns, key)
         if value is not None:
             out[key] = value

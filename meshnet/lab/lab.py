@@ -365,7 +365,8 @@ class Lab:
                 args += ["--join", ",".join(join)]
             if profile:
                 args += ["--profile", profile]
-            args += ["--log-format", "json"]
+            # Lab hosts never forward DNS outside the lab: no upstream resolvers at all.
+            args += ["--log-format", "json", "--dns-upstream", "none"]
             m["hosts"][h] = {
                 "namespace": self.host_ns(h),
                 "underlay_ip": ip,

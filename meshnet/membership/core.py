@@ -761,10 +761,12 @@ class Membership:
             return
         if d.incarnation == node.incarnation and STATE_RANK[new] <= STATE_RANK[node.state]:
             return
+        old = node.state
         node.incarnation = d.incarnation
         self._set_state(node, new, now)
         self._broadcast(node.name, d.encode(), now)
-        self._emit(MemberLeft if new is LEFT else MemberDead, node)
+        if old is not new:
+            self._emit(MemberLeft if new is LEFT else MemberDead, node)
 
     def _reap(self, node: _Node, now: float) -> None:
         del self._nodes[node.name]

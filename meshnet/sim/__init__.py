@@ -19,7 +19,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from meshnet.membership import Membership, MembershipConfig, MemberEvent, MemberState, NodeMeta
+from meshnet.membership import MemberEvent, Membership, MembershipConfig, MemberState, NodeMeta
 from meshnet.wire import ENCRYPTION_OVERHEAD
 
 Addr = tuple[str, int]

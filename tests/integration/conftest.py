@@ -67,6 +67,7 @@ class AgentProc:
     def args(self, join: list[str] | None = None) -> list[str]:
         a = [MESHNETD, "--name", self.name, "--bind", self.addr, "--state-dir",
              str(self.state_dir), "--socket", self.socket, "--profile", "lan-fast",
+             "--datapath", "none", "--dns-upstream", "none",
              "--log-format", "json", "--log-level", "debug"]
         a += ["--cluster-key-file", str(self.key_file)] if self.key_file else [
             "--insecure-no-encryption"]

@@ -209,6 +209,20 @@ async def test_dead_upstream_gives_servfail(make_server: Callable[..., Any]) -> 
     assert stats["in_flight"] == 0
 
 
+async def test_dead_first_upstream_fails_over_to_the_next(
+    make_server: Callable[..., Any], stub: tuple[Stub, tuple[str, int]]
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((STUB_IP, 0))
+        dead = s.getsockname()[:2]
+    server, host, _ = await make_server([dead, stub[1]], timeout=0.4)
+    r = await udp(host, "example.org.")
+    assert addrs(r) == ["192.0.2.7"]
+    stats = server.stats()
+    assert stats["upstream_retries"] == 1
+    assert stats["in_flight"] == 0
+
+
 async def test_no_upstreams_gives_servfail_at_once(make_server: Callable[..., Any]) -> None:
     server, host, _ = await make_server([])
     assert (await udp(host, "example.org.")).rcode() == dns.rcode.SERVFAIL

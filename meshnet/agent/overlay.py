@@ -1,0 +1,109 @@
+"""The plain overlay's reconcile loop: desired state from the store, actual from netlink.
+
+Per plain network, on every host: a bridge and a kernel VXLAN device (port 4789, learning off,
+ARP proxy on, MTU = underlay - 50). Per remote endpoint: a static FDB entry (MAC -> the owner's
+VTEP) and a permanent neighbour entry (IP -> MAC), so nothing floods and nothing is learned.
+Level-triggered: every pass reads the kernel and applies the difference, so a device or entry
+deleted by hand is back within one period, and a restart adopts what the last run left.
+
+Encrypted networks get no VXLAN device here: until the encrypted datapath exists they carry
+no traffic at all, and never fall back to cleartext.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from meshnet.agent.cluster_ops import ClusterOps
+from meshnet.platform.links import NetDevices, OverlayKernel
+from meshnet.platform.nsfd import PlatformError
+
+log = logging.getLogger("meshnet.overlay")
+
+# How often the loop re-reads the kernel even when nothing changed (repairs manual damage).
+RECONCILE_PERIOD_S = 2.0
+
+
+class Overlay:
+    def __init__(self, ops: ClusterOps, local_ip: str,
+                 vteps: Callable[[], dict[str, str]], period: float = RECONCILE_PERIOD_S) -> None:
+        self.ops = ops
+        self.store = ops.store
+        self.local_ip = local_ip
+        self.vteps = vteps  # live member name -> underlay IP
+        self.period = period
+        self.kernel = OverlayKernel()
+        self.mtu = 1450
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.devices: dict[int, NetDevices] = {}
+        self.counters = {"passes": 0, "errors": 0}
+
+    async def start(self) -> None:
+        await self.kernel.open()
+        try:
+            self.mtu = await self.kernel.overlay_mtu(self.local_ip)
+        except PlatformError as e:
+            log.warning("cannot find the underlay MTU (%s); assuming 1500", e)
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        self.kernel.close()
+
+    def kick(self) -> None:
+        self.wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            self.wake.clear()
+            try:
+                await self.reconcile()
+            except (PlatformError, OSError) as e:
+                self.counters["errors"] += 1
+                log.warning("overlay reconcile failed: %s", e)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.period)
+
+    def desired_vnis(self) -> dict[str, int]:
+        vnis = self.ops.vnis()
+        return {name: vnis[name] for name, net in self.store.networks().items()
+                if not net.encrypted and name in vnis}
+
+    async def ensure(self, network: str) -> NetDevices:
+        """Make sure NETWORK's devices exist now (a sandbox is about to be plugged in)."""
+        vni = self.desired_vnis().get(network)
+        if vni is None:
+            raise PlatformError(f"network {network} has no plain datapath")
+        dev = await self.kernel.ensure_network(vni, self.local_ip, self.mtu)
+        self.devices[vni] = dev
+        return dev
+
+    async def reconcile(self) -> None:
+        self.counters["passes"] += 1
+        desired = self.desired_vnis()
+        actual = await self.kernel.list_networks()
+        for vni in set(actual) - set(desired.values()):
+            await self.kernel.remove_network(vni)
+            self.devices.pop(vni, None)
+        vteps = self.vteps()
+        me = self.ops.node
+        for name, vni in sorted(desired.items()):
+            self.devices[vni] = await self.kernel.ensure_network(vni, self.local_ip, self.mtu)
+            fdb: dict[str, str] = {}
+            neigh: dict[str, str] = {}
+            for ep in self.store.endpoints(name):
+                if ep.node == me or ep.extra.get("pending") or ep.node not in vteps:
+                    continue
+                fdb[ep.mac] = vteps[ep.node]
+                neigh[ep.ip] = ep.mac
+            await self.kernel.sync_fdb(vni, fdb)
+            await self.kernel.sync_neighbors(vni, neigh)
+
+    def status(self) -> dict[str, object]:
+        return {"kind": "vxlan", "mtu": self.mtu, "local_ip": self.local_ip,
+                "networks": len(self.devices), **self.counters}

@@ -1,0 +1,304 @@
+"""Sandboxes (what a task or a `meshctl run` lives in) and the IPAM that addresses them.
+
+A sandbox is a network namespace with a veth on the network's bridge, an address from IPAM,
+a default route, a resolv.conf pointing at 127.0.0.11, and our DNS listener opened inside it.
+Its endpoint is published (pending cleared) only once the address is confirmed and the
+sandbox is wired, and withdrawn before the sandbox is torn down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from meshnet.agent.cluster_ops import ClusterOps
+from meshnet.agent.control import OpError, SendEvent
+from meshnet.agent.dns_server import DnsServer, Listener
+from meshnet.agent.gossip import STREAM_IPAM, GossipTransport, StreamError
+from meshnet.agent.overlay import Overlay
+from meshnet.agent.state_service import StateService
+from meshnet.crypto.keyring import KeyringError
+from meshnet.membership import Addr, Member
+from meshnet.platform import nsfd
+from meshnet.platform.sandbox import (
+    create_sandbox,
+    delete_sandbox,
+    list_sandboxes,
+    sandbox_command,
+)
+from meshnet.state import Entry, StateProtocolError
+from meshnet.state.codec import decode_delta, encode_delta
+from meshnet.state.ipam import IpamExhausted, beaten_by, pick_address
+from meshnet.state.networks import NetworkError, check_name, mac_for_ip
+from meshnet.state.tables import ENDPOINTS, Endpoint, endpoint_key
+
+log = logging.getLogger("meshnet.sandbox")
+
+# Each lost claim means someone else took the address at the same moment; with hash-spread
+# picks a handful of rounds settles even 200 simultaneous allocations on one /24.
+MAX_CLAIM_ROUNDS = 32
+# Competing claims a member reports back; more than a few for one address cannot happen.
+MAX_COMPETITORS = 16
+CONFIRM_CONCURRENCY = 32
+# `meshctl run` output is streamed in chunks of at most this much.
+OUTPUT_CHUNK = 64 * 1024
+STOP_GRACE_S = 5.0
+
+
+@dataclass
+class SandboxHandle:
+    name: str
+    network: str
+    ns: str
+    ip: str
+    key: str
+    listener: Listener | None = None
+
+
+class Sandboxes:
+    def __init__(self, ops: ClusterOps, state: StateService, overlay: Overlay,
+                 dns: DnsServer, gossip: GossipTransport,
+                 peers: Any) -> None:
+        self.ops = ops
+        self.state = state
+        self.store = state.store
+        self.overlay = overlay
+        self.dns = dns
+        self.gossip = gossip
+        self.peers = peers  # () -> list[Member]: alive members other than us
+        self.node = ops.node
+        self.live: dict[str, SandboxHandle] = {}
+        gossip.stream_handlers[STREAM_IPAM] = self._serve_claim
+        self.counters = {"claims": 0, "claims_lost": 0, "confirm_unreachable": 0}
+
+    def ns_prefix(self) -> str:
+        return f"mns-{self.node}-"
+
+    # --- start-up: clean what a previous run of this agent left ----------------------------
+
+    async def adopt(self) -> None:
+        """One-off sandboxes cannot outlive their agent (their client is gone): remove them and
+        their endpoints."""
+        for ns in list_sandboxes(self.ns_prefix()):
+            await _kill_namespace_processes(ns)
+            with contextlib.suppress(Exception):
+                await delete_sandbox(ns)
+            log.info("removed sandbox %s left by a previous run", ns)
+        for entry in self.store.owned_by(self.node):
+            data = entry.data() or {}
+            if entry.table == ENDPOINTS and data.get("sandbox"):
+                self.store.delete(ENDPOINTS, entry.key, time.time())
+        self.state.changed()
+
+    # --- IPAM -------------------------------------------------------------------------------
+
+    def _competitors(self, network: str, ip: str, key: str) -> list[Entry]:
+        out = []
+        for e in self.store.entries():
+            if e.table != ENDPOINTS or e.tombstone or e.key == key:
+                continue
+            d = e.data() or {}
+            if d.get("network") == network and d.get("ip") == ip:
+                out.append(e)
+        return out
+
+    def _taken(self, network: str, key: str) -> set[str]:
+        taken = set()
+        for e in self.store.entries():
+            if e.table == ENDPOINTS and not e.tombstone and e.key != key:
+                d = e.data() or {}
+                if d.get("network") == network and isinstance(d.get("ip"), str):
+                    taken.add(str(d["ip"]))
+        return taken
+
+    async def _serve_claim(self, body: bytes, addr: Addr) -> bytes | None:
+        """A peer's claim: take it into our store, answer with every competing claim we hold."""
+        try:
+            self.store.apply_delta(body, time.time())
+        except StateProtocolError:
+            return None
+        self.state.changed()
+        claim = decode_delta(body).entry
+        data = claim.data() or {}
+        rivals = self._competitors(str(data.get("network")), str(data.get("ip")), claim.key)
+        return bytes(msgpack.packb([encode_delta(e) for e in rivals[:MAX_COMPETITORS]]))
+
+    async def _confirm(self, claim: Entry) -> list[Entry]:
+        """Send the claim to every alive member; gather the competing claims they hold."""
+        body = encode_delta(claim)
+        sem = asyncio.Semaphore(CONFIRM_CONCURRENCY)
+
+        async def ask(m: Member) -> list[Entry]:
+            async with sem:
+                for _ in range(2):
+                    try:
+                        raw = await self.gossip.request(m.addr, STREAM_IPAM, body)
+                        out = []
+                        for item in msgpack.unpackb(raw, raw=False, max_array_len=MAX_COMPETITORS,
+                                                    max_bin_len=65536)[:MAX_COMPETITORS]:
+                            if self.store.apply_delta(item, time.time()):
+                                self.state.changed()
+                            out.append(decode_delta(item).entry)
+                        return out
+                    except (OSError, TimeoutError, asyncio.IncompleteReadError, StreamError,
+                            KeyringError, ValueError, TypeError, StateProtocolError,
+                            msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+                        await asyncio.sleep(0.1)
+                # An alive member we cannot reach is about to be declared dead; its claims,
+                # if any, lose their owner's liveness with it.
+                self.counters["confirm_unreachable"] += 1
+                return []
+
+        results = await asyncio.gather(*(ask(m) for m in self.peers()))
+        return [e for r in results for e in r]
+
+    async def allocate(self, network: str, name: str, extra: dict[str, Any]) -> Endpoint:
+        """Claim an address, confirm it with every member, re-pick on loss; returns the
+        (still pending) endpoint."""
+        net = self.store.networks()[network]
+        subnet = ipaddress.IPv4Network(net.subnet)
+        key = endpoint_key(network, name)
+        for attempt in range(MAX_CLAIM_ROUNDS):
+            try:
+                ip = pick_address(net.subnet, self._taken(network, key),
+                                  f"{self.node}/{name}/{attempt}")
+            except IpamExhausted as e:
+                raise OpError(str(e)) from None
+            ep = Endpoint(name=name, network=network, ip=ip, mac=mac_for_ip(ip), node=self.node,
+                          service=extra.get("service"), slot=extra.get("slot"),
+                          extra={"pending": True, "sandbox": extra.get("sandbox", ""),
+                                 "prefixlen": subnet.prefixlen})
+            claim = self.store.put(ENDPOINTS, key, ep.to_value(), time.time())
+            self.state.changed()
+            self.counters["claims"] += 1
+            rivals = await self._confirm(claim) + self._competitors(network, ip, key)
+            mine = self.store.entry(ENDPOINTS, key)
+            if mine is None or mine.writer != self.node:
+                raise OpError(f"endpoint {name} on {network} was taken over concurrently")
+            if beaten_by(mine, rivals) is None:
+                return ep
+            self.counters["claims_lost"] += 1
+        raise OpError(f"could not settle an address on {network} after {MAX_CLAIM_ROUNDS} "
+                      "rounds of contention")
+
+    # --- sandboxes --------------------------------------------------------------------------
+
+    async def create(self, network: str, name: str | None, service: str | None = None,
+                     slot: int | None = None) -> SandboxHandle:
+        net = self.store.networks().get(network)
+        if net is None:
+            raise OpError(f"network {network} not found")
+        if net.encrypted:
+            raise OpError(f"network {network} is encrypted and the encrypted datapath is not "
+                          "available yet; it carries no traffic (never cleartext)")
+        try:
+            name = check_name("sandbox", name) if name else f"run-{secrets.token_hex(3)}"
+        except NetworkError as e:
+            raise OpError(str(e)) from None
+        key = endpoint_key(network, name)
+        if self.store.get(ENDPOINTS, key) is not None or key in {h.key for h in self.live.values()}:
+            raise OpError(f"name {name} is already in use on {network}")
+        ns = f"{self.ns_prefix()}{name}"[:64]
+        dev = await self.overlay.ensure(network)
+        ep = await self.allocate(network, name, {"service": service, "slot": slot, "sandbox": ns})
+        handle = SandboxHandle(name=name, network=network, ns=ns, ip=ep.ip, key=key)
+        self.live[ns] = handle
+        try:
+            prefix = ipaddress.IPv4Network(net.subnet).prefixlen
+            await create_sandbox(ns, dev.bridge, f"{ep.ip}/{prefix}", ep.mac, self.overlay.mtu)
+            udp, tcp = await asyncio.gather(
+                asyncio.to_thread(nsfd.open_socket_in_netns, ns, socket.AF_INET,
+                                  socket.SOCK_DGRAM, ("127.0.0.11", 53)),
+                asyncio.to_thread(nsfd.open_socket_in_netns, ns, socket.AF_INET,
+                                  socket.SOCK_STREAM, ("127.0.0.11", 53), reuse_addr=True))
+            handle.listener = await self.dns.add_listener(("127.0.0.11", 53),
+                                                          frozenset({network}), udp, tcp)
+            value = dict(ep.to_value())
+            value.pop("pending", None)
+            await self.state.put(ENDPOINTS, key, value)  # published: DNS and peers' FDB
+        except BaseException:
+            await self.remove(handle)
+            raise
+        return handle
+
+    async def remove(self, handle: SandboxHandle) -> None:
+        """Withdraw the endpoint first (so no one resolves a dying address), then tear down."""
+        self.live.pop(handle.ns, None)
+        with contextlib.suppress(Exception):
+            await self.state.delete(ENDPOINTS, handle.key)
+        if handle.listener is not None:
+            with contextlib.suppress(Exception):
+                await self.dns.remove_listener(handle.listener)
+        await _kill_namespace_processes(handle.ns)
+        with contextlib.suppress(Exception):
+            await delete_sandbox(handle.ns)
+
+    async def close(self) -> None:
+        for handle in list(self.live.values()):
+            await self.remove(handle)
+
+    # --- meshctl run ------------------------------------------------------------------------
+
+    async def op_run(self, args: dict[str, Any], send: SendEvent) -> Any:
+        command = args.get("command")
+        if not isinstance(command, list) or not command or \
+                not all(isinstance(c, str) for c in command):
+            raise OpError("run needs a command")
+        handle = await self.create(str(args.get("network")), args.get("name") or None)
+        proc: asyncio.subprocess.Process | None = None
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *sandbox_command(handle.ns, command), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True)
+            assert proc.stdout is not None and proc.stderr is not None
+            await asyncio.gather(_pump(proc.stdout, "stdout", send),
+                                 _pump(proc.stderr, "stderr", send))
+            code = await proc.wait()
+        except FileNotFoundError as e:
+            raise OpError(f"cannot start {command[0]}: {e}") from None
+        finally:
+            if proc is not None and proc.returncode is None:
+                await _stop(proc)
+            await self.remove(handle)
+        return {"name": handle.name, "ip": handle.ip, "network": handle.network,
+                "exit_code": code if code >= 0 else 128 - code}
+
+
+async def _pump(stream: asyncio.StreamReader, name: str, send: SendEvent) -> None:
+    while chunk := await stream.read(OUTPUT_CHUNK):
+        await send({"stream": name, "data": chunk})
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM the process group, SIGKILL after a grace period."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
+async def _kill_namespace_processes(ns: str) -> None:
+    """Anything still running inside a sandbox dies with it."""
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "netns", "pids", ns, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await proc.communicate()
+    for pid in out.split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)

@@ -1,0 +1,224 @@
+"""Probing: ping/ack, ping-req through k helpers, nacks, awareness, buddy system, round robin."""
+
+from __future__ import annotations
+
+import random
+
+from meshnet.membership import Membership, MembershipConfig, MemberState, NodeMeta
+from meshnet.membership.messages import (
+    Ack,
+    Alive,
+    IndirectPing,
+    Message,
+    Nack,
+    Ping,
+    Suspect,
+    decode_packet,
+)
+
+CFG = MembershipConfig.lan()  # probe 1 s, timeout 0.5 s, 3 indirect checks
+
+
+def addr(i: int) -> tuple[str, int]:
+    return (f"10.0.0.{i}", 7946)
+
+
+def node(i: int, peers: int = 0, now: float = 0.0, seed: int = 1) -> Membership:
+    m = Membership(CFG, NodeMeta(f"n{i}", addr(i)), random.Random(seed), now)
+    for j in range(1, peers + 1):
+        if j != i:
+            meta = NodeMeta(f"n{j}", addr(j))
+            m.receive_datagram(Alive(0, meta, meta.encode()).encode(), addr(j), now)
+    while m.next_event():
+        pass
+    return m
+
+
+def sent(m: Membership, now: float) -> list[tuple[list[Message], tuple[str, int]]]:
+    return [(decode_packet(d), a) for d, a in m.datagrams_to_send(now)]
+
+
+def first(msgs: list[Message], cls: type) -> Message | None:
+    return next((x for x in msgs if isinstance(x, cls)), None)
+
+
+def start_probe(m: Membership) -> tuple[Ping, tuple[str, int], list[Message], float]:
+    """Run timers until a ping goes out; return it, its destination, the packet, the time."""
+    m.datagrams_to_send(0.0)
+    for _ in range(50):
+        t = m.get_timer()
+        assert t is not None
+        m.handle_timer(t)
+        for msgs, a in sent(m, t):
+            p = first(msgs, Ping)
+            if p is not None:
+                return p, a, msgs, t  # type: ignore[return-value]
+    raise AssertionError("no probe sent")
+
+
+def test_ping_ack_success_no_suspicion() -> None:
+    m = node(1, peers=5)
+    ping, dst, _, t0 = start_probe(m)
+    assert ping.source == "n1" and ping.target == f"n{dst[0].rsplit('.', 1)[1]}"
+    m.receive_datagram(Ack(ping.seq).encode(), dst, t0 + 0.01)
+    # Past the timeout and the interval: no ping-req, no suspicion.
+    m.handle_timer(t0 + 0.6)
+    m.handle_timer(t0 + 1.0)
+    assert all(first(msgs, IndirectPing) is None for msgs, _ in sent(m, t0 + 1.0))
+    assert all(mb.state is MemberState.ALIVE for mb in m.members())
+    assert m.stats["probe_failures"] == 0
+
+
+def test_failed_probe_uses_k_helpers_then_suspects_and_tells_the_suspect() -> None:
+    m = node(1, peers=6)
+    ping, dst, _, t0 = start_probe(m)
+    m.handle_timer(t0 + CFG.probe_timeout)
+    out = sent(m, t0 + CFG.probe_timeout)
+    reqs = [(first(msgs, IndirectPing), a) for msgs, a in out]
+    reqs = [(r, a) for r, a in reqs if r is not None]
+    assert len(reqs) == CFG.indirect_checks
+    assert len({a for _, a in reqs}) == CFG.indirect_checks and dst not in {a for _, a in reqs}
+    for r, _ in reqs:
+        assert isinstance(r, IndirectPing)
+        assert r.seq == ping.seq and r.target == ping.target and r.addr == dst and r.nack
+    # Two of three helpers nack: one nack missing -> awareness +1.
+    m.receive_datagram(Nack(ping.seq).encode(), reqs[0][1], t0 + 0.8)
+    m.receive_datagram(Nack(ping.seq).encode(), reqs[1][1], t0 + 0.8)
+    m.handle_timer(t0 + CFG.probe_interval)
+    target = m.member(ping.target)
+    assert target is not None and target.state is MemberState.SUSPECT
+    assert m.health_score == 1
+    out = sent(m, t0 + CFG.probe_interval)
+    told = [msgs for msgs, a in out if a == dst and first(msgs, Suspect) is not None]
+    assert told, "the suspect is told of its suspicion at once"
+
+
+def test_failed_probe_with_all_nacks_does_not_hurt_health() -> None:
+    m = node(1, peers=6)
+    ping, _, _, t0 = start_probe(m)
+    m.handle_timer(t0 + CFG.probe_timeout)
+    helpers = [a for msgs, a in sent(m, t0 + 0.5) if first(msgs, IndirectPing)]
+    for a in helpers:
+        m.receive_datagram(Nack(ping.seq).encode(), a, t0 + 0.7)
+    m.handle_timer(t0 + 1.0)
+    assert m.health_score == 0
+    assert m.member(ping.target).state is MemberState.SUSPECT  # type: ignore[union-attr]
+
+
+def test_indirect_ack_counts_as_success() -> None:
+    m = node(1, peers=6)
+    ping, _, _, t0 = start_probe(m)
+    m.handle_timer(t0 + 0.5)
+    helper = next(a for msgs, a in sent(m, t0 + 0.5) if first(msgs, IndirectPing))
+    m.receive_datagram(Ack(ping.seq).encode(), helper, t0 + 0.7)
+    m.handle_timer(t0 + 1.0)
+    assert m.member(ping.target).state is MemberState.ALIVE  # type: ignore[union-attr]
+
+
+def test_probe_without_helpers_penalizes_health() -> None:
+    m = node(1, peers=2)  # only n2: nobody to ask
+    ping, _, _, t0 = start_probe(m)
+    m.handle_timer(t0 + 0.5)
+    m.handle_timer(t0 + 1.0)
+    assert m.health_score == 1
+
+
+def test_awareness_stretches_probe_interval_and_timeout() -> None:
+    m = node(1, peers=2)
+    _, _, _, t0 = start_probe(m)
+    # No ack: each failed probe adds one (no helpers); the probe period grows.
+    for _ in range(3):
+        t = m.get_timer()
+        assert t is not None
+        m.handle_timer(t)
+        m.datagrams_to_send(t)
+    assert m.health_score >= 2
+    ping, _, _, t1 = start_probe(m)
+    score = m.health_score
+    assert m.get_timer() == t1 + CFG.probe_timeout * (score + 1)
+
+
+def test_helper_pings_target_forwards_ack() -> None:
+    h = node(2, peers=4)
+    h.receive_datagram(IndirectPing(77, "n3", addr(3), True).encode(), addr(1), 1.0)
+    [(msgs, a)] = sent(h, 1.0)
+    p = first(msgs, Ping)
+    assert a == addr(3) and isinstance(p, Ping) and p.target == "n3" and p.source == "n2"
+    h.receive_datagram(Ack(p.seq).encode(), addr(3), 1.1)
+    [(msgs, a)] = sent(h, 1.1)
+    ack = first(msgs, Ack)
+    assert a == addr(1) and isinstance(ack, Ack) and ack.seq == 77
+    assert first(msgs, Nack) is None
+
+
+def test_helper_sends_nack_when_target_silent() -> None:
+    h = node(2, peers=4)
+    h.receive_datagram(IndirectPing(78, "n3", addr(3), True).encode(), addr(1), 1.0)
+    sent(h, 1.0)
+    assert h.get_timer() <= 1.0 + CFG.probe_timeout  # type: ignore[operator]
+    h.handle_timer(1.0 + CFG.probe_timeout)
+    [(msgs, a)] = sent(h, 1.5)
+    nack = first(msgs, Nack)
+    assert a == addr(1) and isinstance(nack, Nack) and nack.seq == 78
+
+
+def test_ping_for_someone_else_is_dropped() -> None:
+    m = node(1)
+    m.receive_datagram(Ping(5, "n9", "n2").encode(), addr(2), 0.0)
+    assert sent(m, 0.0) == [] and m.stats["misdirected_pings"] == 1
+
+
+def test_ack_reply_to_ping() -> None:
+    m = node(1)
+    m.receive_datagram(Ping(5, "n1", "n2").encode(), addr(2), 0.0)
+    [(msgs, a)] = sent(m, 0.0)
+    assert a == addr(2) and msgs[0] == Ack(5)
+
+
+def test_buddy_system_suspect_message_rides_first_with_the_ping() -> None:
+    m = node(1, peers=2)  # only n2 to probe
+    m.receive_datagram(Suspect(0, "n2", "n3").encode(), addr(3), 0.0)
+    ping, dst, msgs, _ = start_probe(m)
+    assert dst == addr(2)
+    assert isinstance(msgs[0], Suspect) and msgs[0].node == "n2"
+    assert msgs.index(ping) > 0
+
+
+def test_suspect_refutes_and_acks_with_refutation() -> None:
+    """The buddy packet makes the suspect refute; its ack carries the new alive."""
+    s = node(2, peers=3)
+    pkt_parts = [Suspect(0, "n2", "n1").encode(), Ping(9, "n2", "n1").encode()]
+    from meshnet.membership.messages import make_compound
+
+    s.receive_datagram(make_compound(pkt_parts), addr(1), 1.0)
+    assert s.local().incarnation == 1
+    [(msgs, a)] = sent(s, 1.0)
+    assert a == addr(1) and msgs[0] == Ack(9)
+    refute = first(msgs, Alive)
+    assert isinstance(refute, Alive) and refute.node == "n2" and refute.incarnation == 1
+
+
+def test_randomized_round_robin_probes_each_member_once_per_round() -> None:
+    n = 12
+    m = node(1, peers=n)
+    targets = []
+    t = 0.0
+    for _ in range(3 * (n - 1)):
+        ping, dst, _, t = start_probe(m)
+        targets.append(ping.target)
+        m.receive_datagram(Ack(ping.seq).encode(), dst, t + 0.01)
+    rounds = [targets[i : i + n - 1] for i in range(0, len(targets), n - 1)]
+    for r in rounds:
+        assert sorted(r) == sorted(f"n{j}" for j in range(2, n + 1))
+    assert rounds[0] != rounds[1] or rounds[1] != rounds[2]  # shuffled each round
+
+
+def test_new_member_inserted_at_random_position() -> None:
+    positions = set()
+    for seed in range(20):
+        m = node(1, peers=10, seed=seed)
+        meta = NodeMeta("new", addr(99))
+        m.receive_datagram(Alive(0, meta, meta.encode()).encode(), addr(99), 0.0)
+        ring = [x.name for x in m._ring]  # noqa: SLF001
+        positions.add(ring.index("new"))
+    assert len(positions) > 3
