@@ -244,7 +244,13 @@ class Listener:
 
 
 class DnsServer:
-    """Serves :class:`Resolver` answers on any number of listeners, forwarding the rest."""
+    """Serves :class:`Resolver` answers on any number of listeners, forwarding the rest.
+
+    ``upstreams`` are ``(ip, port)`` pairs (see :func:`read_resolv_conf`); [] answers every
+    forwarded name SERVFAIL at once. ``timeout`` and ``max_in_flight`` go to the
+    :class:`UpstreamPool`. The resolver is shared: the agent calls ``resolver.set_records`` on
+    every store change and the next query sees it.
+    """
 
     def __init__(
         self,
@@ -354,7 +360,8 @@ class DnsServer:
             await asyncio.wait_for(listener.tcp.wait_closed(), 1.0)
 
     async def close(self) -> None:
-        """Remove every listener, fail forwarded TCP queries, close the upstream socket."""
+        """Remove every listener (ending TCP sessions, forwarded queries and all), stop the
+        timer and close the upstream socket(s). Replies still due to UDP clients are dropped."""
         self._closed = True
         for listener in list(self.listeners):
             await self.remove_listener(listener)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from meshnet.agent.cluster_ops import ClusterOps
 from meshnet.platform.links import NetDevices, OverlayKernel
+from meshnet.platform.loopthread import LoopThread
 from meshnet.platform.nsfd import PlatformError
 
 log = logging.getLogger("meshnet.overlay")
@@ -36,6 +37,7 @@ class Overlay:
         self.vteps = vteps  # live member name -> underlay IP
         self.period = period
         self.kernel = OverlayKernel()
+        self.nl = LoopThread()  # pyroute2's netlink sockets cannot live on uvloop
         self.mtu = 1450
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -43,9 +45,9 @@ class Overlay:
         self.counters = {"passes": 0, "errors": 0}
 
     async def start(self) -> None:
-        await self.kernel.open()
+        await self.nl.run(self.kernel.open())
         try:
-            self.mtu = await self.kernel.overlay_mtu(self.local_ip)
+            self.mtu = await self.nl.run(self.kernel.overlay_mtu(self.local_ip))
         except PlatformError as e:
             log.warning("cannot find the underlay MTU (%s); assuming 1500", e)
         self.task = asyncio.get_running_loop().create_task(self._loop())
@@ -53,7 +55,8 @@ class Overlay:
     async def close(self) -> None:
         if self.task is not None:
             self.task.cancel()
-        self.kernel.close()
+        self.nl.loop.call_soon_threadsafe(self.kernel.close)
+        self.nl.stop()
 
     def kick(self) -> None:
         self.wake.set()
@@ -79,21 +82,22 @@ class Overlay:
         vni = self.desired_vnis().get(network)
         if vni is None:
             raise PlatformError(f"network {network} has no plain datapath")
-        dev = await self.kernel.ensure_network(vni, self.local_ip, self.mtu)
+        dev = await self.nl.run(self.kernel.ensure_network(vni, self.local_ip, self.mtu))
         self.devices[vni] = dev
         return dev
 
     async def reconcile(self) -> None:
         self.counters["passes"] += 1
         desired = self.desired_vnis()
-        actual = await self.kernel.list_networks()
+        actual = await self.nl.run(self.kernel.list_networks())
         for vni in set(actual) - set(desired.values()):
-            await self.kernel.remove_network(vni)
+            await self.nl.run(self.kernel.remove_network(vni))
             self.devices.pop(vni, None)
         vteps = self.vteps()
         me = self.ops.node
         for name, vni in sorted(desired.items()):
-            self.devices[vni] = await self.kernel.ensure_network(vni, self.local_ip, self.mtu)
+            self.devices[vni] = await self.nl.run(
+                self.kernel.ensure_network(vni, self.local_ip, self.mtu))
             fdb: dict[str, str] = {}
             neigh: dict[str, str] = {}
             for ep in self.store.endpoints(name):
@@ -101,8 +105,8 @@ class Overlay:
                     continue
                 fdb[ep.mac] = vteps[ep.node]
                 neigh[ep.ip] = ep.mac
-            await self.kernel.sync_fdb(vni, fdb)
-            await self.kernel.sync_neighbors(vni, neigh)
+            await self.nl.run(self.kernel.sync_fdb(vni, fdb))
+            await self.nl.run(self.kernel.sync_neighbors(vni, neigh))
 
     def status(self) -> dict[str, object]:
         return {"kind": "vxlan", "mtu": self.mtu, "local_ip": self.local_ip,

@@ -93,7 +93,7 @@ class Sandboxes:
         for ns in list_sandboxes(self.ns_prefix()):
             await _kill_namespace_processes(ns)
             with contextlib.suppress(Exception):
-                await delete_sandbox(ns)
+                await self.overlay.nl.run(delete_sandbox(ns))
             log.info("removed sandbox %s left by a previous run", ns)
         for entry in self.store.owned_by(self.node):
             data = entry.data() or {}
@@ -216,7 +216,8 @@ class Sandboxes:
         self.live[ns] = handle
         try:
             prefix = ipaddress.IPv4Network(net.subnet).prefixlen
-            await create_sandbox(ns, dev.bridge, f"{ep.ip}/{prefix}", ep.mac, self.overlay.mtu)
+            await self.overlay.nl.run(
+                create_sandbox(ns, dev.bridge, f"{ep.ip}/{prefix}", ep.mac, self.overlay.mtu))
             udp, tcp = await asyncio.gather(
                 asyncio.to_thread(nsfd.open_socket_in_netns, ns, socket.AF_INET,
                                   socket.SOCK_DGRAM, ("127.0.0.11", 53)),
@@ -242,7 +243,7 @@ class Sandboxes:
                 await self.dns.remove_listener(handle.listener)
         await _kill_namespace_processes(handle.ns)
         with contextlib.suppress(Exception):
-            await delete_sandbox(handle.ns)
+            await self.overlay.nl.run(delete_sandbox(handle.ns))
 
     async def close(self) -> None:
         for handle in list(self.live.values()):

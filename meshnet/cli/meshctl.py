@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             return code
     if ns.json:
         print(json.dumps(result, indent=2, sort_keys=True))
-    else:
+    elif name != "run":  # run's output was the command's own, streamed as it came
         print(render(name, result))
     if name == "run" and isinstance(result, dict):
         return int(result.get("exit_code", 0))

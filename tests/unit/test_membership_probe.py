@@ -127,12 +127,12 @@ def test_awareness_stretches_probe_interval_and_timeout() -> None:
     m = node(1, peers=2)
     _, _, _, t0 = start_probe(m)
     # No ack: each failed probe adds one (no helpers); the probe period grows.
-    for _ in range(3):
+    while m.stats["probe_failures"] < 3:
         t = m.get_timer()
         assert t is not None
         m.handle_timer(t)
         m.datagrams_to_send(t)
-    assert m.health_score >= 2
+    assert m.health_score == 3
     ping, _, _, t1 = start_probe(m)
     score = m.health_score
     assert m.get_timer() == t1 + CFG.probe_timeout * (score + 1)
@@ -157,9 +157,8 @@ def test_helper_sends_nack_when_target_silent() -> None:
     sent(h, 1.0)
     assert h.get_timer() <= 1.0 + CFG.probe_timeout  # type: ignore[operator]
     h.handle_timer(1.0 + CFG.probe_timeout)
-    [(msgs, a)] = sent(h, 1.5)
-    nack = first(msgs, Nack)
-    assert a == addr(1) and isinstance(nack, Nack) and nack.seq == 78
+    nacks = [first(msgs, Nack) for msgs, a in sent(h, 1.5) if a == addr(1)]
+    assert nacks == [Nack(78)]
 
 
 def test_ping_for_someone_else_is_dropped() -> None:
@@ -192,10 +191,11 @@ def test_suspect_refutes_and_acks_with_refutation() -> None:
 
     s.receive_datagram(make_compound(pkt_parts), addr(1), 1.0)
     assert s.local().incarnation == 1
-    [(msgs, a)] = sent(s, 1.0)
-    assert a == addr(1) and msgs[0] == Ack(9)
-    refute = first(msgs, Alive)
-    assert isinstance(refute, Alive) and refute.node == "n2" and refute.incarnation == 1
+    out = sent(s, 1.0)
+    assert {a for _, a in out} == {addr(1)}  # the accuser hears the refutation directly
+    assert any(msgs[0] == Ack(9) for msgs, _ in out)
+    alives = [x for msgs, _ in out for x in msgs if isinstance(x, Alive) and x.node == "n2"]
+    assert alives and all(x.incarnation == 1 for x in alives)
 
 
 def test_randomized_round_robin_probes_each_member_once_per_round() -> None:
