@@ -165,7 +165,8 @@ class Agent:
         await self._start_dns(resolver)
         if self.config.datapath == "vxlan":
             await self._start_overlay()
-        self.control = ControlServer(self.config.socket, self._handlers())
+        self.control = ControlServer(self.config.socket, self._handlers(),
+                                     long_running=frozenset({"run", "service.logs"}))
         try:
             await self.control.start()
         except OSError as e:

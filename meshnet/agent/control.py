@@ -35,9 +35,13 @@ class OpError(Exception):
 
 
 class ControlServer:
-    def __init__(self, path: str, handlers: dict[str, Handler]) -> None:
+    def __init__(self, path: str, handlers: dict[str, Handler],
+                 long_running: frozenset[str] = frozenset()) -> None:
         self.path = path
         self.handlers = handlers
+        # Ops that run until their client goes away or they finish (run, logs): a client that
+        # hangs up cancels them, so their processes and sandboxes are cleaned up at once.
+        self.long_running = long_running
         self.server: asyncio.AbstractServer | None = None
         self.connections = 0
         self.bad_requests = 0
@@ -105,7 +109,11 @@ class ControlServer:
             reply = api.error(f"unknown operation {op!r}", "unknown_op")
         else:
             try:
-                reply = api.ok(await handler(args, send_event))
+                if op in self.long_running:
+                    result = await self._until_hangup(handler(args, send_event), reader)
+                else:
+                    result = await handler(args, send_event)
+                reply = api.ok(result)
             except OpError as e:
                 reply = api.error(str(e), e.code)
             except (ConnectionError, asyncio.CancelledError):
@@ -115,6 +123,21 @@ class ControlServer:
                 reply = api.error(f"internal error in {op}: {e}", "internal")
         await self._send(writer, reply, as_json)
         return True
+
+    @staticmethod
+    async def _until_hangup(work: Awaitable[Any], reader: asyncio.StreamReader) -> Any:
+        task = asyncio.ensure_future(work)
+        hangup = asyncio.ensure_future(reader.read(1))
+        try:
+            done, _ = await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
+            if task not in done:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                raise ConnectionResetError("the client hung up")
+            return task.result()
+        finally:
+            hangup.cancel()
 
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, body: dict[str, Any], as_json: bool) -> None:
