@@ -69,7 +69,7 @@ MESHNET_IP = "127.0.0.53"
 DNSMASQ_IP = "127.0.0.54"
 NETWORK = "bench"
 MAX_ADDRS = 50
-START_TIMEOUT_S = 10.0
+START_TIMEOUT_S = 20.0
 KILL_GRACE_S = 3.0
 
 _procs: list[subprocess.Popen[Any]] = []
@@ -255,6 +255,20 @@ def stop_meshnet(proc: subprocess.Popen[Any]) -> dict[str, int]:
     return stats
 
 
+def cpu_ns(pid: int) -> int:
+    """CPU time (ns) used so far by ``pid``, its threads and its direct children (workers)."""
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    total = 0
+    for p in pids:
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    total += int((task / "schedstat").read_text().split()[0])
+    return total
+
+
 # -- dnsperf --------------------------------------------------------------------------------------
 
 _NUM = r"([0-9.]+)"
@@ -262,7 +276,7 @@ _NUM = r"([0-9.]+)"
 
 def dnsperf(
     args: argparse.Namespace, ip: str, port: int, qfile: Path, duration: float,
-    max_qps: int | None = None, verbose_file: Path | None = None,
+    max_qps: int | None = None, verbose_file: Path | None = None, server_pid: int | None = None,
 ) -> dict[str, float]:
     cmd = ["dnsperf", "-s", ip, "-p", str(port), "-d", str(qfile), "-c", str(args.clients),
            "-l", str(duration), "-t", "2"]
@@ -273,6 +287,7 @@ def dnsperf(
     if verbose_file is not None:
         cmd.append("-v")
     out_f = open(verbose_file, "w") if verbose_file is not None else None  # noqa: SIM115
+    cpu0 = cpu_ns(server_pid) if server_pid is not None else 0
     try:
         proc = spawn(cmd, stdout=out_f or subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
@@ -282,6 +297,7 @@ def dnsperf(
     finally:
         if out_f is not None:
             out_f.close()
+    cpu = cpu_ns(server_pid) - cpu0 if server_pid is not None else 0
     text = Path(verbose_file).read_text() if verbose_file is not None else stdout
     if proc.returncode != 0:
         raise RuntimeError(f"dnsperf failed ({proc.returncode}): {stderr.strip()[-500:]}")
@@ -301,6 +317,8 @@ def dnsperf(
         "avg_ms": float(lat.group(1)) * 1000,
         "max_ms": float(lat.group(3)) * 1000,
     }
+    if server_pid is not None and result["completed"]:
+        result["cpu_us_per_query"] = cpu / 1000 / result["completed"]
     if verbose_file is not None:
         lats = sorted(float(m.group(1)) for m in re.finditer(r"^> \S+ .* ([0-9.]+)$", text, re.M))
         if not lats:
@@ -360,6 +378,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         meshnet = start_meshnet(args, m_port)
         dnsmasq = start_dnsmasq(workdir, d_port)
         targets = {"meshnet": (MESHNET_IP, m_port), "dnsmasq": (DNSMASQ_IP, d_port)}
+        pids = {"meshnet": meshnet.pid, "dnsmasq": dnsmasq.pid}
 
         correct = {k: check_answers(ip, p, want, args.edns) for k, (ip, p) in targets.items()}
         rotated_before = check_rotation(MESHNET_IP, m_port, want)
@@ -370,7 +389,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.rounds):
             for name in order:
                 ip, port = targets[name]
-                runs[name].append(dnsperf(args, ip, port, qfile, args.duration))
+                runs[name].append(
+                    dnsperf(args, ip, port, qfile, args.duration, server_pid=pids[name])
+                )
             order.reverse()
         rotated_after = check_rotation(MESHNET_IP, m_port, want)
 
@@ -379,7 +400,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ip, port = targets[name]
             latency[name] = dnsperf(args, ip, port, qfile, args.latency_duration,
                                     max_qps=args.latency_qps,
-                                    verbose_file=workdir / f"{name}.latency")
+                                    verbose_file=workdir / f"{name}.latency",
+                                    server_pid=pids[name])
         server_stats = stop_meshnet(meshnet)
         kill(dnsmasq)
     finally:
@@ -403,6 +425,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dnsmasq_p50_ms": round(latency["dnsmasq"]["p50_ms"], 3),
         "meshnet_avg_ms_saturated": round(med("meshnet", "avg_ms"), 3),
         "dnsmasq_avg_ms_saturated": round(med("dnsmasq", "avg_ms"), 3),
+        # Server CPU time per answered query (the server's own threads, kernel time included):
+        # unlike qps this hardly depends on what else runs on the machine.
+        "meshnet_cpu_us_per_query": round(med("meshnet", "cpu_us_per_query"), 2),
+        "dnsmasq_cpu_us_per_query": round(med("dnsmasq", "cpu_us_per_query"), 2),
+        "meshnet_cpu_us_per_query_at_fixed_load": round(
+            latency["meshnet"]["cpu_us_per_query"], 2),
+        "dnsmasq_cpu_us_per_query_at_fixed_load": round(
+            latency["dnsmasq"]["cpu_us_per_query"], 2),
         "meshnet_lost": lost["meshnet"] / sent["meshnet"] if sent["meshnet"] else None,
         "dnsmasq_lost": lost["dnsmasq"] / sent["dnsmasq"] if sent["dnsmasq"] else None,
         "meshnet_qps_runs": [round(r["qps"]) for r in runs["meshnet"]],

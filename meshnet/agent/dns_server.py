@@ -138,9 +138,12 @@ class _UdpListener:
 
     The socket is read directly from a reader callback rather than through a transport and a
     protocol: the per-datagram work left is the kernel's two syscalls, the answer bytes and the
-    address tuple (see bench/dns.py for what the transport path cost). Replies are sent at once
-    and never queued: if the socket's send buffer is full the reply is dropped and counted, and
-    the client retries, as it would after any lost datagram (dnsmasq does the same).
+    address tuple. Under dnsperf (bench/dns.py) this costs about 17.5-18 us of server CPU per
+    query against 19-20 us through uvloop's datagram transport, and dnsmasq's 17.5-19.5 us;
+    py-spy puts over 80% of it in the kernel (sendto alone about half, as loopback delivery
+    runs in the sender), and under 10% in Python. Replies are sent at once and never queued:
+    if the socket's send buffer is full the reply is dropped and counted, and the client
+    retries, as after any lost datagram (dnsmasq does the same).
     """
 
     __slots__ = (

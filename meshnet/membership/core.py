@@ -656,11 +656,11 @@ class Membership:
         self.stats["refuted_suspicions"] += 1
         self._awareness.apply_delta(1)
         msg = self._alive_msg()
+        self._broadcast(self.name, msg, now)
         if accuser is not None and accuser != self.name:
             acc = self._nodes.get(accuser)
             if acc is not None and (acc.state is ALIVE or acc.state is SUSPECT):
                 self._send([msg], acc.addr)
-        self._broadcast(self.name, msg, now)
 
     def _on_alive(self, a: Alive, now: float, quiet: bool = False) -> None:
         name = a.meta.name
@@ -912,7 +912,7 @@ class Membership:
         if used < budget:
             extra = self._piggyback(budget - used, MAX_COMPOUND_PARTS - len(parts))
             if extra:
-                parts = parts + extra
+                parts = parts + [e for e in extra if e not in parts]
         pkt = make_compound(parts)
         self._out.append((pkt, addr))
         self.stats["packets_sent"] += 1

@@ -169,14 +169,23 @@ def test_ipam_race_200_sandboxes_on_one_24(cluster) -> None:  # type: ignore[no-
     assert c.ctl("h1", "network", "create", "race", "--subnet", "10.50.0.0/24").returncode == 0
     wait(lambda: all(c.ctl(h, "network", "inspect", "race").returncode == 0
                      for h in ("h1", "h2", "h3", "h4", "h5")), 10, "network everywhere")
-    script = "ip -4 -o addr show eth0 | awk '{print $4}'; sleep 6"
+    barrier = Path(f"/tmp/{c.lab.prefix}-go")  # all 200 hold their address until it exists
+    barrier.unlink(missing_ok=True)
+    script = (f"ip -4 -o addr show eth0 | awk '{{print $4}}'; "
+              f"while [ ! -e {barrier} ]; do sleep 0.2; done")
     procs = [c.background(h, "run", "--network", "race", "--", "sh", "-c", script)
              for _ in range(40) for h in ("h1", "h2", "h3", "h4", "h5")]
-    outs = []
+    try:
+        outs = []
+        for p in procs:
+            assert p.stdout is not None
+            outs.append(p.stdout.readline().strip())  # printed while every sandbox is alive
+    finally:
+        barrier.touch()
     for p in procs:
-        out, err = p.communicate(timeout=240)
+        _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
-        outs.append(out.strip())
+    barrier.unlink()
     assert len(outs) == 200
     assert len(set(outs)) == 200, "two sandboxes got the same address"
     assert all(o.startswith("10.50.0.") and o.endswith("/24") for o in outs)
