@@ -18,11 +18,15 @@ order, EDNS0 unless ``--no-edns`` so that answers of up to 50 addresses are whol
 turn: ``rounds`` rounds, alternating which goes first, ``duration`` seconds each at unbounded
 rate; qps is the median over rounds. dnsperf 2.10 prints no percentiles, so p99 latency comes
 from one extra run per server at a fixed offered load (``--latency-qps``, below both servers'
-capacity) with ``-v``, which prints each query's latency; we take the 99th percentile of those.
-The saturated runs' average latency is reported too.
+capacity: by default a quarter of the lower measured qps) with ``-v``, which prints each query's
+latency; we take the 99th percentile of those. The saturated runs' average latency is reported
+too, and each server's CPU time per query (from /proc/PID/task/*/schedstat, kernel time
+included), which depends far less than qps on what else the machine is running.
 
 Rotation is checked with dnspython before and after the load: successive answers for a
-multi-address service must come in different orders with the same set (``rotated``).
+multi-address service must come in different orders with the same set (``rotated``). dnsmasq
+2.90 turns out to rotate the addresses of a hosts-file name per answer too
+(``dnsmasq_rotated``), so both do the same work.
 The answer sets of every name are checked against the records on both servers first.
 
 Every process started here (server, dnsmasq, dnsperf) runs in its own process group and is
@@ -279,7 +283,7 @@ def dnsperf(
     max_qps: int | None = None, verbose_file: Path | None = None, server_pid: int | None = None,
 ) -> dict[str, float]:
     cmd = ["dnsperf", "-s", ip, "-p", str(port), "-d", str(qfile), "-c", str(args.clients),
-           "-l", str(duration), "-t", "2"]
+           "-l", str(duration), "-t", "2", "-q", str(args.outstanding)]
     if args.edns:
         cmd.append("-e")
     if max_qps:
@@ -395,11 +399,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             order.reverse()
         rotated_after = check_rotation(MESHNET_IP, m_port, want)
 
+        latency_qps = args.latency_qps or max(1000, round(0.25 * min(
+            statistics.median(r["qps"] for r in runs[k]) for k in runs)))
         latency: dict[str, dict[str, float]] = {}
         for name in order:
             ip, port = targets[name]
             latency[name] = dnsperf(args, ip, port, qfile, args.latency_duration,
-                                    max_qps=args.latency_qps,
+                                    max_qps=latency_qps,
                                     verbose_file=workdir / f"{name}.latency",
                                     server_pid=pids[name])
         server_stats = stop_meshnet(meshnet)
@@ -448,18 +454,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "records": len(records),
             "seed": args.seed,
             "clients": args.clients,
+            "outstanding": args.outstanding,
             "duration_s": args.duration,
             "rounds": args.rounds,
             "qps_statistic": "median over rounds, alternating order",
             "edns": args.edns,
             "workers": args.workers,
-            "p99_at_offered_qps": args.latency_qps,
+            "p99_at_offered_qps": latency_qps,
             "p99_duration_s": args.latency_duration,
-            "p99_source": "dnsperf -v per-query latencies at a fixed offered load",
+            "p99_source": "dnsperf -v per-query latencies at a fixed offered load (-Q)",
             "cpus": os.cpu_count(),
             "loadavg_1m": round(os.getloadavg()[0], 2),
-            "dnsperf": "dnsperf -s IP -p PORT -d QFILE -c C -l S -t 2" + (" -e" if args.edns
-                                                                          else ""),
+            "dnsperf": "dnsperf -s IP -p PORT -d QFILE -c C -l S -t 2 -q Q"
+                       + (" -e" if args.edns else ""),
         },
     }
 
@@ -472,7 +479,10 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per throughput run")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--latency-qps", type=int, default=10000)
+    ap.add_argument("--outstanding", type=int, default=100,
+                    help="dnsperf -q; far above 100 the loopback socket buffers overflow")
+    ap.add_argument("--latency-qps", type=int, default=0,
+                    help="offered load of the p99 runs; 0: a quarter of the lower measured qps")
     ap.add_argument("--latency-duration", type=float, default=3.0)
     ap.add_argument("--no-edns", dest="edns", action="store_false")
     ap.add_argument("--workers", type=int, default=1,

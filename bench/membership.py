@@ -31,16 +31,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from meshnet.membership import (  # noqa: E402
+from meshnet.membership import (
     MemberDead,
     MemberEvent,
     MembershipConfig,
     MemberSuspect,
 )
-from meshnet.membership.lifeguard import suspicion_bounds  # noqa: E402
-from meshnet.membership.messages import PushPull, PushPullState  # noqa: E402
-from meshnet.membership.types import MemberState  # noqa: E402
-from meshnet.sim import Simulator  # noqa: E402
+from meshnet.membership.lifeguard import suspicion_bounds
+from meshnet.membership.messages import PushPull, PushPullState
+from meshnet.membership.types import MemberState
+from meshnet.sim import Simulator
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -70,7 +70,7 @@ def bootstrap(sim: Simulator) -> None:
             node.core.join([seed_addr], sim.now)
             node.core.streams_to_open()  # answered below, in memory
         node.core.receive_stream_reply(blob, seed_addr, sim.now)
-        sim._after(node)  # noqa: SLF001 (bench-only shortcut: drain the join events)
+        sim._after(node)
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:

@@ -142,6 +142,7 @@ class _Node:
         "incarnation",
         "meta",
         "meta_bytes",
+        "meta_inc",
         "name",
         "state",
         "state_changed_at",
@@ -155,6 +156,7 @@ class _Node:
         self.addr = meta.addr
         self.meta = meta
         self.meta_bytes = meta_bytes
+        self.meta_inc = incarnation  # incarnation of the alive that carried ``meta``
         self.incarnation = incarnation
         self.state = state
         self.state_changed_at = now
@@ -695,12 +697,18 @@ class Membership:
             self._emit(MemberJoined, node)
             return
         if a.incarnation <= node.incarnation:
+            if a.incarnation > node.meta_inc:
+                # Metadata travels only in alive messages: keep the newest even when a newer
+                # suspicion already overtook it, so views converge whatever the order.
+                node.meta, node.meta_bytes, node.addr = a.meta, a.meta_bytes, a.meta.addr
+                node.meta_inc = a.incarnation
             return
         old = node.state
         meta_changed = a.meta_bytes != node.meta_bytes
         node.incarnation = a.incarnation
         node.meta = a.meta
         node.meta_bytes = a.meta_bytes
+        node.meta_inc = a.incarnation
         node.addr = a.meta.addr
         self._broadcast(name, a.encode(), now)
         if old is not ALIVE:

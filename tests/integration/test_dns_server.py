@@ -354,3 +354,27 @@ async def test_close_releases_everything(stub: tuple[Stub, tuple[str, int]]) -> 
     assert server.listeners == []
     with pytest.raises(RuntimeError):
         await server.add_listener((HOST_IP, 0), None)
+
+
+def test_serves_on_uvloop() -> None:
+    """The agent runs on uvloop: UDP (reader callback), TCP and forwarding work there too."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        proto = Stub()
+        transport, _ = await loop.create_datagram_endpoint(lambda: proto, local_addr=(STUB_IP, 0))
+        server = DnsServer(make_resolver(), [transport.get_extra_info("sockname")[:2]])
+        try:
+            host = await server.add_listener((HOST_IP, 0), None)
+            orders = {tuple(addrs(await udp(host, "web"))) for _ in range(len(WEB))}
+            assert len(orders) == len(WEB)
+            big = addrs(await tcp(host, "big"))
+            assert len(big) == len(BIG) and set(big) == set(BIG)
+            assert addrs(await udp(host, "example.org.")) == ["192.0.2.7"]
+            assert addrs(await tcp(host, "example.org.")) == ["192.0.2.7"]
+        finally:
+            await server.close()
+            transport.close()
+
+    uvloop.run(main())

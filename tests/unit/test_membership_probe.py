@@ -128,10 +128,10 @@ def test_awareness_stretches_probe_interval_and_timeout() -> None:
     start_probe(m)
     _, _, _, t1 = start_probe(m)  # the first probe failed on the way here
     assert m.stats["probe_failures"] == 1 and m.health_score == 1
-    probe = m._probe  # noqa: SLF001
+    probe = m._probe
     assert probe is not None
     assert probe.timeout_at == t1 + CFG.probe_timeout * 2
-    assert m._probe_tick_at == t1 + CFG.probe_interval * 2  # noqa: SLF001
+    assert m._probe_tick_at == t1 + CFG.probe_interval * 2
     m.receive_datagram(Ack(probe.seq).encode(), addr(2), t1 + 0.1)
     assert m.health_score == 0  # a successful probe gives one back
 
@@ -217,6 +217,6 @@ def test_new_member_inserted_at_random_position() -> None:
         m = node(1, peers=10, seed=seed)
         meta = NodeMeta("new", addr(99))
         m.receive_datagram(Alive(0, meta, meta.encode()).encode(), addr(99), 0.0)
-        ring = [x.name for x in m._ring]  # noqa: SLF001
+        ring = [x.name for x in m._ring]
         positions.add(ring.index("new"))
     assert len(positions) > 3
