@@ -249,6 +249,14 @@ class Sandboxes:
         for handle in list(self.live.values()):
             await self.remove(handle)
 
+    def task_env(self, handle: SandboxHandle) -> dict[str, str]:
+        """The agent's environment minus systemd's notify plumbing, plus who the task is."""
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        env.update(MESHNET_NODE=self.node, MESHNET_TASK=handle.name,
+                   MESHNET_NETWORK=handle.network, MESHNET_IP=handle.ip)
+        return env
+
     # --- meshctl run ------------------------------------------------------------------------
 
     async def op_run(self, args: dict[str, Any], send: SendEvent) -> Any:
@@ -262,7 +270,7 @@ class Sandboxes:
             proc = await asyncio.create_subprocess_exec(
                 *sandbox_command(handle.ns, command), stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                start_new_session=True)
+                start_new_session=True, env=self.task_env(handle))
             assert proc.stdout is not None and proc.stderr is not None
             await asyncio.gather(_pump(proc.stdout, "stdout", send),
                                  _pump(proc.stderr, "stderr", send))

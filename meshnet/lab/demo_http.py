@@ -1,0 +1,87 @@
+"""The lab's demo workloads: a tiny HTTP server that names itself, and a client.
+
+    python -m meshnet.lab.demo_http serve [--port 8080] [--name NAME]
+    python -m meshnet.lab.demo_http get URL [--tries N]
+    python -m meshnet.lab.demo_http front --backend URL [--port 8080] [--name NAME]
+
+`serve` answers every GET with "NAME on HOST". `front` answers with its own name plus what it
+got from the backend, which is how the lab shows a frontend reaching a backend by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def _host() -> str:
+    return os.environ.get("MESHNET_NODE", socket.gethostname())
+
+
+def _get(url: str, timeout: float = 5.0) -> str:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=timeout) as r:
+        return str(r.read().decode().strip())
+
+
+def serve(port: int, name: str, backend: str | None) -> None:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = f"{name} on {_host()}"
+            if backend:
+                try:
+                    body += f" -> {_get(backend)}"
+                except OSError as e:
+                    body += f" -> backend error: {e}"
+            data = (body + "\n").encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, fmt: str, *args: object) -> None:
+            sys.stderr.write(f"{name}: {fmt % args}\n")
+
+    ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()
+
+
+def get(url: str, tries: int) -> int:
+    for attempt in range(tries):
+        try:
+            print(_get(url), flush=True)
+            return 0
+        except OSError as e:
+            if attempt == tries - 1:
+                print(f"GET {url} failed: {e}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="demo_http")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--name", default=os.environ.get("MESHNET_TASK", socket.gethostname()))
+    f = sub.add_parser("front")
+    f.add_argument("--backend", required=True)
+    f.add_argument("--port", type=int, default=8080)
+    f.add_argument("--name", default=os.environ.get("MESHNET_TASK", socket.gethostname()))
+    g = sub.add_parser("get")
+    g.add_argument("url")
+    g.add_argument("--tries", type=int, default=10)
+    ns = p.parse_args(argv)
+    if ns.cmd == "get":
+        return get(ns.url, ns.tries)
+    serve(ns.port, ns.name, ns.backend if ns.cmd == "front" else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
