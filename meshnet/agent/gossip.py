@@ -28,6 +28,7 @@ STREAM_PUSH_PULL = 1
 STREAM_KEY_OP = 2
 STREAM_STATE = 3
 STREAM_IPAM = 4
+STREAM_LOGS = 5
 
 # memberlist caps a remote state at 20 MiB; a sealed frame adds a little on top.
 MAX_STREAM_BYTES = 24 << 20

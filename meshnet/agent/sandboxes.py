@@ -17,7 +17,7 @@ import secrets
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -64,6 +64,7 @@ class SandboxHandle:
     ip: str
     key: str
     listener: Listener | None = None
+    value: dict[str, Any] = field(default_factory=dict)
 
 
 class Sandboxes:
@@ -195,7 +196,9 @@ class Sandboxes:
     # --- sandboxes --------------------------------------------------------------------------
 
     async def create(self, network: str, name: str | None, service: str | None = None,
-                     slot: int | None = None) -> SandboxHandle:
+                     slot: int | None = None, publish: bool = True) -> SandboxHandle:
+        """A wired sandbox on NETWORK with a confirmed address. With publish=False the endpoint
+        stays pending (no DNS, no peer FDB) until `publish` is called."""
         net = self.store.networks().get(network)
         if net is None:
             raise OpError(f"network {network} not found")
@@ -203,7 +206,10 @@ class Sandboxes:
             raise OpError(f"network {network} is encrypted and the encrypted datapath is not "
                           "available yet; it carries no traffic (never cleartext)")
         try:
-            name = check_name("sandbox", name) if name else f"run-{secrets.token_hex(3)}"
+            if slot is not None and service:  # a task: `<service>.<slot>`
+                name = f"{check_name('service', service)}.{slot}"
+            else:
+                name = check_name("sandbox", name) if name else f"run-{secrets.token_hex(3)}"
         except NetworkError as e:
             raise OpError(str(e)) from None
         key = endpoint_key(network, name)
@@ -225,13 +231,19 @@ class Sandboxes:
                                   socket.SOCK_STREAM, ("127.0.0.11", 53), reuse_addr=True))
             handle.listener = await self.dns.add_listener(("127.0.0.11", 53),
                                                           frozenset({network}), udp, tcp)
-            value = dict(ep.to_value())
-            value.pop("pending", None)
-            await self.state.put(ENDPOINTS, key, value)  # published: DNS and peers' FDB
+            handle.value = dict(ep.to_value())
+            if publish:
+                await self.publish(handle)
         except BaseException:
             await self.remove(handle)
             raise
         return handle
+
+    async def publish(self, handle: SandboxHandle) -> None:
+        """Clear `pending`: the name resolves and peers program their FDB for it."""
+        value = dict(handle.value)
+        value.pop("pending", None)
+        await self.state.put(ENDPOINTS, handle.key, value)
 
     async def remove(self, handle: SandboxHandle) -> None:
         """Withdraw the endpoint first (so no one resolves a dying address), then tear down."""
