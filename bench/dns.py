@@ -16,12 +16,13 @@ Records: ``--services`` services (100) with 1-50 addresses each (seeded), all on
 dnsperf (Debian's package) sends the same query file (every service name, type A, in a seeded
 order, EDNS0 unless ``--no-edns`` so that answers of up to 50 addresses are whole) to each in
 turn: ``rounds`` rounds, alternating which goes first, ``duration`` seconds each at unbounded
-rate; qps is the median over rounds. dnsperf 2.10 prints no percentiles, so p99 latency comes
-from one extra run per server at a fixed offered load (``--latency-qps``, below both servers'
-capacity: by default a quarter of the lower measured qps) with ``-v``, which prints each query's
-latency; we take the 99th percentile of those. The saturated runs' average latency is reported
-too, and each server's CPU time per query (from /proc/PID/task/*/schedstat, kernel time
-included), which depends far less than qps on what else the machine is running.
+rate (at most ``--outstanding`` queries in flight); qps is the median over rounds. dnsperf 2.10
+prints no percentiles, so latency comes from ``rounds`` more runs per server at a fixed offered
+load (``--latency-qps``, below both servers' capacity: by default a quarter of the lower
+measured qps) with ``-v``, which prints each query's latency; p99 is the median over those runs
+of each run's 99th percentile. The saturated runs' average latency is reported too, and each
+server's CPU time per query (from /proc/PID/task/*/schedstat, kernel time included), which
+depends far less than qps on what else the machine is running.
 
 Rotation is checked with dnspython before and after the load: successive answers for a
 multi-address service must come in different orders with the same set (``rotated``). dnsmasq
@@ -401,21 +402,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         latency_qps = args.latency_qps or max(1000, round(0.25 * min(
             statistics.median(r["qps"] for r in runs[k]) for k in runs)))
-        latency: dict[str, dict[str, float]] = {}
-        for name in order:
-            ip, port = targets[name]
-            latency[name] = dnsperf(args, ip, port, qfile, args.latency_duration,
-                                    max_qps=latency_qps,
-                                    verbose_file=workdir / f"{name}.latency",
-                                    server_pid=pids[name])
+        latency: dict[str, list[dict[str, float]]] = {"meshnet": [], "dnsmasq": []}
+        for i in range(args.rounds):
+            for name in order:
+                ip, port = targets[name]
+                latency[name].append(dnsperf(
+                    args, ip, port, qfile, args.latency_duration, max_qps=latency_qps,
+                    verbose_file=workdir / f"{name}.{i}.latency", server_pid=pids[name]))
+            order.reverse()
         server_stats = stop_meshnet(meshnet)
         kill(dnsmasq)
     finally:
         kill_all()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    def med(name: str, key: str) -> float:
-        return statistics.median(r[key] for r in runs[name])
+    def med(name: str, key: str, source: dict[str, list[dict[str, float]]] = runs) -> float:
+        return statistics.median(r[key] for r in source[name])
 
     m_qps, d_qps = med("meshnet", "qps"), med("dnsmasq", "qps")
     sent = {k: sum(r["sent"] for r in v) for k, v in runs.items()}
@@ -425,10 +427,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "meshnet_qps": round(m_qps),
         "dnsmasq_qps": round(d_qps),
         "ratio": round(m_qps / d_qps, 3) if d_qps else None,
-        "meshnet_p99_ms": round(latency["meshnet"]["p99_ms"], 3),
-        "dnsmasq_p99_ms": round(latency["dnsmasq"]["p99_ms"], 3),
-        "meshnet_p50_ms": round(latency["meshnet"]["p50_ms"], 3),
-        "dnsmasq_p50_ms": round(latency["dnsmasq"]["p50_ms"], 3),
+        "meshnet_p99_ms": round(med("meshnet", "p99_ms", latency), 3),
+        "dnsmasq_p99_ms": round(med("dnsmasq", "p99_ms", latency), 3),
+        "meshnet_p50_ms": round(med("meshnet", "p50_ms", latency), 3),
+        "dnsmasq_p50_ms": round(med("dnsmasq", "p50_ms", latency), 3),
+        "meshnet_p99_ms_runs": [round(r["p99_ms"], 3) for r in latency["meshnet"]],
+        "dnsmasq_p99_ms_runs": [round(r["p99_ms"], 3) for r in latency["dnsmasq"]],
         "meshnet_avg_ms_saturated": round(med("meshnet", "avg_ms"), 3),
         "dnsmasq_avg_ms_saturated": round(med("dnsmasq", "avg_ms"), 3),
         # Server CPU time per answered query (the server's own threads, kernel time included):
@@ -436,9 +440,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "meshnet_cpu_us_per_query": round(med("meshnet", "cpu_us_per_query"), 2),
         "dnsmasq_cpu_us_per_query": round(med("dnsmasq", "cpu_us_per_query"), 2),
         "meshnet_cpu_us_per_query_at_fixed_load": round(
-            latency["meshnet"]["cpu_us_per_query"], 2),
+            med("meshnet", "cpu_us_per_query", latency), 2),
         "dnsmasq_cpu_us_per_query_at_fixed_load": round(
-            latency["dnsmasq"]["cpu_us_per_query"], 2),
+            med("dnsmasq", "cpu_us_per_query", latency), 2),
         "meshnet_lost": lost["meshnet"] / sent["meshnet"] if sent["meshnet"] else None,
         "dnsmasq_lost": lost["dnsmasq"] / sent["dnsmasq"] if sent["dnsmasq"] else None,
         "meshnet_qps_runs": [round(r["qps"]) for r in runs["meshnet"]],
@@ -462,6 +466,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "workers": args.workers,
             "p99_at_offered_qps": latency_qps,
             "p99_duration_s": args.latency_duration,
+            "p99_statistic": "median over rounds of each run's p99, alternating order",
             "p99_source": "dnsperf -v per-query latencies at a fixed offered load (-Q)",
             "cpus": os.cpu_count(),
             "loadavg_1m": round(os.getloadavg()[0], 2),
