@@ -363,6 +363,16 @@ def check_rotation(ip: str, port: int, want: dict[str, set[str]], tries: int = 4
 # -- main -----------------------------------------------------------------------------------------
 
 
+def propagation() -> dict[str, Any]:
+    """The 5-agent write-to-resolve measurement (bench/dns_propagation.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        from dns_propagation import measure
+    finally:
+        sys.path.pop(0)
+    return measure()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if shutil.which("dnsperf") is None or shutil.which("dnsmasq") is None:
         raise RuntimeError("dnsperf and dnsmasq are needed (apt-get install dnsperf dnsmasq)")
@@ -448,6 +458,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "meshnet_qps_runs": [round(r["qps"]) for r in runs["meshnet"]],
         "dnsmasq_qps_runs": [round(r["qps"]) for r in runs["dnsmasq"]],
         "rotated": rotated_before and rotated_after,
+        **propagation(),
         "dnsmasq_rotated": dnsmasq_rotated,
         "answers_correct": correct,
         "meshnet_cache_misses": server_stats.get("resolver_misses"),
