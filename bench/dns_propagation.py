@@ -9,6 +9,7 @@ killed at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -111,10 +112,8 @@ def measure(writes: int = 30, agents: int = 5, profile: str = "lan") -> dict[str
         }
     finally:
         for p in procs:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             p.wait()
         if not os.environ.get("MESHNET_BENCH_KEEP"):
             subprocess.run(["rm", "-rf", str(workdir)], check=False)
