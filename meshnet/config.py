@@ -69,6 +69,9 @@ class Config:
     address_pool: str = "10.10.0.0/16"
     # "vxlan": build the overlay in the kernel; "none": control plane only (loopback tests).
     datapath: str = "vxlan"
+    # Sandbox namespaces are named <sandbox_prefix>-<node>-<name> (hosts sharing one /run/netns,
+    # as lab hosts do, give each agent its own prefix).
+    sandbox_prefix: str = "mns"
     membership: dict[str, float | int] = field(default_factory=dict)
 
     def advertise_addr(self) -> tuple[str, int]:
@@ -191,6 +194,11 @@ def _parse_key(cfg: dict[str, Any], key: str, value: object) -> None:
         cfg[key] = _choice(key, value, LOG_FORMATS)
     elif key == "log_level":
         cfg[key] = _choice(key, value, LOG_LEVELS)
+    elif key == "sandbox_prefix":
+        text = _expect(key, value, str)
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,23}$", text):
+            raise ConfigError(f"{key}: {text!r} must be 1-24 of [A-Za-z0-9_.-]")
+        cfg[key] = text
     elif key == "datapath":
         cfg[key] = _choice(key, value, DATAPATHS)
     elif key == "profile":

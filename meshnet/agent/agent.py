@@ -24,6 +24,7 @@ from meshnet.agent.dns_server import DnsServer, read_resolv_conf
 from meshnet.agent.gossip import STREAM_KEY_OP, GossipTransport, Sealer, StreamError
 from meshnet.agent.overlay import Overlay
 from meshnet.agent.sandboxes import Sandboxes
+from meshnet.agent.services import TASKS, Services
 from meshnet.agent.state_service import StateService
 from meshnet.config import Config
 from meshnet.crypto.keyring import Keyring, KeyringError
@@ -36,6 +37,7 @@ from meshnet.membership import (
     MembershipConfig,
     NodeMeta,
 )
+from meshnet.placement import NodeInfo
 from meshnet.state import Store, StoreConfig, tombstone_ttl_for
 
 log = logging.getLogger("meshnet.agent")
@@ -93,6 +95,7 @@ class Agent:
         self.dns: DnsServer | None = None
         self.overlay: Overlay | None = None
         self.sandboxes: Sandboxes | None = None
+        self.services: Services | None = None
         self.gossip: GossipTransport | None = None
         self.control: ControlServer | None = None
         self.background: set[asyncio.Task[Any]] = set()
@@ -139,7 +142,8 @@ class Agent:
         self.keyring = self._load_keyring()
         mcfg = membership_config(self.config)
         store = Store(self.config.name, StoreConfig(
-            tombstone_ttl=tombstone_ttl_for(mcfg.reap_after, mcfg.push_pull_interval)))
+            tombstone_ttl=tombstone_ttl_for(mcfg.reap_after, mcfg.push_pull_interval),
+            owned_tables={"endpoints": "node", TASKS: "node"}))
         self.state = await StateService.open(self.config.state_dir, self.config.name, store)
         resolver = Resolver(ttl=self.config.dns_ttl)
         self.ops = ClusterOps(self.state, resolver, self.config.name, self.config.address_pool)
@@ -217,8 +221,25 @@ class Agent:
             raise StartError(f"overlay: {e}") from None
         self.state.listeners.append(self.overlay.kick)
         self.sandboxes = Sandboxes(self.ops, self.state, self.overlay, self.dns,  # type: ignore[arg-type]
-                                   self.gossip, self._peers)
+                                   self.gossip, self._peers, self.config.sandbox_prefix)
         await self.sandboxes.adopt()
+        self.services = Services(self.state, self.sandboxes, self.gossip, self.config.name,
+                                 self._placement_nodes, self._peers,
+                                 Path(self.config.state_dir) / "logs")
+        self.state.listeners.append(self.services.kick)
+        await self.services.start()
+
+    def _placement_nodes(self) -> list[NodeInfo]:
+        assert self.membership is not None
+        out = []
+        for m in self.membership.members():
+            if str(m.state.value) not in ("alive", "suspect"):
+                continue
+            weight = m.meta.extra.get("capacity", 1)
+            out.append(NodeInfo(name=m.name, labels=dict(m.meta.labels),
+                                weight=float(weight) if isinstance(weight, int) and weight > 0
+                                else 1.0))
+        return out
 
     def _vteps(self) -> dict[str, str]:
         assert self.membership is not None
@@ -232,7 +253,9 @@ class Agent:
 
     async def _shutdown(self) -> None:
         log.info("shutting down")
-        if self.sandboxes is not None:  # endpoints are withdrawn before we say `left`
+        if self.services is not None:  # tasks stop and endpoints are withdrawn before `left`
+            await self.services.close()
+        if self.sandboxes is not None:
             await self.sandboxes.close()
         if not self.left:
             await self._leave()
@@ -341,6 +364,8 @@ class Agent:
             self.state.on_member_event(event, self.membership.num_alive())
         if self.overlay is not None:
             self.overlay.kick()
+        if self.services is not None:
+            self.services.kick()
         member = getattr(event, "member", None)
         name = type(event).__name__
         if member is not None:
@@ -354,6 +379,8 @@ class Agent:
         extra: dict[str, Handler] = {}
         if self.sandboxes is not None:
             extra["run"] = self.sandboxes.op_run
+        if self.services is not None:
+            extra.update(self.services.handlers())
         return {
             **self.ops.handlers(),
             **extra,

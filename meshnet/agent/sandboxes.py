@@ -70,7 +70,8 @@ class SandboxHandle:
 class Sandboxes:
     def __init__(self, ops: ClusterOps, state: StateService, overlay: Overlay,
                  dns: DnsServer, gossip: GossipTransport,
-                 peers: Any) -> None:
+                 peers: Any, prefix: str = "mns") -> None:
+        self.prefix = prefix
         self.ops = ops
         self.state = state
         self.store = state.store
@@ -84,7 +85,7 @@ class Sandboxes:
         self.counters = {"claims": 0, "claims_lost": 0, "confirm_unreachable": 0}
 
     def ns_prefix(self) -> str:
-        return f"mns-{self.node}-"
+        return f"{self.prefix}-{self.node}-"
 
     # --- start-up: clean what a previous run of this agent left ----------------------------
 
@@ -169,7 +170,7 @@ class Sandboxes:
         (still pending) endpoint."""
         net = self.store.networks()[network]
         subnet = ipaddress.IPv4Network(net.subnet)
-        key = endpoint_key(network, name)
+        key = f"{endpoint_key(network, name)}@{self.node}"
         for attempt in range(MAX_CLAIM_ROUNDS):
             try:
                 ip = pick_address(net.subnet, self._taken(network, key),
@@ -212,8 +213,11 @@ class Sandboxes:
                 name = check_name("sandbox", name) if name else f"run-{secrets.token_hex(3)}"
         except NetworkError as e:
             raise OpError(str(e)) from None
-        key = endpoint_key(network, name)
-        if self.store.get(ENDPOINTS, key) is not None or key in {h.key for h in self.live.values()}:
+        # Keyed per node: during a failover two nodes may briefly run the same task, and their
+        # endpoints must not overwrite each other.
+        key = f"{endpoint_key(network, name)}@{self.node}"
+        if slot is None and (any(e.name == name for e in self.store.endpoints(network)) or
+                             key in {h.key for h in self.live.values()}):
             raise OpError(f"name {name} is already in use on {network}")
         ns = f"{self.ns_prefix()}{name}"[:64]
         dev = await self.overlay.ensure(network)

@@ -115,7 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a one-off command in a sandbox on a network")
     r.add_argument("--network", required=True)
     r.add_argument("--name")
-    r.add_argument("command", nargs=argparse.REMAINDER)
 
     svc = sub.add_parser("service", help="services").add_subparsers(
         dest="svc_cmd", required=True, parser_class=Parser)
@@ -129,7 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--max-per-node", type=int)
     sc.add_argument("--restart-condition", choices=("none", "on-failure", "any"))
     sc.add_argument("--env", action="append", default=[], metavar="K=V")
-    sc.add_argument("command", nargs=argparse.REMAINDER)
     svc.add_parser("scale").add_argument("scales", nargs="+", metavar="NAME=N")
     svc.add_parser("ls")
     for verb in ("ps", "inspect", "rm", "logs"):
@@ -145,8 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command(words: list[str]) -> list[str]:
-    if words and words[0] == "--":
-        words = words[1:]
     if not words:
         raise UsageError("a command is needed after --")
     return words
@@ -263,7 +259,15 @@ def _local(name: str) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    # Everything after `--` is the command to run, options and all: split it off first so that
+    # options after the positional NAME (`service create web --network n -- cmd`) still parse.
+    tail: list[str] = []
+    if "--" in words:
+        cut = words.index("--")
+        words, tail = words[:cut], words[cut + 1:]
+    ns = parser.parse_args(words)
+    ns.command = tail
     try:
         name, op, args = to_request(ns)
     except UsageError as e:

@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable; 'none' disables forwarding)")
     p.add_argument("--datapath", choices=configmod.DATAPATHS,
                    help="vxlan (default) or none: control plane only, no kernel devices")
+    p.add_argument("--sandbox-prefix", metavar="PREFIX",
+                   help="name sandbox namespaces PREFIX-<node>-<name> (default mns)")
     p.add_argument("--dns-ttl", type=int, metavar="SECONDS")
     p.add_argument("--profile", choices=configmod.PROFILES, help="membership timings")
     p.add_argument("--log-format", choices=configmod.LOG_FORMATS)
@@ -48,7 +50,7 @@ def flag_overrides(ns: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("name", "bind", "advertise", "state_dir", "socket", "cluster_key_file",
                 "profile", "log_format", "log_level", "insecure_no_encryption", "dns_ttl",
-                "datapath"):
+                "datapath", "sandbox_prefix"):
         value = getattr(ns, key)
         if value is not None:
             out[key] = value

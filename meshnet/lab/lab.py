@@ -218,9 +218,15 @@ class Lab:
             )
         self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(self.prefix)
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._ns_re = re.compile(rf"^{re.escape(self.prefix)}-(underlay|h[1-9][0-9]*)$")
+        # P-underlay, P-h<n>, and the agents' sandboxes P-s-<node>-<name> (see sandbox_prefix)
+        self._ns_re = re.compile(
+            rf"^{re.escape(self.prefix)}-(underlay|h[1-9][0-9]*|s-[A-Za-z0-9_.-]+)$")
 
     # ------------------------------------------------------------ names and records
+
+    @property
+    def sandbox_prefix(self) -> str:
+        return f"{self.prefix}-s"
 
     @property
     def underlay_ns(self) -> str:
@@ -366,7 +372,9 @@ class Lab:
             if profile:
                 args += ["--profile", profile]
             # Lab hosts never forward DNS outside the lab: no upstream resolvers at all.
-            args += ["--log-format", "json", "--dns-upstream", "none"]
+            # Sandboxes carry the lab's prefix: lab hosts share /run/netns, and `down` sweeps them.
+            args += ["--log-format", "json", "--dns-upstream", "none",
+                     "--sandbox-prefix", self.sandbox_prefix]
             m["hosts"][h] = {
                 "namespace": self.host_ns(h),
                 "underlay_ip": ip,
@@ -577,6 +585,7 @@ class Lab:
                 netns.delete(n)
             except NetnsError as e:
                 errors.append(str(e))
+            shutil.rmtree(Path("/etc/netns") / n, ignore_errors=True)  # a sandbox's resolv.conf
 
         # 3. Links recorded outside any namespace of ours (none today; kept for safety).
         for link in m.get("links", []) if m else []:

@@ -7,8 +7,14 @@ always torn down, pass or fail.
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,6 +59,12 @@ def lab_factory() -> Iterator[LabFactory]:
 
     yield make
     errors = []
+    for lab in made:  # shown by pytest only when the test failed
+        for s in lab.status():
+            log = lab.log_path(s.name)
+            if log.exists():
+                tail = log.read_text(errors="replace").splitlines()[-40:]
+                print(f"--- {lab.prefix} {s.name} meshnetd.log (tail)", *tail, sep="\n")
     for lab in reversed(made):
         try:
             lab.down()
@@ -60,3 +72,101 @@ def lab_factory() -> Iterator[LabFactory]:
             errors.append(f"{lab.prefix}: {e}")
     if errors:
         pytest.fail("lab teardown failed: " + "; ".join(errors), pytrace=False)
+
+
+MESHCTL = str(Path(sys.executable).parent / "meshctl")
+
+
+PY = sys.executable
+SERVE = [PY, "-m", "http.server", "8080", "--bind", "0.0.0.0", "--directory", "/"]
+
+
+def wait(cond: Callable[[], Any], timeout: float, what: str | Callable[[], str]) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = cond()
+        if last:
+            return last
+        time.sleep(0.2)
+    if callable(what):
+        what = what()
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+class Cluster:
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def ctl(self, host: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return self.lab.ctl(host, list(args), capture_output=True, timeout=timeout)
+
+    def ctl_json(self, host: str, *args: str) -> Any:
+        r = self.ctl(host, "--json", *args)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def background(self, host: str, *args: str) -> subprocess.Popen[str]:
+        p = subprocess.Popen([MESHCTL, "--socket", str(self.lab.socket_path(host)), *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.procs.append(p)
+        return p
+
+    def serve(self, host: str, network: str, name: str) -> str:
+        """A long-running HTTP server sandbox; returns its IP once it is published."""
+        self.background(host, "run", "--network", network, "--name", name, "--", *SERVE)
+        return str(wait(lambda: self.endpoint_ip(host, network, name), 20, f"{name} up"))
+
+    def endpoint_ip(self, host: str, network: str, name: str) -> str | None:
+        r = self.ctl(host, "--json", "network", "inspect", network)
+        if r.returncode != 0:
+            return None
+        for ep in json.loads(r.stdout)["endpoints"]:
+            if ep["name"] == name:
+                return str(ep["ip"])
+        return None
+
+    def probe(self, host: str, network: str, script: str,
+              timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return self.ctl(host, "run", "--network", network, "--", "sh", "-c", script,
+                        timeout=timeout)
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture
+def cluster(lab_factory: LabFactory) -> Iterator[Callable[[int], Cluster]]:
+    made: list[Cluster] = []
+
+    def make(hosts: int) -> Cluster:
+        lab = lab_factory()
+        lab.up(hosts, profile="lan-fast")
+        c = Cluster(lab)
+        made.append(c)
+        names = [f"h{i}" for i in range(1, hosts + 1)]
+
+        def converged() -> bool:
+            for h in names:
+                r = c.ctl(h, "--json", "members")
+                if r.returncode != 0:
+                    return False
+                if sorted(m["name"] for m in json.loads(r.stdout) if m["state"] == "alive") \
+                        != sorted(names):
+                    return False
+            return True
+
+        wait(converged, 30, "membership to converge")
+        return c
+
+    yield make
+    for c in made:
+        c.close()

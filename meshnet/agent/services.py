@@ -1,0 +1,487 @@
+"""Services: specs in the store, placement by hashing on every agent, tasks supervised here.
+
+Every agent computes the same placement from the same inputs (the alive members and the
+service specs) and runs exactly the tasks that fall to itself. Each task is a sandbox plus a
+supervised process: its endpoint (and so its DNS name) exists only while the process runs,
+its output goes to a size-capped log, and it restarts by its policy. Task states are written
+to the `tasks` table (owned by the node, so a dead node's tasks vanish from every view).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from meshnet.agent.control import Handler, OpError, SendEvent
+from meshnet.agent.gossip import STREAM_LOGS, GossipTransport, StreamError
+from meshnet.agent.sandboxes import Sandboxes, SandboxHandle
+from meshnet.agent.state_service import StateService
+from meshnet.crypto.keyring import KeyringError
+from meshnet.membership import Addr, Member
+from meshnet.placement import (
+    Constraint,
+    NodeInfo,
+    PlacementError,
+    ServiceSpec,
+    parse_constraint,
+    place,
+)
+from meshnet.platform.sandbox import sandbox_command
+from meshnet.state import SERVICES, Service
+from meshnet.state.networks import NetworkError, check_name
+
+log = logging.getLogger("meshnet.services")
+
+TASKS = "tasks"
+# Each task's output is kept to this much (plus one rotated file of the same size).
+LOG_CAP_BYTES = 1 << 20
+# `service logs` returns at most this much of each task's log.
+LOG_TAIL_BYTES = 64 << 10
+# A task asked to stop gets SIGTERM, then SIGKILL after this long (Docker's default is 10 s).
+STOP_GRACE_S = 5.0
+# The scheduler re-checks even with no change, so a lost wake-up never leaves a slot empty.
+RECONCILE_PERIOD_S = 2.0
+MAX_REPLICAS = 10_000
+RESTART_CONDITIONS = ("none", "on-failure", "any")
+# Exit code recorded when the sandbox or process could not be set up (as Docker's 125).
+START_FAILED = 125
+
+
+@dataclass
+class Restart:
+    condition: str = "any"
+    delay: float = 1.0
+    max_attempts: int = 0  # 0: unlimited
+    backoff: float = 2.0
+    max_delay: float = 30.0
+
+
+@dataclass
+class Task:
+    service: str
+    slot: int
+    spec: dict[str, Any]
+    state: str = "starting"
+    exit_code: int | None = None
+    restarts: int = 0
+    ip: str | None = None
+    runner: asyncio.Task[None] | None = None
+    handle: SandboxHandle | None = None
+    proc: asyncio.subprocess.Process | None = None
+    stopping: bool = False
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def name(self) -> str:
+        return f"{self.service}.{self.slot}"
+
+
+def parse_spec(args: dict[str, Any], networks: set[str]) -> Service:
+    """Validate a `service create` request into a Service; OpError with one clear line."""
+    try:
+        name = check_name("service", args.get("name"))
+    except NetworkError as e:
+        raise OpError(str(e)) from None
+    nets = args.get("networks") or []
+    if not isinstance(nets, list) or not nets:
+        raise OpError("service create needs --network")
+    for n in nets:
+        if n not in networks:
+            raise OpError(f"network {n} not found")
+    mode = args.get("mode") or "replicated"
+    if mode not in ("replicated", "global"):
+        raise OpError(f"unknown mode {mode!r}")
+    replicas = args.get("replicas")
+    replicas = 1 if replicas is None else replicas
+    if not isinstance(replicas, int) or not 0 <= replicas <= MAX_REPLICAS:
+        raise OpError(f"--replicas must be 0..{MAX_REPLICAS}")
+    constraints = args.get("constraints") or []
+    try:
+        for c in constraints:
+            parse_constraint(str(c))
+    except PlacementError as e:
+        raise OpError(f"bad constraint: {e}") from None
+    mpn = args.get("max_per_node")
+    if mpn is not None and (not isinstance(mpn, int) or mpn < 1):
+        raise OpError("--max-per-node must be 1 or more")
+    cond = args.get("restart_condition") or "any"
+    if cond not in RESTART_CONDITIONS:
+        raise OpError(f"--restart-condition must be one of {', '.join(RESTART_CONDITIONS)}")
+    env: dict[str, str] = {}
+    for item in args.get("env") or []:
+        k, sep, v = str(item).partition("=")
+        if not sep or not k:
+            raise OpError(f"--env {item!r} is not K=V")
+        env[k] = v
+    command = args.get("command")
+    if not isinstance(command, list) or not command or \
+            not all(isinstance(c, str) for c in command):
+        raise OpError("service create needs a command after --")
+    spec = {"networks": nets, "command": command, "env": env, "constraints": list(constraints),
+            "max_per_node": mpn, "restart": {"condition": cond, "delay": 1.0,
+                                               "max_attempts": int(args.get("max_attempts") or 0),
+                                               "backoff": 2.0}}
+    return Service(name=name, network=nets[0], mode=mode,
+                   replicas=replicas if mode == "replicated" else 0, spec=spec)
+
+
+def to_placement(svc: Service) -> ServiceSpec:
+    spec = dict(svc.spec)
+    constraints: tuple[Constraint, ...] = tuple(
+        parse_constraint(str(c)) for c in spec.get("constraints") or [])
+    return ServiceSpec(name=svc.name, replicas=svc.replicas, mode=svc.mode,
+                       constraints=constraints, max_per_node=spec.get("max_per_node"))
+
+
+class Services:
+    def __init__(self, state: StateService, sandboxes: Sandboxes, gossip: GossipTransport,
+                 node: str, nodes: Callable[[], list[NodeInfo]],
+                 peers: Callable[[], list[Member]], log_dir: Path,
+                 balance: float = 1.25) -> None:
+        self.state = state
+        self.store = state.store
+        self.sandboxes = sandboxes
+        self.gossip = gossip
+        self.node = node
+        self.nodes = nodes
+        self.peers = peers
+        self.log_dir = log_dir
+        self.balance = balance
+        self.tasks: dict[str, Task] = {}
+        self.wake = asyncio.Event()
+        self.loop_task: asyncio.Task[None] | None = None
+        self.closing = False
+        gossip.stream_handlers[STREAM_LOGS] = self._serve_logs
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "service.create": self.op_create,
+            "service.scale": self.op_scale,
+            "service.ls": self.op_ls,
+            "service.ps": self.op_ps,
+            "service.inspect": self.op_inspect,
+            "service.rm": self.op_rm,
+            "service.logs": self.op_logs,
+        }
+
+    async def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Task records of a previous run are stale: its sandboxes were cleaned up at start.
+        for entry in self.store.owned_by(self.node):
+            if entry.table == TASKS:
+                self.store.delete(TASKS, entry.key, time.time())
+        self.state.changed()
+        self.loop_task = asyncio.get_running_loop().create_task(self._loop())
+
+    def kick(self) -> None:
+        self.wake.set()
+
+    async def close(self) -> None:
+        """Stop every task (endpoints withdrawn first) before the agent says `left`."""
+        self.closing = True
+        if self.loop_task is not None:
+            self.loop_task.cancel()
+        await asyncio.gather(*(self._stop(t) for t in list(self.tasks.values())))
+
+    # --- scheduling -------------------------------------------------------------------------
+
+    def placement(self) -> dict[str, dict[int, str]]:
+        services = sorted(self.store.services().values(), key=lambda s: s.name)
+        specs = []
+        for s in services:
+            with contextlib.suppress(PlacementError, ValueError, TypeError):
+                specs.append(to_placement(s))
+        return place(specs, self.nodes(), self.balance)
+
+    async def _loop(self) -> None:
+        while True:
+            self.wake.clear()
+            try:
+                self.reconcile()
+            except Exception:  # a bug here must not stop scheduling for good
+                log.exception("scheduler pass failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), RECONCILE_PERIOD_S)
+
+    def reconcile(self) -> None:
+        if self.closing:
+            return
+        services = self.store.services()
+        mine: dict[str, tuple[Service, int]] = {}
+        for svc_name, slots in self.placement().items():
+            svc = services.get(svc_name)
+            if svc is None:
+                continue
+            for slot, node in slots.items():
+                if node == self.node:
+                    mine[f"{svc_name}.{slot}"] = (svc, slot)
+        for name, task in list(self.tasks.items()):
+            current = services.get(task.service)
+            if name not in mine or current is None or dict(current.spec) != task.spec:
+                asyncio.get_running_loop().create_task(self._stop(task))
+        for name, (svc, slot) in sorted(mine.items()):
+            if name not in self.tasks:
+                task = Task(service=svc.name, slot=slot, spec=dict(svc.spec))
+                self.tasks[name] = task
+                task.runner = asyncio.get_running_loop().create_task(self._supervise(task))
+
+    # --- one task ----------------------------------------------------------------------------
+
+    def _task_key(self, task: Task) -> str:
+        return f"{task.name}@{self.node}"  # two nodes may briefly run one task; no overwrites
+
+    async def _publish(self, task: Task) -> None:
+        await self.state.put(TASKS, self._task_key(task), {
+            "task": task.name, "service": task.service, "slot": task.slot, "node": self.node,
+            "state": task.state, "ip": task.ip, "exit_code": task.exit_code,
+            "restarts": task.restarts})
+
+    def _log_path(self, task_name: str) -> Path:
+        return self.log_dir / f"{task_name}.log"
+
+    async def _supervise(self, task: Task) -> None:
+        restart = Restart(**task.spec.get("restart", {}))
+        delay = restart.delay
+        try:
+            while not task.stopping:
+                task.state = "starting"
+                try:
+                    code = await self._run_once(task)
+                except Exception:  # the kernel said no; retry by the restart policy
+                    log.exception("task %s failed to start", task.name)
+                    code = START_FAILED
+                task.exit_code = code
+                task.state = "complete" if code == 0 else "failed"
+                task.ip = None
+                await self._publish(task)
+                again = (restart.condition == "any" or
+                         (restart.condition == "on-failure" and code != 0))
+                if not again or (restart.max_attempts and task.restarts >= restart.max_attempts):
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * restart.backoff, restart.max_delay)
+                task.restarts += 1
+        except asyncio.CancelledError:
+            raise
+
+    async def _run_once(self, task: Task) -> int:
+        spec = task.spec
+        network = spec["networks"][0]
+        handle = await self.sandboxes.create(network, task.name, service=task.service,
+                                             slot=task.slot, publish=False)
+        task.handle = handle
+        task.ip = handle.ip
+        try:
+            env = self.sandboxes.task_env(handle)
+            env.update(spec.get("env") or {})
+            logf = _CappedLog(self._log_path(task.name))
+            task.proc = await asyncio.create_subprocess_exec(
+                *sandbox_command(handle.ns, spec["command"]), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True, env=env)
+            task.state = "running"
+            await self.sandboxes.publish(handle)  # the name resolves only while it runs
+            await self._publish(task)
+            assert task.proc.stdout is not None
+            while chunk := await task.proc.stdout.read(65536):
+                logf.write(chunk)
+            code = await task.proc.wait()
+            logf.close()
+            return code if code >= 0 else 128 - code
+        except FileNotFoundError as e:
+            raise OpError(f"cannot start {spec['command'][0]}: {e}") from None
+        finally:
+            if task.proc is not None and task.proc.returncode is None:
+                await _terminate(task.proc)
+            task.proc = None
+            task.handle = None
+            await self.sandboxes.remove(handle)
+
+    async def _stop(self, task: Task) -> None:
+        if task.stopping:
+            return
+        task.stopping = True
+        if task.proc is not None and task.proc.returncode is None:
+            await _terminate(task.proc)  # the supervisor sees the exit and tears down
+        if task.runner is not None:
+            task.runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task.runner
+        self.tasks.pop(task.name, None)
+        with contextlib.suppress(Exception):
+            await self.state.delete(TASKS, self._task_key(task))
+
+    # --- control API ---------------------------------------------------------------------------
+
+    def _service(self, args: dict[str, Any]) -> Service:
+        name = str(args.get("name"))
+        svc = self.store.services().get(name)
+        if svc is None:
+            raise OpError(f"service {name} not found")
+        return svc
+
+    async def op_create(self, args: dict[str, Any], send: SendEvent) -> Any:
+        svc = parse_spec(args, set(self.store.networks()))
+        if svc.name in self.store.services():
+            raise OpError(f"service {svc.name} already exists")
+        await self.state.put(SERVICES, svc.name, svc.to_value())
+        self.kick()
+        return self._service_json(svc)
+
+    async def op_scale(self, args: dict[str, Any], send: SendEvent) -> Any:
+        scales = args.get("scales")
+        if not isinstance(scales, dict) or not scales:
+            raise OpError("scale needs NAME=N")
+        services = self.store.services()
+        for name, n in scales.items():
+            if name not in services:
+                raise OpError(f"service {name} not found")
+            if services[name].mode == "global":
+                raise OpError(f"service {name} is global; it cannot be scaled")
+            if not isinstance(n, int) or not 0 <= n <= MAX_REPLICAS:
+                raise OpError(f"{name}: replicas must be 0..{MAX_REPLICAS}")
+        out = {}
+        for name, n in scales.items():
+            svc = services[name]
+            value = svc.to_value()
+            value["replicas"] = n
+            await self.state.put(SERVICES, name, value)
+            out[name] = n
+        self.kick()
+        return out
+
+    def _task_rows(self, service: str | None = None) -> list[dict[str, Any]]:
+        rows = []
+        for data in self.store.view(TASKS).values():
+            if service is None or data.get("service") == service:
+                rows.append({k: data.get(k) for k in
+                             ("task", "service", "slot", "node", "state", "ip", "restarts",
+                              "exit_code")})
+        return sorted(rows, key=lambda r: (str(r["service"]), int(r["slot"] or 0)))
+
+    def _service_json(self, svc: Service) -> dict[str, Any]:
+        spec = dict(svc.spec)
+        placed = self.placement().get(svc.name, {})
+        running = sum(1 for r in self._task_rows(svc.name) if r["state"] == "running")
+        desired = svc.replicas if svc.mode == "replicated" else len(placed)
+        return {"name": svc.name, "mode": svc.mode, "replicas": desired, "running": running,
+                "networks": spec.get("networks"), "command": spec.get("command"),
+                "constraints": spec.get("constraints"), "max_per_node": spec.get("max_per_node"),
+                "restart": spec.get("restart"), "env": spec.get("env"),
+                "placement": {str(k): v for k, v in sorted(placed.items())}}
+
+    async def op_ls(self, args: dict[str, Any], send: SendEvent) -> Any:
+        out = []
+        for svc in sorted(self.store.services().values(), key=lambda s: s.name):
+            doc = self._service_json(svc)
+            out.append({"name": doc["name"], "mode": doc["mode"],
+                        "replicas": f"{doc['running']}/{doc['replicas']}",
+                        "desired": doc["replicas"], "running": doc["running"],
+                        "command": " ".join(doc["command"] or [])})
+        return out
+
+    async def op_ps(self, args: dict[str, Any], send: SendEvent) -> Any:
+        svc = self._service(args)
+        rows = self._task_rows(svc.name)
+        have = {int(r["slot"]) for r in rows if r["slot"] is not None}
+        for slot, node in sorted(self.placement().get(svc.name, {}).items()):
+            if slot not in have:
+                rows.append({"task": f"{svc.name}.{slot}", "service": svc.name, "slot": slot,
+                             "node": node, "state": "pending", "ip": None})
+        return sorted(rows, key=lambda r: int(r["slot"]))
+
+    async def op_inspect(self, args: dict[str, Any], send: SendEvent) -> Any:
+        return self._service_json(self._service(args))
+
+    async def op_rm(self, args: dict[str, Any], send: SendEvent) -> Any:
+        svc = self._service(args)
+        await self.state.delete(SERVICES, svc.name)
+        self.kick()
+        return {"removed": svc.name}
+
+    # --- logs: gathered from every host that runs a task ---------------------------------------
+
+    def local_logs(self, service: str) -> dict[str, str]:
+        out = {}
+        for path in sorted(self.log_dir.glob(f"{service}.*.log")):
+            task = path.name[: -len(".log")]
+            with contextlib.suppress(OSError):
+                size = path.stat().st_size
+                with open(path, "rb") as f:
+                    f.seek(max(0, size - LOG_TAIL_BYTES))
+                    out[task] = f.read().decode(errors="replace")
+        return out
+
+    async def _serve_logs(self, body: bytes, addr: Addr) -> bytes | None:
+        try:
+            service = msgpack.unpackb(body, raw=False, max_str_len=256)
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            return None
+        if not isinstance(service, str):
+            return None
+        return bytes(msgpack.packb({"node": self.node, "logs": self.local_logs(service)}))
+
+    async def op_logs(self, args: dict[str, Any], send: SendEvent) -> Any:
+        svc = self._service(args)
+        body = bytes(msgpack.packb(svc.name))
+
+        async def ask(m: Member) -> dict[str, str]:
+            try:
+                raw = await self.gossip.request(m.addr, STREAM_LOGS, body)
+                doc = msgpack.unpackb(raw, raw=False)
+                return {str(k): str(v) for k, v in doc.get("logs", {}).items()}
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, StreamError,
+                    KeyringError, ValueError, AttributeError):
+                return {}
+
+        logs = self.local_logs(svc.name)
+        for part in await asyncio.gather(*(ask(m) for m in self.peers())):
+            logs.update(part)
+        for task, text in sorted(logs.items()):
+            lines = "".join(f"{task} | {line}\n" for line in text.splitlines())
+            if lines:
+                await send({"stream": "stdout", "data": lines})
+        return {"service": svc.name, "tasks": sorted(logs)}
+
+
+class _CappedLog:
+    """Append-only log that rotates to NAME.1 when it reaches LOG_CAP_BYTES."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.f = open(path, "ab")  # noqa: SIM115 (closed by close())
+        self.size = self.f.tell()
+
+    def write(self, data: bytes) -> None:
+        if self.size + len(data) > LOG_CAP_BYTES:
+            self.f.close()
+            os.replace(self.path, self.path.with_suffix(".log.1"))
+            self.f = open(self.path, "ab")  # noqa: SIM115
+            self.size = 0
+        self.f.write(data)
+        self.f.flush()
+        self.size += len(data)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+async def _terminate(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
