@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 import time
+import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -24,8 +25,17 @@ def _host() -> str:
 
 
 def _get(url: str, timeout: float = 5.0) -> str:
+    """GET url, connecting to the FIRST address the DNS answer lists. getaddrinfo would re-sort
+    the rotated answer by RFC 6724 (longest prefix first) and so always pick the same task;
+    gethostbyname_ex keeps the server's order, which is what spreads calls over the tasks."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    addrs = socket.gethostbyname_ex(host)[2]
+    netloc = addrs[0] + (f":{parts.port}" if parts.port else "")
+    target = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    req = urllib.request.Request(target, headers={"Host": parts.netloc})
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(url, timeout=timeout) as r:
+    with opener.open(req, timeout=timeout) as r:
         return str(r.read().decode().strip())
 
 

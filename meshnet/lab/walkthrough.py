@@ -81,6 +81,17 @@ def endpoint(lab: Lab, host: str, network: str, name: str) -> str | None:
                 None)
 
 
+def wait_running(lab: Lab, hosts: list[str], want: dict[str, int]) -> None:
+    def ok() -> bool:
+        for svc, n in want.items():
+            rows = ctl_json(lab, hosts[0], "service", "ps", svc)
+            if sum(1 for t in rows if t["state"] == "running") != n:
+                return False
+        return True
+
+    wait_until(ok, 60, f"tasks running ({want})")
+
+
 def all_alive(lab: Lab, hosts: list[str]) -> bool:
     for h in hosts:
         members = {m["name"]: m["state"] for m in ctl_json(lab, h, "members")}
@@ -114,25 +125,55 @@ def run(hosts: int) -> None:
                    CONVERGE_TIMEOUT_S, "appnet on every host")
         show(lab, names[-1], "network", "ls")
 
-        last = names[-1]
-        step(4, f"docker run -d --network appnet --name backend web-server   (on {last})",
-             f"meshctl run --network appnet --name backend -- demo HTTP server   (on {last})")
-        procs.append(background(lab, last, "run", "--network", "appnet", "--name", "backend",
-                                "--", *DEMO, "serve", "--name", "backend"))
-        wait_until(lambda: endpoint(lab, names[0], "appnet", "backend"), CONVERGE_TIMEOUT_S,
-                   "backend's endpoint to reach h1")
+        step(4, "docker service create --name backend --network appnet --replicas 2 web",
+             "meshctl service create backend --network appnet --replicas 2 -- demo HTTP server")
+        show(lab, names[0], "service", "create", "backend", "--network", "appnet",
+             "--replicas", "2", "--", *DEMO, "serve")
 
-        step(5, "docker network inspect appnet", "meshctl network inspect appnet")
+        step(5, "docker service create --name frontend --network appnet --replicas 3 front",
+             "meshctl service create frontend ... -- demo frontend calling http://backend:8080/")
+        show(lab, names[1], "service", "create", "frontend", "--network", "appnet",
+             "--replicas", "3", "--", *DEMO, "front", "--backend", "http://backend:8080/")
+        wait_running(lab, names, {"backend": 2, "frontend": 3})
+        show(lab, names[2], "service", "ls")
+        show(lab, names[0], "service", "ps", "backend")
+        show(lab, names[0], "service", "ps", "frontend")
+
+        step(6, "docker service scale backend=3 frontend=4",
+             "meshctl service scale backend=3 frontend=4 (placement by hashing, no leader)")
+        show(lab, names[2], "service", "scale", "backend=3", "frontend=4")
+        wait_running(lab, names, {"backend": 3, "frontend": 4})
+        show(lab, names[0], "service", "ps", "frontend")
+
+        step(7, "docker network inspect appnet", "meshctl network inspect appnet")
         show(lab, names[0], "network", "inspect", "appnet")
+        doc = ctl_json(lab, names[0], "network", "inspect", "appnet")
+        hosts_used = {e["node"] for e in doc["endpoints"]}
+        if len(hosts_used) < 2:
+            raise StepFailed(f"tasks are not spread across hosts: {sorted(hosts_used)}")
 
-        step(6, "docker run --network appnet client curl http://backend:8080   (on h1)",
-             "meshctl run --network appnet -- GET http://backend:8080   (on h1, across hosts)")
-        r = lab.ctl(names[0], ["run", "--network", "appnet", "--name", "client", "--", *DEMO,
-                               "get", "http://backend:8080/"], capture_output=True, timeout=60)
-        say(f"\n[{names[0]}] $ meshctl run --network appnet -- GET http://backend:8080/")
+        step(8, "docker run --rm --network appnet probe curl http://frontend:8080  (x6)",
+             "meshctl run --network appnet -- GET http://frontend:8080/ (answers across hosts)")
+        script = "; ".join([" ".join([*DEMO, "get", "http://frontend:8080/"])] * 6)
+        r = lab.ctl(names[0], ["run", "--network", "appnet", "--name", "probe", "--", "sh",
+                               "-c", script], capture_output=True, timeout=120)
+        say(f"\n[{names[0]}] $ meshctl run --network appnet -- GET http://frontend:8080/ (x6)")
         say((r.stdout + r.stderr).rstrip())
-        if r.returncode != 0 or f"backend on {last}" not in r.stdout:
-            raise StepFailed("the client on h1 could not reach backend by name")
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("frontend.")]
+        if r.returncode != 0 or len(lines) != 6 or any(" -> backend." not in ln for ln in lines):
+            raise StepFailed("the probe could not reach frontend, or frontend not backend")
+        served_by = {ln.split(" on ")[1].split(" ->")[0] for ln in lines}
+        say(f"   answered by frontends on {', '.join(sorted(served_by))}")
+        if len(served_by) < 2:
+            raise StepFailed("every answer came from one host: DNS rotation did not spread calls")
+
+        step(9, "docker service rm frontend backend; docker network rm appnet",
+             "meshctl service rm ...; meshctl network rm appnet")
+        show(lab, names[0], "service", "rm", "frontend")
+        show(lab, names[0], "service", "rm", "backend")
+        wait_until(lambda: not ctl_json(lab, names[0], "network", "inspect", "appnet")[
+            "endpoints"], CONVERGE_TIMEOUT_S, "every task to stop")
+        show(lab, names[0], "network", "rm", "appnet")
         say("\nlab: every step passed")
     finally:
         for p in procs:
