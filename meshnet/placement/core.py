@@ -176,11 +176,13 @@ class _Placer:
             g = self.groups[key] = _Group(elig, self.weights, len(self.nodes), self.lanes)
         return g
 
-    def deepen(self, bl: BlockLists, g: _Group) -> bool:
-        """Next level of ``bl``; False once the last (complete) level was already there."""
+    def deepen(self, bl: BlockLists, g: _Group, want: int = 0) -> bool:
+        """Next level of ``bl``, one where a slot expects ``2 * want`` candidates if that is
+        further (levels are not free: each walks every passing node again); False once the last
+        (complete) level was already there."""
         if bl.level > _MAX_LEVEL:
             return False
-        bl.level += 1
+        bl.level = max(bl.level + 1, math.ceil(math.log2(max(1.0, 2 * want / _K[bl.size]))))
         tau = g.tau(bl.size, bl.level)
         lists: list[list[Cand]] = [[] for _ in range(bl.used)]
         seeds, weights = self.seeds, self.weights
@@ -298,7 +300,9 @@ class _Placer:
                     forced.append(sid)
                     continue
                 bl = sid_block[sid]
-                while rank >= len(bl.lists[sid_off[sid]]) and self.deepen(bl, groups[bl.index]):
+                while rank >= len(bl.lists[sid_off[sid]]) and self.deepen(
+                    bl, groups[bl.index], rank + 1
+                ):
                     pass
                 lst = sid_list[sid] = bl.lists[sid_off[sid]]
                 # the block's other slots pick up their (longer) lists lazily, same prefix
