@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     bytes0 = sim.total_bytes_sent()
     refuted0 = sum(node.core.stats["refuted_suspicions"] for node in sim.nodes)
     wall0 = time.perf_counter()
+    cpu0 = time.process_time()
     t_end = warmup + args.duration
     next_crash = warmup + 1.0
     healthy = [i for i in range(n) if i not in slow]
@@ -151,6 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         if args.progress:
             print(f"t={sim.now:.0f} wall={time.perf_counter() - wall0:.1f}", file=sys.stderr)
     wall = time.perf_counter() - wall0
+    cpu = time.process_time() - cpu0
     virtual = args.duration
     total_bytes = sim.total_bytes_sent() - bytes0
     refuted = sum(node.core.stats["refuted_suspicions"] for node in sim.nodes) - refuted0
@@ -172,6 +174,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "virtual_s": virtual,
         "wall_s": round(wall, 2),
         "virtual_per_wall": round(virtual / wall, 3) if wall > 0 else None,
+        # CPU seconds of this process: the honest speed when the machine is shared.
+        "cpu_s": round(cpu, 2),
+        "virtual_per_cpu_s": round(virtual / cpu, 3) if cpu > 0 else None,
         "crashes": len(crashed_at),
         "crashes_not_fully_detected": len(undetected),
         "detect_first_p50_s": _r(pct(first, 50)),

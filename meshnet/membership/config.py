@@ -12,23 +12,27 @@ interval, and the dead message needs ~2 s to reach the last of 1000 members. Tha
 4-5 s for the suspicion at p99, which at N=1000 means suspicion_mult ~1.5-2.
 
 The risk of a short suspicion is declaring a live-but-slow node dead. Lifeguard is what makes a
-short *minimum* safe:
+short *minimum* safe, and we add three small steps in its spirit:
 
 * the timeout starts at ``suspicion_max_timeout_mult`` x min (36 s at N=1000 with mult 2) and only
-  falls to the minimum after ``suspicion_k`` *independent* confirmations. A lone suspicion caused
-  by packet loss (one prober, unconfirmed) therefore lasts the full maximum; only a node that many
-  probers fail to reach gets the short timeout;
-* the buddy system tells the suspect directly (we also send the suspicion straight to it the
-  moment we raise it), so a slow node learns of it within one hop plus its own inbox delay and
-  refutes; the refutation is also sent straight back to the accusers it knows of;
-* awareness stretches the probe timeouts of a node that is itself the slow one, so it stops
-  accusing healthy peers.
+  falls to the minimum after ``suspicion_k`` *independent* confirmations of the *same*
+  incarnation (a suspicion of a newer incarnation starts afresh). A lone suspicion caused by
+  packet loss lasts the full maximum; only a node that many probers fail to reach gets the
+  short timeout;
+* the buddy system tells the suspect directly: on every probe of it, and (ours) the moment we
+  raise the suspicion. The suspect pushes its refutation to the accuser and to gossip_nodes
+  random peers at once, not at the next gossip tick;
+* (ours) a member in poor local health stretches its suspicion timeouts by its awareness
+  multiplier, exactly as Lifeguard stretches its probe timeouts: a node with a slow inbox hears
+  refutations late and must not be the one that declares others dead;
+* (ours) a suspicion does not expire into "dead" while we hold fresh evidence of life (an ack,
+  even a late one, to one of our own probes since the suspicion began): it is extended by one
+  minimum period and the suspect is reminded.
 
 memberlist derives k from the multiplier (k = mult - 2), which at mult 2 would be k = 0 and turn
 the dynamic timeout off; we keep k as its own setting (2, memberlist's value at mult 4).
-The numbers behind the choice are measured by ``bench/membership.py`` (see its docstring): at
-N=1000 on LAN timings they give detect_all_p99 within 12 s in the clean scenario and zero false
-positives over 600 virtual s with 5% loss and with 10% slow nodes.
+The numbers behind the choice are measured by ``bench/membership.py`` (N=1000, LAN timings):
+see the report that introduced this profile for the figures; rerun it to check them.
 """
 
 from __future__ import annotations

@@ -34,7 +34,12 @@ from collections.abc import Callable
 from meshnet import wire
 from meshnet.membership.broadcast import BroadcastQueue
 from meshnet.membership.config import MembershipConfig
-from meshnet.membership.lifeguard import Awareness, Suspicion, suspicion_bounds
+from meshnet.membership.lifeguard import (
+    Awareness,
+    Suspicion,
+    suspicion_bounds,
+    suspicion_timeout,
+)
 from meshnet.membership.messages import (
     COMPOUND_OVERHEAD,
     COMPOUND_PART_OVERHEAD,
@@ -120,6 +125,8 @@ _STAT_KEYS = (
     "acks_forwarded",
     "suspicions_raised",
     "deaths_declared",
+    "deaths_vetoed",
+    "refutations_pushed",
     "refuted_suspicions",
     "push_pulls_started",
     "push_pulls_completed",
@@ -139,6 +146,7 @@ _STAT_KEYS = (
 class _Node:
     __slots__ = (
         "addr",
+        "heard_at",
         "incarnation",
         "meta",
         "meta_bytes",
@@ -161,6 +169,7 @@ class _Node:
         self.state = state
         self.state_changed_at = now
         self.suspicion: Suspicion | None = None
+        self.heard_at = -1.0  # last ack from it to a probe of ours (direct, late or relayed)
 
     def snapshot(self) -> Member:
         return Member(
@@ -240,6 +249,8 @@ class Membership:
         self.stats: dict[str, int] = dict.fromkeys(_STAT_KEYS, 0)
 
         self._probe: _Probe | None = None
+        # Recently finished probes, so that a late ack still counts as evidence of life.
+        self._recent_probes: deque[_Probe] = deque(maxlen=4)
         # Stagger the periodic work so that nodes started together do not tick together.
         self._probe_tick_at = now + rng.random() * config.probe_interval
         self._gossip_at: float | None = None
@@ -457,6 +468,24 @@ class Membership:
         _, _, kind, key = entry
         if kind == _T_SUSPICION:
             node = self._nodes[key]  # type: ignore[index]
+            susp = node.suspicion
+            assert susp is not None
+            base = susp.start + suspicion_timeout(susp.confirmations, susp.k, susp.lo, susp.hi)
+            due = susp.start + (base - susp.start) * (self._awareness.score + 1)
+            if now < due:
+                # Lifeguard, one step further: a member in poor local health (its own probes
+                # fail, it is late to hear refutations) is slower to declare others dead.
+                susp.deadline = due
+                self._push_timer(due, _T_SUSPICION, node.name)
+                return
+            if node.heard_at > susp.start and now - node.heard_at < susp.hi:
+                # It answered one of our probes after the suspicion began: slow, not dead. Give
+                # its refutation another minimum period, and remind it (buddy system).
+                self.stats["deaths_vetoed"] += 1
+                susp.deadline = now + susp.lo
+                self._push_timer(susp.deadline, _T_SUSPICION, node.name)
+                self._send([Suspect(node.incarnation, node.name, self.name).encode()], node.addr)
+                return
             self.stats["deaths_declared"] += 1
             self._on_dead(Dead(node.incarnation, node.name, self.name), now)
         elif kind == _T_RELAY:
@@ -488,8 +517,10 @@ class Membership:
 
     def _probe_tick(self, now: float) -> None:
         p = self._probe
-        if p is not None and not p.acked:
-            self._probe_failed(p, now)
+        if p is not None:
+            if not p.acked:
+                self._probe_failed(p, now)
+            self._recent_probes.append(p)
         self._probe = None
         interval = self._awareness.scale(self.config.probe_interval)
         self._probe_tick_at = now + interval
@@ -601,10 +632,15 @@ class Membership:
     def _on_ack(self, msg: Ack, now: float) -> None:
         p = self._probe
         if p is not None and p.seq == msg.seq:
+            p.node.heard_at = now
             if not p.acked:
                 p.acked = True
                 self._awareness.apply_delta(-1)
             return
+        for old in self._recent_probes:
+            if old.seq == msg.seq:
+                old.node.heard_at = now  # late, but alive
+                return
         relay = self._relays.pop(msg.seq, None)
         if relay is not None:
             self.stats["acks_forwarded"] += 1
@@ -663,6 +699,7 @@ class Membership:
             acc = self._nodes.get(accuser)
             if acc is not None and (acc.state is ALIVE or acc.state is SUSPECT):
                 self._send([msg], acc.addr)
+        self._push_refutation(msg)
 
     def _on_alive(self, a: Alive, now: float, quiet: bool = False) -> None:
         name = a.meta.name
@@ -714,8 +751,22 @@ class Membership:
         if old is not ALIVE:
             self._set_state(node, ALIVE, now)
             self._emit(MemberAlive if old is SUSPECT else MemberJoined, node)
+
         elif meta_changed:
             self._emit(MemberUpdated, node)
+
+    def _push_refutation(self, msg: bytes) -> None:
+        """Send our refutation at once to ``gossip_nodes`` random peers (bare, no piggyback).
+
+        Every holder of the suspicion is racing its own timer; starting the epidemic now rather
+        than at the next gossip tick buys a round. The message also goes through the queue for
+        its normal retransmissions.
+        """
+        self.stats["refutations_pushed"] += 1
+        for peer in self._k_random(self.config.gossip_nodes, lambda n: n.state is ALIVE):
+            self._out.append((msg, peer.addr))
+            self.stats["packets_sent"] += 1
+            self.stats["bytes_sent"] += len(msg)
 
     def _on_suspect(self, s: Suspect, now: float) -> None:
         node = self._nodes.get(s.node)
@@ -727,16 +778,17 @@ class Membership:
             return
         if s.incarnation < node.incarnation:
             return
-        if node.state is SUSPECT:
+        if node.state is SUSPECT and s.incarnation == node.incarnation:
             assert node.suspicion is not None
-            if s.incarnation > node.incarnation:
-                node.incarnation = s.incarnation
             if node.suspicion.confirm(s.sender):
                 self._push_timer(node.suspicion.deadline, _T_SUSPICION, node.name)
                 self._broadcast(node.name, s.encode(), now)
             return
         if node.state is not ALIVE and s.incarnation == node.incarnation:
             return  # dead/left at the same incarnation outrank suspect
+        # A new suspicion (or one about a newer incarnation than the one we suspected: the
+        # confirmations we counted were about the older life, so the timer starts afresh).
+        was_suspect = node.state is SUSPECT
         node.incarnation = s.incarnation
         self._set_state(node, SUSPECT, now)
         n = self._n_live
@@ -754,7 +806,8 @@ class Membership:
         if s.sender == self.name:
             self.stats["suspicions_raised"] += 1
         self._broadcast(node.name, s.encode(), now)
-        self._emit(MemberSuspect, node)
+        if not was_suspect:
+            self._emit(MemberSuspect, node)
 
     def _on_dead(self, d: Dead, now: float) -> None:
         node = self._nodes.get(d.node)

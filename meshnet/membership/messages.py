@@ -99,7 +99,7 @@ def _body(view: memoryview, n: int, what: str) -> list[Any]:
     return body
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Ping:
     seq: int
     target: str
@@ -109,7 +109,7 @@ class Ping:
         return wire.frame(MsgType.PING, [self.seq, self.target, self.source])
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class IndirectPing:
     seq: int
     target: str
@@ -122,7 +122,7 @@ class IndirectPing:
         )
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Ack:
     seq: int
 
@@ -130,7 +130,7 @@ class Ack:
         return wire.frame(MsgType.ACK, [self.seq])
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Nack:
     seq: int
 
@@ -138,7 +138,7 @@ class Nack:
         return wire.frame(MsgType.NACK, [self.seq])
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Suspect:
     incarnation: int
     node: str
@@ -148,7 +148,7 @@ class Suspect:
         return wire.frame(MsgType.SUSPECT, [self.incarnation, self.node, self.sender])
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Dead:
     """``sender == node`` means the node left gracefully (memberlist's convention)."""
 
@@ -160,7 +160,7 @@ class Dead:
         return wire.frame(MsgType.DEAD, [self.incarnation, self.node, self.sender])
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Alive:
     incarnation: int
     meta: NodeMeta
@@ -174,7 +174,7 @@ class Alive:
         return wire.frame(MsgType.ALIVE, [self.incarnation, self.meta_bytes])
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class User:
     data: bytes
 
@@ -182,7 +182,7 @@ class User:
         return bytes((MsgType.USER,)) + self.data
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class PushPullState:
     name: str
     incarnation: int
@@ -191,7 +191,7 @@ class PushPullState:
     meta_bytes: bytes
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class PushPull:
     join: bool
     states: list[PushPullState]

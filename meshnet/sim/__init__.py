@@ -18,6 +18,7 @@ import heapq
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from meshnet.membership import MemberEvent, Membership, MembershipConfig, MemberState, NodeMeta
 from meshnet.wire import ENCRYPTION_OVERHEAD
@@ -73,7 +74,7 @@ class Simulator:
         self.link_latency: dict[tuple[int, int], float] = {}
         self.nodes: list[SimNode] = []
         self._by_addr: dict[Addr, int] = {}
-        self._heap: list[tuple[float, int, int, int, object]] = []
+        self._heap: list[tuple[float, int, int, int, Any]] = []
         self._seq = 0
         self.partitioned = False
         self.on_event: EventHook | None = None
@@ -165,20 +166,21 @@ class Simulator:
                 continue
             self.steps += 1
             if kind == _TIMER:
-                epoch, when = payload  # type: ignore[misc]
+                epoch, when = payload
                 if epoch != node.epoch or node.armed != when:
                     continue
                 node.armed = None
                 node.core.handle_timer(at)
             elif kind == _DELIVER:
-                src, data = payload  # type: ignore[misc]
+                src, data = payload
                 node.bytes_received += len(data) + ENCRYPTION_OVERHEAD
                 node.core.receive_datagram(data, nodes[src].addr, at)
             elif kind == _STREAM_REQ:
-                src, src_epoch, data = payload  # type: ignore[misc]
+                src, src_epoch, data = payload
                 reply = node.core.handle_stream_request(data, nodes[src].addr, at)
                 if reply is None:
-                    self._push(at + self._latency(i, src), _STREAM_FAIL, src, (src_epoch, node.addr))
+                    fail_at = at + self._latency(i, src)
+                    self._push(fail_at, _STREAM_FAIL, src, (src_epoch, node.addr))
                 else:
                     node.bytes_sent += len(reply) + ENCRYPTION_OVERHEAD
                     if self.reachable(i, src):
@@ -188,13 +190,13 @@ class Simulator:
                         self._push(at + STREAM_CONNECT_TIMEOUT, _STREAM_FAIL, src,
                                    (src_epoch, node.addr))
             elif kind == _STREAM_REPLY:
-                epoch, addr, data = payload  # type: ignore[misc]
+                epoch, addr, data = payload
                 if epoch != node.epoch:
                     continue
                 node.bytes_received += len(data) + ENCRYPTION_OVERHEAD
                 node.core.receive_stream_reply(data, addr, at)
             else:  # _STREAM_FAIL
-                epoch, addr = payload  # type: ignore[misc]
+                epoch, addr = payload
                 if epoch != node.epoch:
                     continue
                 node.core.stream_failed(addr, at)
@@ -248,7 +250,7 @@ class Simulator:
 
     # ------------------------------------------------------------------ internals
 
-    def _push(self, at: float, kind: int, i: int, payload: object) -> None:
+    def _push(self, at: float, kind: int, i: int, payload: Any) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (at, self._seq, kind, i, payload))
 

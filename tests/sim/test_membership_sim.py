@@ -3,8 +3,6 @@ determinism. No sleeps; every wait is a virtual-time deadline."""
 
 from __future__ import annotations
 
-import math
-
 from meshnet.membership import MembershipConfig, MemberState
 from meshnet.membership.lifeguard import suspicion_bounds
 from meshnet.sim import Simulator
@@ -110,17 +108,30 @@ def test_same_seed_same_run() -> None:
     assert a != _fingerprint(124)
 
 
-def test_loss_and_slow_nodes_no_false_positives_small() -> None:
-    """A small cluster with 5% loss and two slow nodes: suspicions get refuted, nobody dies."""
-    cfg = MembershipConfig.lan_fast()
-    sim = cluster(50, cfg, seed=17)
+def test_loss5_no_false_positives() -> None:
+    cfg = MembershipConfig.lan()
+    sim = cluster(60, cfg, seed=17)
     sim.loss = 0.05
-    sim.set_slow(3, 2 * cfg.probe_timeout)
-    sim.set_slow(8, 3 * cfg.probe_timeout)
-    sim.run_for(120.0)
-    deaths = sum(n.core.stats["deaths_declared"] for n in sim.nodes)
-    assert deaths == 0
-    assert all(sim.all_see(i, (A, S)) for i in range(50))
-    per_node_per_s = sim.total_bytes_sent() / 50 / sim.now
-    assert per_node_per_s < 21_000
-    assert math.isfinite(per_node_per_s)
+    sim.run_for(200.0)
+    assert sum(n.core.stats["deaths_declared"] for n in sim.nodes) == 0
+    assert all(sim.all_see(i, (A, S)) for i in range(60))
+    assert sim.total_bytes_sent() / 60 / sim.now < 21_000
+
+
+def test_slow_nodes_are_suspected_refute_and_never_die() -> None:
+    """Slow inboxes (1-2 probe timeouts late) plus 1% loss: the bench's slow10 in miniature.
+
+    At this size the minimum suspicion is only ~3.6 s, so inboxes up to 3 probe timeouts late
+    (the bench's upper end, measured at N=1000 by bench/membership.py) are left to the bench.
+    """
+    cfg = MembershipConfig.lan()
+    sim = cluster(60, cfg, seed=19)
+    sim.loss = 0.01
+    slow = {3: 1.0, 8: 2.0, 13: 1.5, 21: 2.0}
+    for i, f in slow.items():
+        sim.set_slow(i, f * cfg.probe_timeout)
+    sim.run_for(200.0)
+    assert sum(n.core.stats["deaths_declared"] for n in sim.nodes) == 0
+    assert sum(sim.nodes[i].core.stats["refuted_suspicions"] for i in slow) > 10
+    assert all(sim.all_see(i, (A, S)) for i in range(60))
+    assert sim.total_bytes_sent() / 60 / sim.now < 21_000

@@ -17,7 +17,15 @@ from meshnet.membership.lifeguard import (
     suspicion_bounds,
     suspicion_timeout,
 )
-from meshnet.membership.messages import Alive, Suspect, decode_packet
+from meshnet.membership.messages import (
+    Ack,
+    Alive,
+    IndirectPing,
+    Nack,
+    Ping,
+    Suspect,
+    decode_packet,
+)
 
 
 @pytest.mark.parametrize(
@@ -80,16 +88,22 @@ def _member_with_peers(n: int, cfg: MembershipConfig) -> Membership:
     return m
 
 
-def _run_until(m: Membership, t_end: float) -> None:
+def _run_until(m: Membership, t_end: float, dead: str = "n7") -> None:
+    """Run timers; every member but ``dead`` acks our pings and nacks our ping-reqs."""
     while (t := m.get_timer()) is not None and t <= t_end:
         m.handle_timer(t)
-        m.datagrams_to_send(t)
+        for data, a in m.datagrams_to_send(t):
+            for msg in decode_packet(data):
+                if isinstance(msg, Ping) and msg.target != dead:
+                    m.receive_datagram(Ack(msg.seq).encode(), a, t + 0.001)
+                elif isinstance(msg, IndirectPing):
+                    m.receive_datagram(Nack(msg.seq).encode(), a, t + 0.001)
 
 
 def test_unconfirmed_suspicion_lasts_the_maximum() -> None:
     cfg = MembershipConfig.lan()
     m = _member_with_peers(100, cfg)
-    lo, hi = suspicion_bounds(cfg.suspicion_mult, cfg.suspicion_max_timeout_mult, 100, 1.0)
+    _lo, hi = suspicion_bounds(cfg.suspicion_mult, cfg.suspicion_max_timeout_mult, 100, 1.0)
     m.receive_datagram(Suspect(0, "n7", "n2").encode(), ("10.0.0.2", 1), 1.0)
     _run_until(m, 1.0 + hi - 0.01)
     # Our own probes may hit n7 and fail (nobody answers in this test): that confirms it, so
@@ -103,7 +117,7 @@ def test_unconfirmed_suspicion_lasts_the_maximum() -> None:
 def test_confirmed_suspicion_takes_the_minimum() -> None:
     cfg = MembershipConfig.lan()
     m = _member_with_peers(100, cfg)
-    lo, hi = suspicion_bounds(cfg.suspicion_mult, cfg.suspicion_max_timeout_mult, 100, 1.0)
+    lo, _hi = suspicion_bounds(cfg.suspicion_mult, cfg.suspicion_max_timeout_mult, 100, 1.0)
     m.receive_datagram(Suspect(0, "n7", "n2").encode(), ("10.0.0.2", 1), 1.0)
     for j in range(3, 3 + cfg.suspicion_k):
         m.receive_datagram(Suspect(0, "n7", f"n{j}").encode(), ("10.0.0.3", 1), 1.5)

@@ -117,7 +117,7 @@ def test_indirect_ack_counts_as_success() -> None:
 
 def test_probe_without_helpers_penalizes_health() -> None:
     m = node(1, peers=2)  # only n2: nobody to ask
-    ping, _, _, t0 = start_probe(m)
+    _ping, _, _, t0 = start_probe(m)
     m.handle_timer(t0 + 0.5)
     m.handle_timer(t0 + 1.0)
     assert m.health_score == 1
@@ -190,7 +190,9 @@ def test_suspect_refutes_and_acks_with_refutation() -> None:
     s.receive_datagram(make_compound(pkt_parts), addr(1), 1.0)
     assert s.local().incarnation == 1
     out = sent(s, 1.0)
-    assert {a for _, a in out} == {addr(1)}  # the accuser hears the refutation directly
+    # The accuser hears the refutation directly; a few random peers get it pushed at once.
+    to_accuser = [msgs for msgs, a in out if a == addr(1)]
+    assert any(isinstance(x, Alive) for msgs in to_accuser for x in msgs)
     assert any(msgs[0] == Ack(9) for msgs, _ in out)
     alives = [x for msgs, _ in out for x in msgs if isinstance(x, Alive) and x.node == "n2"]
     assert alives and all(x.incarnation == 1 for x in alives)
