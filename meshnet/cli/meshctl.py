@@ -297,8 +297,8 @@ def _remote(ns: argparse.Namespace, name: str, op: str, args: dict[str, Any]) ->
             if frame.get("ok"):
                 return EXIT_OK, frame.get("result")
             if frame.get("code") == "unknown_op":
-                print(f"meshctl: '{name}' is not available yet in this version of meshnet",
-                      file=sys.stderr)
+                print(f"meshctl: '{name}' is not available on this agent (not built yet, or "
+                      "turned off, e.g. by --datapath none)", file=sys.stderr)
             else:
                 print(f"meshctl: {name}: {frame.get('error', 'failed')}", file=sys.stderr)
             return EXIT_FAILED, None
