@@ -120,4 +120,6 @@ def measure(writes: int = 30, agents: int = 5, profile: str = "lan") -> dict[str
 
 
 if __name__ == "__main__":
-    print(measure())
+    import json
+
+    print(json.dumps(measure()))  # `make bench` passes --json; one JSON line either way
