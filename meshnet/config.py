@@ -73,6 +73,10 @@ class Config:
     # as lab hosts do, give each agent its own prefix).
     sandbox_prefix: str = "mns"
     membership: dict[str, float | int] = field(default_factory=dict)
+    # Encrypted overlays: start a new handshake this long after the last one; refuse an SA this
+    # long after it was made (WireGuard's 120 s and 180 s; tests shorten them).
+    rekey_after_s: float = 120.0
+    reject_after_s: float = 180.0
 
     def advertise_addr(self) -> tuple[str, int]:
         """The address other members reach us at."""
@@ -203,6 +207,11 @@ def _parse_key(cfg: dict[str, Any], key: str, value: object) -> None:
         cfg[key] = _choice(key, value, DATAPATHS)
     elif key == "profile":
         cfg[key] = _choice(key, value, PROFILES)
+    elif key in ("rekey_after_s", "reject_after_s"):
+        seconds = _expect(key, value, float)
+        if not 1.0 <= seconds <= 86400.0:
+            raise ConfigError(f"{key}: must be 1..86400 seconds")
+        cfg[key] = seconds
     elif key == "membership":
         table = _expect(key, value, dict)
         parsed: dict[str, float | int] = {}
@@ -223,7 +232,11 @@ def from_mapping(data: dict[str, Any], base: Config | None = None) -> Config:
     parsed: dict[str, Any] = {}
     for key, value in data.items():
         _parse_key(parsed, key, value)
-    return replace(base or Config(), **parsed)
+    config = replace(base or Config(), **parsed)
+    if config.reject_after_s <= config.rekey_after_s:
+        raise ConfigError(f"reject_after_s: {config.reject_after_s:g} must be greater than "
+                          f"rekey_after_s ({config.rekey_after_s:g})")
+    return config
 
 
 def load_file(path: str | Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 import meshnet
 from meshnet import config as configmod
@@ -21,12 +22,14 @@ from meshnet.agent import identity, logs, systemd
 from meshnet.agent.cluster_ops import ClusterOps
 from meshnet.agent.control import ControlServer, Handler, OpError, SendEvent
 from meshnet.agent.dns_server import DnsServer, read_resolv_conf
+from meshnet.agent.encrypted import DPK, EncryptedOverlay, session_config
 from meshnet.agent.gossip import STREAM_KEY_OP, GossipTransport, Sealer, StreamError
 from meshnet.agent.overlay import Overlay
 from meshnet.agent.sandboxes import Sandboxes
 from meshnet.agent.services import TASKS, Services
 from meshnet.agent.state_service import StateService
 from meshnet.config import Config
+from meshnet.crypto.identity import IdentityError, load_or_create_identity, public_bytes
 from meshnet.crypto.keyring import Keyring, KeyringError
 from meshnet.dns import Resolver
 from meshnet.fsutil import atomic_write
@@ -43,6 +46,8 @@ from meshnet.state import Store, StoreConfig, tombstone_ttl_for
 log = logging.getLogger("meshnet.agent")
 
 KEYRING_FILE = "keyring.json"
+# The node's static X25519 key for the encrypted datapath's handshakes (0600).
+DATAPATH_KEY_FILE = "datapath.key"
 # Known peers, so a restarted agent finds its cluster again without --join (Serf's snapshot).
 PEERS_FILE = "peers.json"
 # Member changes come in bursts (a join brings the whole list); write the peers file once per burst.
@@ -94,6 +99,8 @@ class Agent:
         self.ops: ClusterOps | None = None
         self.dns: DnsServer | None = None
         self.overlay: Overlay | None = None
+        self.encrypted: EncryptedOverlay | None = None
+        self.datapath_key: X25519PrivateKey | None = None
         self.sandboxes: Sandboxes | None = None
         self.services: Services | None = None
         self.gossip: GossipTransport | None = None
@@ -130,7 +137,8 @@ class Agent:
             name=self.config.name,
             addr=self.config.advertise_addr(),
             labels=dict(self.config.labels),
-            extra={"id": self.record.node_id},
+            extra={"id": self.record.node_id,
+                   **({DPK: public_bytes(self.datapath_key)} if self.datapath_key else {})},
         )
 
     async def run(self) -> int:
@@ -140,6 +148,11 @@ class Agent:
         except identity.StateDirError as e:
             raise StartError(str(e)) from None
         self.keyring = self._load_keyring()
+        try:
+            self.datapath_key = load_or_create_identity(
+                Path(self.config.state_dir) / DATAPATH_KEY_FILE)
+        except (IdentityError, OSError, ValueError) as e:
+            raise StartError(f"datapath key: {e}") from None
         mcfg = membership_config(self.config)
         store = Store(self.config.name, StoreConfig(
             tombstone_ttl=tombstone_ttl_for(mcfg.reap_after, mcfg.push_pull_interval),
@@ -165,7 +178,7 @@ class Agent:
             await self.gossip.start()
         except OSError as e:
             raise StartError(f"bind {self.config.bind[0]}:{self.config.bind[1]}: "
-                             f"{e.strerror}") from None
+                             f"{e.strerror or e}") from None
         await self._start_dns(resolver)
         if self.config.datapath == "vxlan":
             await self._start_overlay()
@@ -220,6 +233,14 @@ class Agent:
         except OSError as e:
             raise StartError(f"overlay: {e}") from None
         self.state.listeners.append(self.overlay.kick)
+        if self.keyring is not None and self.datapath_key is not None:
+            # Encrypted networks authenticate handshakes with the cluster key: none, no datapath.
+            self.encrypted = EncryptedOverlay(
+                self.ops, self.config.advertise_addr()[0], self.datapath_key,
+                self.keyring.keys(), self._all_members,
+                session_config(self.config.rekey_after_s, self.config.reject_after_s))
+            self.overlay.attach_encrypted(self.encrypted)
+            self.ops.encrypted_peers = self.encrypted.peers_info
         self.sandboxes = Sandboxes(self.ops, self.state, self.overlay, self.dns,  # type: ignore[arg-type]
                                    self.gossip, self._peers, self.config.sandbox_prefix)
         await self.sandboxes.adopt()
@@ -240,6 +261,10 @@ class Agent:
                                 weight=float(weight) if isinstance(weight, int) and weight > 0
                                 else 1.0))
         return out
+
+    def _all_members(self) -> list[Member]:
+        assert self.membership is not None
+        return list(self.membership.members())
 
     def _vteps(self) -> dict[str, str]:
         assert self.membership is not None
@@ -413,7 +438,8 @@ class Agent:
             "encryption": "none (INSECURE)" if self.keyring is None else "aes-256-gcm",
             "members": self._member_counts(),
             "datapath": {"overlay": self.overlay.status() if self.overlay else "none",
-                         "encrypted": "none (not available yet)"},
+                         "encrypted": self.encrypted.status() if self.encrypted else
+                         "none (needs the vxlan datapath and a cluster key)"},
             "gossip": {**self.membership.stats, **self.gossip.counters},
             "store": {"entries": sum(1 for _ in self.state.store.entries()),
                       **self.state.counters} if self.state else {},
@@ -460,6 +486,8 @@ class Agent:
             raise KeyringError(f"unknown key operation {op!r}")
         if op != "list":
             self.keyring.save(self.keyring_path)
+            if self.encrypted is not None:
+                self.encrypted.set_cluster_keys(self.keyring.keys())
         return [entry["key"] for entry in self.keyring.list()]
 
     async def _key_op_in(self, body: bytes, addr: tuple[str, int]) -> bytes | None:

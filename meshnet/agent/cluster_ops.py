@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from typing import Any
 
 from meshnet.agent.control import Handler, OpError, SendEvent
@@ -36,6 +37,9 @@ class ClusterOps:
         self.node = node
         self.address_pool = address_pool
         self.dns_version = 0
+        # () -> per-peer datapath numbers, for `network inspect` of encrypted networks (set by
+        # the agent when it runs an encrypted datapath).
+        self.encrypted_peers: Callable[[], list[dict[str, Any]]] | None = None
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -113,6 +117,8 @@ class ClusterOps:
         doc = self.network_json(net, self.vnis())
         doc["endpoints"] = [endpoint_json(ep) for ep in self.store.endpoints(net.name)
                             if not ep.extra.get("pending")]
+        if net.encrypted:
+            doc["peers"] = self.encrypted_peers() if self.encrypted_peers is not None else []
         return doc
 
     async def network_rm(self, args: dict[str, Any], send: SendEvent) -> Any:

@@ -6,8 +6,9 @@ VTEP) and a permanent neighbour entry (IP -> MAC), so nothing floods and nothing
 Level-triggered: every pass reads the kernel and applies the difference, so a device or entry
 deleted by hand is back within one period, and a restart adopts what the last run left.
 
-Encrypted networks get no VXLAN device here: until the encrypted datapath exists they carry
-no traffic at all, and never fall back to cleartext.
+Encrypted networks get no VXLAN device, ever: their bridge and TAP are the EncryptedOverlay's
+(encrypted.py), reconciled from here on every pass; without one (no cluster key) they carry no
+traffic at all, and never fall back to cleartext.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from meshnet.agent.cluster_ops import ClusterOps
 from meshnet.platform.links import NetDevices, OverlayKernel
 from meshnet.platform.loopthread import LoopThread
 from meshnet.platform.nsfd import PlatformError
+
+if TYPE_CHECKING:
+    from meshnet.agent.encrypted import EncryptedOverlay
 
 log = logging.getLogger("meshnet.overlay")
 
@@ -43,6 +48,11 @@ class Overlay:
         self.task: asyncio.Task[None] | None = None
         self.devices: dict[int, NetDevices] = {}
         self.counters = {"passes": 0, "errors": 0}
+        self.encrypted: EncryptedOverlay | None = None
+
+    def attach_encrypted(self, encrypted: EncryptedOverlay) -> None:
+        self.encrypted = encrypted
+        encrypted.attach(self.kernel, self.nl)
 
     async def start(self) -> None:
         await self.nl.run(self.kernel.open())
@@ -55,6 +65,8 @@ class Overlay:
     async def close(self) -> None:
         if self.task is not None:
             self.task.cancel()
+        if self.encrypted is not None:
+            await self.encrypted.close()
         self.nl.loop.call_soon_threadsafe(self.kernel.close)
         self.nl.stop()
 
@@ -69,6 +81,12 @@ class Overlay:
             except (PlatformError, OSError) as e:
                 self.counters["errors"] += 1
                 log.warning("overlay reconcile failed: %s", e)
+            if self.encrypted is not None:  # on its own: a plain network's trouble is not its
+                try:
+                    await self.encrypted.reconcile()
+                except (PlatformError, OSError, ValueError) as e:
+                    self.encrypted.counters["errors"] += 1
+                    log.warning("encrypted overlay reconcile failed: %s", e)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), self.period)
 
@@ -79,9 +97,11 @@ class Overlay:
 
     async def ensure(self, network: str) -> NetDevices:
         """Make sure NETWORK's devices exist now (a sandbox is about to be plugged in)."""
+        if self.encrypted is not None and network in self.encrypted.desired_vnis():
+            return await self.encrypted.ensure(network)
         vni = self.desired_vnis().get(network)
         if vni is None:
-            raise PlatformError(f"network {network} has no plain datapath")
+            raise PlatformError(f"network {network} has no datapath here")
         dev = await self.nl.run(self.kernel.ensure_network(vni, self.local_ip, self.mtu))
         self.devices[vni] = dev
         return dev
@@ -89,8 +109,9 @@ class Overlay:
     async def reconcile(self) -> None:
         self.counters["passes"] += 1
         desired = self.desired_vnis()
+        encrypted = set(self.encrypted.desired_vnis().values()) if self.encrypted else set()
         actual = await self.nl.run(self.kernel.list_networks())
-        for vni in set(actual) - set(desired.values()):
+        for vni in set(actual) - set(desired.values()) - encrypted:
             await self.nl.run(self.kernel.remove_network(vni))
             self.devices.pop(vni, None)
         vteps = self.vteps()

@@ -203,9 +203,9 @@ class Sandboxes:
         net = self.store.networks().get(network)
         if net is None:
             raise OpError(f"network {network} not found")
-        if net.encrypted:
-            raise OpError(f"network {network} is encrypted and the encrypted datapath is not "
-                          "available yet; it carries no traffic (never cleartext)")
+        if net.encrypted and self.overlay.encrypted is None:
+            raise OpError(f"network {network} is encrypted and this agent has no encrypted "
+                          "datapath (it runs without a cluster key); it carries no traffic here")
         try:
             if slot is not None and service:  # a task: `<service>.<slot>`
                 name = f"{check_name('service', service)}.{slot}"
@@ -227,7 +227,8 @@ class Sandboxes:
         try:
             prefix = ipaddress.IPv4Network(net.subnet).prefixlen
             await self.overlay.nl.run(
-                create_sandbox(ns, dev.bridge, f"{ep.ip}/{prefix}", ep.mac, self.overlay.mtu))
+                create_sandbox(ns, dev.bridge, f"{ep.ip}/{prefix}", ep.mac,
+                               dev.mtu or self.overlay.mtu))
             udp, tcp = await asyncio.gather(
                 asyncio.to_thread(nsfd.open_socket_in_netns, ns, socket.AF_INET,
                                   socket.SOCK_DGRAM, ("127.0.0.11", 53)),
@@ -295,7 +296,7 @@ class Sandboxes:
             raise OpError(f"cannot start {command[0]}: {e}") from None
         finally:
             if proc is not None and proc.returncode is None:
-                await _stop(proc)
+                await stop_process(proc)
             await self.remove(handle)
         return {"name": handle.name, "ip": handle.ip, "network": handle.network,
                 "exit_code": code if code >= 0 else 128 - code}
@@ -306,12 +307,12 @@ async def _pump(stream: asyncio.StreamReader, name: str, send: SendEvent) -> Non
         await send({"stream": name, "data": chunk})
 
 
-async def _stop(proc: asyncio.subprocess.Process) -> None:
+async def stop_process(proc: asyncio.subprocess.Process, grace: float = STOP_GRACE_S) -> None:
     """SIGTERM the process group, SIGKILL after a grace period."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:
-        await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+        await asyncio.wait_for(proc.wait(), grace)
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

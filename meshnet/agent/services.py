@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import msgpack
 
 from meshnet.agent.control import Handler, OpError, SendEvent
 from meshnet.agent.gossip import STREAM_LOGS, GossipTransport, StreamError
-from meshnet.agent.sandboxes import Sandboxes, SandboxHandle
+from meshnet.agent.sandboxes import Sandboxes, SandboxHandle, stop_process
 from meshnet.agent.state_service import StateService
 from meshnet.crypto.keyring import KeyringError
 from meshnet.membership import Addr, Member
@@ -302,7 +301,7 @@ class Services:
             raise OpError(f"cannot start {spec['command'][0]}: {e}") from None
         finally:
             if task.proc is not None and task.proc.returncode is None:
-                await _terminate(task.proc)
+                await stop_process(task.proc, STOP_GRACE_S)
             task.proc = None
             task.handle = None
             await self.sandboxes.remove(handle)
@@ -312,7 +311,7 @@ class Services:
             return
         task.stopping = True
         if task.proc is not None and task.proc.returncode is None:
-            await _terminate(task.proc)  # the supervisor sees the exit and tears down
+            await stop_process(task.proc, STOP_GRACE_S)  # the supervisor then tears down
         if task.runner is not None:
             task.runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -474,14 +473,3 @@ class _CappedLog:
 
     def close(self) -> None:
         self.f.close()
-
-
-async def _terminate(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()

@@ -239,7 +239,13 @@ def render(name: str, result: Any) -> str:
     if name == "network inspect" and isinstance(result, dict):
         head = [f"{k}: {_cell(result.get(k))}" for k in ("name", "vni", "subnet", "encrypted")]
         eps = table(result.get("endpoints", []), ["name", "ip", "mac", "node", "service"])
-        return "\n".join([*head, "endpoints:", eps])
+        lines = [*head, "endpoints:", eps]
+        if isinstance(result.get("peers"), list):  # an encrypted network's key state per peer
+            rows = [{**p, "drops": " ".join(f"{k}={v}" for k, v in (p.get("drops") or {}).items()
+                                            if v) or "-"} for p in result["peers"]]
+            lines += ["peers:", table(rows, ["node", "spi", "age", "packets", "bytes", "rekeys",
+                                             "drops"])]
+        return "\n".join(lines)
     if name == "network ls" and isinstance(result, list):
         return table(result, ["name", "vni", "subnet", "encrypted"])
     if isinstance(result, list) and result and isinstance(result[0], dict):

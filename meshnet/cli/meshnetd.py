@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name sandbox namespaces PREFIX-<node>-<name> (default mns)")
     p.add_argument("--dns-ttl", type=int, metavar="SECONDS")
     p.add_argument("--profile", choices=configmod.PROFILES, help="membership timings")
+    p.add_argument("--rekey-after", type=float, metavar="SECONDS", dest="rekey_after_s",
+                   help="encrypted overlays: rekey this often (default 120)")
+    p.add_argument("--reject-after", type=float, metavar="SECONDS", dest="reject_after_s",
+                   help="encrypted overlays: refuse keys this old (default 180)")
     p.add_argument("--log-format", choices=configmod.LOG_FORMATS)
     p.add_argument("--log-level", choices=configmod.LOG_LEVELS)
     p.add_argument("--insecure-no-encryption", action="store_true", default=None,
@@ -50,7 +54,7 @@ def flag_overrides(ns: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("name", "bind", "advertise", "state_dir", "socket", "cluster_key_file",
                 "profile", "log_format", "log_level", "insecure_no_encryption", "dns_ttl",
-                "datapath", "sandbox_prefix"):
+                "datapath", "sandbox_prefix", "rekey_after_s", "reject_after_s"):
         value = getattr(ns, key)
         if value is not None:
             out[key] = value

@@ -311,9 +311,11 @@ class Lab:
         profile: str | None = None,
         start_agents: bool = True,
         timeout: float = AGENT_START_TIMEOUT_S,
+        agent_args: Sequence[str] = (),
     ) -> None:
-        """Create the underlay and N hosts; with start_agents, start meshnetd on each and wait
-        for every control socket. On any failure everything made so far is removed again."""
+        """Create the underlay and N hosts; with start_agents, start meshnetd on each (with
+        AGENT_ARGS added to its flags) and wait for every control socket. On any failure
+        everything made so far is removed again."""
         self._require_root()
         if not 1 <= hosts <= MAX_HOSTS:
             raise LabError(f"--hosts must be between 1 and {MAX_HOSTS}, not {hosts}")
@@ -374,7 +376,7 @@ class Lab:
             # Lab hosts never forward DNS outside the lab: no upstream resolvers at all.
             # Sandboxes carry the lab's prefix: lab hosts share /run/netns, and `down` sweeps them.
             args += ["--log-format", "json", "--dns-upstream", "none",
-                     "--sandbox-prefix", self.sandbox_prefix]
+                     "--sandbox-prefix", self.sandbox_prefix, *agent_args]
             m["hosts"][h] = {
                 "namespace": self.host_ns(h),
                 "underlay_ip": ip,

@@ -48,7 +48,7 @@ import errno
 import ipaddress
 import re
 import socket
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -275,25 +275,7 @@ class OverlayKernel:
         async with self._lock:
             ipr = await self._nl()
             links = await self._links()
-
-            # The bridge.
-            br = links.get(brname)
-            if br is not None and _kind(br) != "bridge":
-                await self._del_link(brname)
-                br = None
-            if br is None:
-                await _call(
-                    f"add bridge {brname}",
-                    ipr.link("add", ifname=brname, kind="bridge", br_stp_state=0, mtu=mtu),
-                )
-                br = await self._require_link(brname)
-            else:
-                data = _info_data(br)
-                if data is not None and _opt_int(data.get("IFLA_BR_STP_STATE")):
-                    await _call(
-                        f"set {brname} stp off",
-                        ipr.link("set", index=br["index"], kind="bridge", br_stp_state=0),
-                    )
+            br = await self._ensure_bridge(ipr, links, brname, mtu)
             br_index = int(br["index"])
 
             # The VXLAN device.
@@ -338,13 +320,70 @@ class OverlayKernel:
                     f"set {vxname} bridge port learning off",
                     ipr.brport("set", index=vx_index, learning=0),
                 )
-            if int(br.get("mtu")) != mtu:
-                await _call(f"set {brname} mtu", ipr.link("set", index=br_index, mtu=mtu))
             if not _is_up(vx):
                 await _call(f"set {vxname} up", ipr.link("set", index=vx_index, state="up"))
-            if not _is_up(br):
-                await _call(f"set {brname} up", ipr.link("set", index=br_index, state="up"))
         return NetDevices(vni, brname, vxname, br_index, vx_index, mtu, local, port)
+
+    async def ensure_bridge(
+        self, vni: int, mtu: int, ports: Sequence[str] = ()
+    ) -> tuple[NetDevices, list[str]]:
+        """For a network whose overlay port is not a kernel VXLAN device (an encrypted
+        network's TAP): VNI's bridge as ensure_network makes it, NO VXLAN device (one found is
+        deleted: such a network never carries cleartext), and each existing device of PORTS a
+        port of the bridge, at MTU and up. Returns the devices and the PORTS that do not exist."""
+        _check_vni(vni)
+        if mtu < MIN_OVERLAY_MTU:
+            raise OverlayError(f"overlay MTU {mtu} is below {MIN_OVERLAY_MTU}")
+        brname, vxname = self.bridge_name(vni), self.vxlan_name(vni)
+        missing: list[str] = []
+        async with self._lock:
+            ipr = await self._nl()
+            links = await self._links()
+            if vxname in links:
+                await self._del_link(vxname)
+            br = await self._ensure_bridge(ipr, links, brname, mtu)
+            br_index = int(br["index"])
+            for name in ports:
+                msg = links.get(name)
+                if msg is None:
+                    missing.append(name)
+                    continue
+                index = int(msg["index"])
+                if _opt_int(msg.get("master")) != br_index:
+                    await _call(f"enslave {name} to {brname}",
+                                ipr.link("set", index=index, master=br_index))
+                if int(msg.get("mtu")) != mtu:
+                    await _call(f"set {name} mtu", ipr.link("set", index=index, mtu=mtu))
+                if not _is_up(msg):
+                    await _call(f"set {name} up", ipr.link("set", index=index, state="up"))
+        return NetDevices(vni, brname, vxname, br_index, None, mtu), missing
+
+    async def _ensure_bridge(self, ipr: Any, links: dict[str, Any], brname: str, mtu: int) -> Any:
+        """The bridge BRNAME: a bridge, STP off, MTU set explicitly (so it no longer follows
+        its ports), up. Returns its link message. Call with the lock held."""
+        br = links.get(brname)
+        if br is not None and _kind(br) != "bridge":
+            await self._del_link(brname)
+            br = None
+        if br is None:
+            await _call(
+                f"add bridge {brname}",
+                ipr.link("add", ifname=brname, kind="bridge", br_stp_state=0, mtu=mtu),
+            )
+            br = await self._require_link(brname)
+        else:
+            data = _info_data(br)
+            if data is not None and _opt_int(data.get("IFLA_BR_STP_STATE")):
+                await _call(
+                    f"set {brname} stp off",
+                    ipr.link("set", index=br["index"], kind="bridge", br_stp_state=0),
+                )
+        br_index = int(br["index"])
+        if int(br.get("mtu")) != mtu:
+            await _call(f"set {brname} mtu", ipr.link("set", index=br_index, mtu=mtu))
+        if not _is_up(br):
+            await _call(f"set {brname} up", ipr.link("set", index=br_index, state="up"))
+        return br
 
     async def remove_network(self, vni: int) -> bool:
         """Delete VNI's VXLAN device and bridge (their FDB and neighbour entries go with them).

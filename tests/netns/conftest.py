@@ -147,9 +147,9 @@ class Cluster:
 def cluster(lab_factory: LabFactory) -> Iterator[Callable[[int], Cluster]]:
     made: list[Cluster] = []
 
-    def make(hosts: int) -> Cluster:
+    def make(hosts: int, agent_args: tuple[str, ...] = ()) -> Cluster:
         lab = lab_factory()
-        lab.up(hosts, profile="lan-fast")
+        lab.up(hosts, profile="lan-fast", agent_args=agent_args)
         c = Cluster(lab)
         made.append(c)
         names = [f"h{i}" for i in range(1, hosts + 1)]
