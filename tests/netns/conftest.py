@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
+import struct
 import subprocess
 import sys
 import time
@@ -170,3 +172,42 @@ def cluster(lab_factory: LabFactory) -> Iterator[Callable[[int], Cluster]]:
     yield make
     for c in made:
         c.close()
+
+
+class UnderlayCapture:
+    """tcpdump -w on the lab's underlay switch; packets() parses the pcap (Ethernet frames)."""
+
+    def __init__(self, lab: Lab, path: Path) -> None:
+        from meshnet.platform import netns
+
+        self.path = path
+        self.proc = subprocess.Popen(
+            netns.exec_argv(lab.underlay_ns, ["tcpdump", "-n", "-U", "-s0", "-B", "8192",
+                                              "-i", "br0", "-w", str(path)]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def wait_ready(self) -> None:
+        assert self.proc.stderr is not None
+        line = self.proc.stderr.readline()
+        assert b"listening" in line, line
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+    def packets(self) -> list[bytes]:
+        data = self.path.read_bytes()
+        assert struct.unpack_from("<I", data, 0)[0] == 0xA1B2C3D4
+        out, off = [], 24
+        while off + 16 <= len(data):
+            incl = struct.unpack_from("<IIII", data, off)[2]
+            out.append(data[off + 16 : off + 16 + incl])
+            off += 16 + incl
+        return out

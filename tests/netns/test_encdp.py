@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import UnderlayCapture
 
 from meshnet.agent.encdp import (
     EncryptedDatapath,
@@ -179,45 +179,9 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-class Capture:
-    """tcpdump -w on the underlay switch; packets() parses the pcap (Ethernet, IPv4)."""
-
-    def __init__(self, lab: Lab, path: Path) -> None:
-        self.path = path
-        self.proc = subprocess.Popen(
-            netns.exec_argv(
-                lab.underlay_ns,
-                ["tcpdump", "-n", "-U", "-s0", "-B", "8192", "-i", "br0", "-w", str(path)],
-            ),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-
+class Capture(UnderlayCapture):
     async def ready(self) -> None:
-        assert self.proc.stderr is not None
-        line = await asyncio.to_thread(self.proc.stderr.readline)
-        assert b"listening" in line, line
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-    def packets(self) -> list[bytes]:
-        data = self.path.read_bytes()
-        assert struct.unpack_from("<I", data, 0)[0] == 0xA1B2C3D4
-        out, off = [], 24
-        while off + 16 <= len(data):
-            incl = struct.unpack_from("<IIII", data, off)[2]
-            out.append(data[off + 16 : off + 16 + incl])
-            off += 16 + incl
-        return out
+        await asyncio.to_thread(self.wait_ready)
 
 
 def ipv4_udp(frame: bytes) -> tuple[int, int, int, int, bytes] | None:

@@ -9,16 +9,14 @@ batches into wire datagrams at the host, as a real NIC would, and the capture se
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import struct
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Cluster, wait
+from conftest import Cluster, UnderlayCapture, wait
 
 from meshnet.agent.encdp import encrypted_overlay_mtu
 from meshnet.lab import Lab
@@ -32,39 +30,10 @@ UNDERLAY_MTU = 1500
 MTU = encrypted_overlay_mtu(UNDERLAY_MTU)  # a sandbox's on an encrypted network
 
 
-class Capture:
-    """tcpdump -w on the underlay switch; packets() parses the pcap (Ethernet frames)."""
-
+class Capture(UnderlayCapture):
     def __init__(self, lab: Lab, path: Path) -> None:
-        self.path = path
-        self.proc = subprocess.Popen(
-            netns.exec_argv(lab.underlay_ns, ["tcpdump", "-n", "-U", "-s0", "-B", "8192",
-                                              "-i", "br0", "-w", str(path)]),
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        assert self.proc.stderr is not None
-        line = self.proc.stderr.readline()
-        assert b"listening" in line, line
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-    def packets(self) -> list[bytes]:
-        data = self.path.read_bytes()
-        assert struct.unpack_from("<I", data, 0)[0] == 0xA1B2C3D4
-        out, off = [], 24
-        while off + 16 <= len(data):
-            incl = struct.unpack_from("<IIII", data, off)[2]
-            out.append(data[off + 16: off + 16 + incl])
-            off += 16 + incl
-        return out
+        super().__init__(lab, path)
+        self.wait_ready()
 
 
 def ipv4(frame: bytes) -> tuple[str, str, int, int, int, int, bytes] | None:
