@@ -188,7 +188,7 @@ class Agent:
             await self.control.start()
         except OSError as e:
             await self.gossip.close()
-            raise StartError(f"socket {self.config.socket}: {e.strerror}") from None
+            raise StartError(f"socket {self.config.socket}: {e.strerror or e}") from None
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -227,6 +227,7 @@ class Agent:
 
     async def _start_overlay(self) -> None:
         assert self.ops is not None and self.state is not None and self.gossip is not None
+        assert self.dns is not None
         self.overlay = Overlay(self.ops, self.config.advertise_addr()[0], self._vteps)
         try:
             await self.overlay.start()
@@ -241,7 +242,7 @@ class Agent:
                 session_config(self.config.rekey_after_s, self.config.reject_after_s))
             self.overlay.attach_encrypted(self.encrypted)
             self.ops.encrypted_peers = self.encrypted.peers_info
-        self.sandboxes = Sandboxes(self.ops, self.state, self.overlay, self.dns,  # type: ignore[arg-type]
+        self.sandboxes = Sandboxes(self.ops, self.state, self.overlay, self.dns,
                                    self.gossip, self._peers, self.config.sandbox_prefix)
         await self.sandboxes.adopt()
         self.services = Services(self.state, self.sandboxes, self.gossip, self.config.name,
