@@ -109,6 +109,15 @@ class Cluster:
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
+    def network(self, name: str, *args: str) -> Any:
+        """`network create` on h1, then wait until every host knows it (gossip takes a moment,
+        and a `run` on another host before then is rightly refused)."""
+        doc = self.ctl_json("h1", "network", "create", name, *args)
+        hosts = [s.name for s in self.lab.status()]
+        wait(lambda: all(self.ctl(h, "network", "inspect", name).returncode == 0
+                         for h in hosts), 20, f"network {name} on every host")
+        return doc
+
     def background(self, host: str, *args: str) -> subprocess.Popen[str]:
         p = subprocess.Popen([MESHCTL, "--socket", str(self.lab.socket_path(host)), *args],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

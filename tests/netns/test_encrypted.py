@@ -90,7 +90,7 @@ def test_encrypted_network_end_to_end(cluster, tmp_path: Path) -> None:  # type:
     lab = c.lab
     hosts = ["h1", "h2", "h3"]
     wire_mode(lab, hosts)
-    net = c.ctl_json("h1", "network", "create", "sec", "--encrypted")
+    net = c.network("sec", "--encrypted")
     assert net["encrypted"] is True
     marker = f"MESHNET-ENC-{os.urandom(6).hex()}-".encode()
     www = Path(f"/tmp/{lab.prefix}-www")
@@ -208,7 +208,7 @@ print("sent", n, "got", c.recv(100).decode(), flush=True)
 
 def test_tcp_stream_crosses_rekeys(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     c: Cluster = cluster(2, ("--rekey-after", "3", "--reject-after", "6"))
-    c.ctl_json("h1", "network", "create", "rk", "--encrypted")
+    c.network("rk", "--encrypted")
     stop = Path(f"/tmp/{c.lab.prefix}-stop")
     stop.unlink(missing_ok=True)
     try:

@@ -23,7 +23,7 @@ def http_get(target: str) -> str:
 
 def test_reachability_by_address_and_name_in_both_directions(cluster) -> None:  # type: ignore[no-untyped-def]
     c: Cluster = cluster(3)
-    assert c.ctl("h1", "network", "create", "appnet").returncode == 0
+    c.network("appnet")
     ips = {h: c.serve(h, "appnet", f"srv{h[1:]}") for h in ("h1", "h2", "h3")}
     for src in ("h1", "h2", "h3"):
         checks = []
@@ -40,8 +40,8 @@ def test_reachability_by_address_and_name_in_both_directions(cluster) -> None:  
 
 def test_isolation_between_networks(cluster) -> None:  # type: ignore[no-untyped-def]
     c: Cluster = cluster(2)
-    a = c.ctl_json("h1", "network", "create", "neta")
-    b = c.ctl_json("h1", "network", "create", "netb")
+    a = c.network("neta")
+    b = c.network("netb")
     b1 = c.serve("h1", "netb", "bsame")
     b2 = c.serve("h2", "netb", "bother")
     c.serve("h2", "neta", "aother")
@@ -100,7 +100,7 @@ def test_ipam_race_200_sandboxes_on_one_24(cluster) -> None:  # type: ignore[no-
 
 def test_repair_host_failure_and_lifecycle(cluster) -> None:  # type: ignore[no-untyped-def]
     c: Cluster = cluster(3)
-    net = c.ctl_json("h1", "network", "create", "life")
+    net = c.network("life")
     vx = f"mnvx-{net['vni']:06x}"
     ip1 = c.serve("h1", "life", "one")
     ip3 = c.serve("h3", "life", "three")
