@@ -57,7 +57,9 @@ def serve(port: int, name: str, backend: str | None) -> None:
         def log_message(self, fmt: str, *args: object) -> None:
             sys.stderr.write(f"{name}: {fmt % args}\n")
 
-    ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()
+    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    print(f"{name} listening on :{port}", file=sys.stderr, flush=True)  # every log has a line
+    server.serve_forever()
 
 
 def get(url: str, tries: int) -> int:
