@@ -128,11 +128,13 @@ def test_repair_host_failure_and_lifecycle(cluster) -> None:  # type: ignore[no-
 
     # host failure: h3's entries vanish from every other host once it is declared dead
     c.lab.kill("h3")
-    wait(lambda: mac3 not in fdb_macs("h1") and mac3 not in fdb_macs("h2"), 30,
-         "dead host's fdb entries removed")
-    for h in ("h1", "h2"):
-        neigh = c.lab.exec(h, ["ip", "neigh", "show", "dev", vx], capture_output=True).stdout
-        assert ip3 not in neigh
+
+    def neigh_ips(host: str) -> str:
+        return c.lab.exec(host, ["ip", "neigh", "show", "dev", vx], capture_output=True).stdout
+
+    # one reconcile pass removes the FDB entry and then the neighbour: wait for both
+    wait(lambda: all(mac3 not in fdb_macs(h) and ip3 not in neigh_ips(h) for h in ("h1", "h2")),
+         30, "dead host's fdb and neighbour entries removed")
     assert ip1  # h1's own sandbox keeps running
 
     # tear down: stop sandboxes, remove the network; no bridge, vxlan or veth of ours remains
