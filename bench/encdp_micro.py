@@ -39,9 +39,7 @@ VNI_PLAIN = 0x2001
 VNI_ENC = 0x2002
 BR_PLAIN = f"mnbr-{VNI_PLAIN:06x}"
 BR_ENC = f"mnbr-{VNI_ENC:06x}"
-UNDERLAY_MTU = 1500
-MTU_PLAIN = UNDERLAY_MTU - 50
-MTU_ENC = encrypted_overlay_mtu(UNDERLAY_MTU)
+UNDERLAY_MTU = 1500  # default; --underlay-mtu 9000 models a jumbo-frame network
 PORT = 4790
 
 
@@ -59,7 +57,10 @@ def ip(net: int, i: int) -> str:
 async def worker(cfg: dict[str, Any]) -> None:
     if cfg.get("nice"):
         os.setpriority(os.PRIO_PROCESS, 0, int(cfg["nice"]))
-    dp = EncryptedDatapath(cfg["local_ip"], PORT, netns=cfg["netns"])
+    dp = EncryptedDatapath(
+        cfg["local_ip"], PORT, netns=cfg["netns"],
+        busy_poll_us=int(os.environ.get("ENCDP_BUSY_POLL_US", "0")),
+    )
     trace: list[Any] = []
     if os.environ.get("ENCDP_TRACE"):  # debugging aid: per-hop timestamps
         for meth in ("_tx_frame", "_rx_record", "_tap_write", "_send"):
@@ -190,23 +191,24 @@ def capture_wire(lab: Lab, client: str, server_ip: str, seconds: int) -> dict[st
     }
 
 
-async def setup_plain(lab: Lab) -> None:
+async def setup_plain(lab: Lab, underlay_mtu: int) -> None:
     for i, h in ((1, "h1"), (2, "h2")):
         other = 3 - i
         async with OverlayKernel(lab.host_ns(h)) as k:
-            await k.ensure_network(VNI_PLAIN, lab.underlay_ip(h), MTU_PLAIN)
+            await k.ensure_network(VNI_PLAIN, lab.underlay_ip(h), underlay_mtu - 50)
             await k.sync_fdb(VNI_PLAIN, {mac(1, other): lab.underlay_ip(f"h{other}")})
             await k.sync_neighbors(VNI_PLAIN, {ip(1, other): mac(1, other)})
 
 
-def start_workers(lab: Lab, nice: int) -> list[subprocess.Popen[str]]:
+def start_workers(lab: Lab, nice: int, underlay_mtu: int) -> list[subprocess.Popen[str]]:
+    mtu_enc = encrypted_overlay_mtu(underlay_mtu)
     keys = {(a, b): (0x100 * a + b, os.urandom(32).hex()) for a in (1, 2) for b in (1, 2)}
     workers = []
     for i in (1, 2):
         o = 3 - i
         hns = lab.host_ns(f"h{i}")
         netns.ip_batch(
-            [f"link add {BR_ENC} mtu {MTU_ENC} type bridge", f"link set {BR_ENC} up"], ns=hns
+            [f"link add {BR_ENC} mtu {mtu_enc} type bridge", f"link set {BR_ENC} up"], ns=hns
         )
         peer = lab.underlay_ip(f"h{o}")
         cfg = {
@@ -214,7 +216,7 @@ def start_workers(lab: Lab, nice: int) -> list[subprocess.Popen[str]]:
             "local_ip": lab.underlay_ip(f"h{i}"),
             "vni": VNI_ENC,
             "bridge": BR_ENC,
-            "mtu": MTU_ENC,
+            "mtu": mtu_enc,
             "macs": {mac(2, j): lab.underlay_ip(f"h{j}") for j in (1, 2)},
             "arp": {ip(2, j): mac(2, j) for j in (1, 2)},
             "out": {peer: keys[(i, o)]},
@@ -300,18 +302,21 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return run / 1e9, wait / 1e9
 
 
-def measure(seconds: int, repeat: int, prof: str | None, nice: int = 0) -> dict[str, Any]:
+def measure(
+    seconds: int, repeat: int, prof: str | None, nice: int = 0, underlay_mtu: int = UNDERLAY_MTU
+) -> dict[str, Any]:
     lab = Lab(prefix=f"mne{os.getpid() % 10000}")
     procs: list[subprocess.Popen[str]] = []
     sandboxes: list[tuple[str, str]] = []
     try:
-        lab.up(2, start_agents=False)
-        asyncio.run(setup_plain(lab))
-        procs += start_workers(lab, nice)
+        lab.up(2, start_agents=False, underlay_mtu=underlay_mtu)
+        asyncio.run(setup_plain(lab, underlay_mtu))
+        procs += start_workers(lab, nice, underlay_mtu)
         workers = list(procs)
 
         async def sandboxes_up() -> None:
-            for net, br, mtu in ((1, BR_PLAIN, MTU_PLAIN), (2, BR_ENC, MTU_ENC)):
+            mtus = (underlay_mtu - 50, encrypted_overlay_mtu(underlay_mtu))
+            for net, br, mtu in ((1, BR_PLAIN, mtus[0]), (2, BR_ENC, mtus[1])):
                 for i in (1, 2):
                     name = f"{lab.prefix}-n{net}s{i}"
                     sandboxes.append((name, lab.host_ns(f"h{i}")))
@@ -374,7 +379,7 @@ def measure(seconds: int, repeat: int, prof: str | None, nice: int = 0) -> dict[
             "rtt_plain_us": round(rtt_plain, 1),
             "rtt_encrypted_us": round(rtt_enc, 1),
             "max_underlay_datagram": wire["max_len"],
-            "underlay_mtu": UNDERLAY_MTU,
+            "underlay_mtu": underlay_mtu,
             "frag_count": wire["frags"],
             "vxlan4789_count": wire["vxlan4789"],
             "encrypted_wire_gbps": wire["wire_gbps"],
@@ -422,6 +427,7 @@ def main() -> int:
     ap.add_argument("--profile", metavar="OUT")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--nice", type=int, default=0, help="nice value of the datapath workers")
+    ap.add_argument("--underlay-mtu", type=int, default=UNDERLAY_MTU)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -430,7 +436,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench/encdp_micro.py needs root (network namespaces)", file=sys.stderr)
         return 1
-    result = measure(args.seconds, args.repeat, args.profile, args.nice)
+    result = measure(args.seconds, args.repeat, args.profile, args.nice, args.underlay_mtu)
     if not args.json:
         for k, v in result.items():
             print(f"{k}: {v}")

@@ -3,8 +3,8 @@ user-space datapath (encdp.py), reconciled from the store and membership like th
 
 One `EncryptedOverlay` per agent. It
 
-- owns one `EncryptedDatapath`, started when the first encrypted network exists (the UDP port
-  and the pump thread cost nothing until then);
+- owns one `EncryptedDatapath`, started when the first encrypted network exists and stopped
+  (sessions, SAs, UDP port, pump thread) when the last one is removed;
 - keeps one `PeerSession` per member whose metadata carries a datapath key (`dpk`), while any
   encrypted network exists: networks exist on every host, so every such pair shares one. The
   session is told when membership says the peer is (not) alive; a member that is gone from the
@@ -155,6 +155,7 @@ class EncryptedOverlay:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self.timer_at = None
         for p in list(self.peers.values()):
             p.session.close()
         self.peers.clear()
@@ -174,7 +175,14 @@ class EncryptedOverlay:
 
     async def reconcile(self) -> None:
         desired = self.desired_vnis()
-        if not desired and self.dp is None:
+        if not desired:
+            if self.dp is not None:
+                # The last encrypted network is gone: sessions, SAs, the UDP port and the pump
+                # thread go too (the next encrypted network starts them again).
+                async with self.lock:
+                    if not self.desired_vnis():
+                        await self.close()
+                        log.info("no encrypted network left: encrypted datapath stopped")
             return
         async with self.lock:
             dp = await self._start()

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from meshnet.lab import Lab, LabError, default_prefix
-from meshnet.lab.lab import AGENT_START_TIMEOUT_S, MAX_HOSTS, format_table
+from meshnet.lab.lab import AGENT_START_TIMEOUT_S, MAX_HOSTS, UNDERLAY_MTU, format_table
 
 PROG = "meshnet-lab"
 
@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=AGENT_START_TIMEOUT_S,
         help=f"seconds to wait for the agents' sockets (default {AGENT_START_TIMEOUT_S:g})",
     )
+    up.add_argument(
+        "--underlay-mtu", type=int, default=UNDERLAY_MTU,
+        help=f"MTU of the underlay switch and the hosts' eth0 (default {UNDERLAY_MTU})",
+    )
 
     down = sub.add_parser("down", help="remove every namespace, link and process of the lab")
     down.add_argument("--keep-logs", action="store_true", help="keep RUN/hN/meshnetd.log")
@@ -114,6 +118,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             profile=args.profile,
             start_agents=not args.no_agents,
             timeout=args.timeout,
+            underlay_mtu=args.underlay_mtu,
         )
         rows = lab.status()
         print(

@@ -312,13 +312,17 @@ class Lab:
         start_agents: bool = True,
         timeout: float = AGENT_START_TIMEOUT_S,
         agent_args: Sequence[str] = (),
+        underlay_mtu: int = UNDERLAY_MTU,
     ) -> None:
         """Create the underlay and N hosts; with start_agents, start meshnetd on each (with
         AGENT_ARGS added to its flags) and wait for every control socket. On any failure
-        everything made so far is removed again."""
+        everything made so far is removed again. UNDERLAY_MTU is the MTU of the switch and
+        of every host's eth0 (1500 by default; 9000 models a jumbo-frame network)."""
         self._require_root()
         if not 1 <= hosts <= MAX_HOSTS:
             raise LabError(f"--hosts must be between 1 and {MAX_HOSTS}, not {hosts}")
+        if not 1280 <= underlay_mtu <= 9000:
+            raise LabError(f"--underlay-mtu must be between 1280 and 9000, not {underlay_mtu}")
         if self.manifest_path.exists() or self._our_namespaces():
             raise LabError(
                 f"lab '{self.prefix}' is already up (run dir {self.run_dir}); "
@@ -340,6 +344,7 @@ class Lab:
             "run_dir": str(self.run_dir),
             "subnet": str(UNDERLAY_NET),
             "profile": profile,
+            "underlay_mtu": underlay_mtu,
             "state": "creating",
             # Everything below is recorded before it is made (down removes what exists of it).
             "namespaces": [self.underlay_ns, *(self.host_ns(h) for h in names)],
@@ -410,17 +415,18 @@ class Lab:
 
     def _build(self, m: dict[str, Any], names: list[str]) -> None:
         u = self.underlay_ns
+        mtu = int(m.get("underlay_mtu", UNDERLAY_MTU))
         netns.add(u)
         netns.ip_batch(
-            ["link set lo up", f"link add {BRIDGE} mtu {UNDERLAY_MTU} type bridge"], ns=u
+            ["link set lo up", f"link add {BRIDGE} mtu {mtu} type bridge"], ns=u
         )
         for h in names:
             hns = self.host_ns(h)
             netns.add(hns)
             netns.ip_batch(
                 [
-                    f"link add {h} mtu {UNDERLAY_MTU} type veth "
-                    f"peer name {HOST_IFNAME} mtu {UNDERLAY_MTU} netns {hns}",
+                    f"link add {h} mtu {mtu} type veth "
+                    f"peer name {HOST_IFNAME} mtu {mtu} netns {hns}",
                     f"link set {h} master {BRIDGE} up",
                 ],
                 ns=u,

@@ -171,6 +171,17 @@ def test_encrypted_network_end_to_end(cluster, tmp_path: Path) -> None:  # type:
         r = c.probe(src, "sec", f"{ping('back')} && {fetch('back', '/etc/hostname')}")
         assert r.returncode == 0 and "GOT" in r.stdout, (src, r.stdout, r.stderr)
 
+    # The last encrypted network removed: every host stops its datapath (the UDP port, the TAP
+    # and the sessions go with it).
+    c.close()
+    wait(lambda: c.ctl("h1", "network", "rm", "sec").returncode == 0, 30, "network rm")
+    for h in hosts:
+        wait(lambda h=h: not c.ctl_json(h, "status")["datapath"]["encrypted"]["running"], 15,
+             f"{h}: encrypted datapath stopped")
+        udp = lab.exec(h, ["ss", "-Hunl"], capture_output=True).stdout
+        assert f":{PORT} " not in udp, (h, udp)
+        assert "mnet-" not in lab.exec(h, ["ip", "-o", "link"], capture_output=True).stdout
+
 
 STREAM_SERVER = r"""
 import socket, struct, sys
