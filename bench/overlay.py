@@ -116,11 +116,11 @@ def max_ip_len(pcap: Path) -> int:
     return best
 
 
-def measure(seconds: int) -> dict[str, Any]:
+def measure(seconds: int, underlay_mtu: int = 1500) -> dict[str, Any]:
     lab = Lab(prefix=f"mnb{os.getpid() % 10000}")
     procs: list[subprocess.Popen[str]] = []
     try:
-        lab.up(2, profile="lan-fast")
+        lab.up(2, profile="lan-fast", underlay_mtu=underlay_mtu)
         ip2 = lab.underlay_ip("h2")
         # underlay: host to host
         procs.append(subprocess.Popen(
@@ -212,11 +212,13 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--underlay-mtu", type=int, default=1500,
+                    help="MTU of the lab's underlay (9000: a jumbo-frame network)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/overlay.py needs root (network namespaces)", file=sys.stderr)
         return 1
-    result = measure(args.seconds)
+    result = measure(args.seconds, args.underlay_mtu)
     if not args.json:
         for k, v in result.items():
             print(f"{k}: {v}")

@@ -828,73 +828,89 @@ class EncryptedDatapath:
         while records < RX_BUDGET:
             try:
                 n, ancdata, _, addr = recv([buf], anc)
-            except BlockingIOError:
-                return
-            except OSError:
+            except OSError:  # BlockingIOError: drained
                 return
             seg = n
             for level, kind, data in ancdata:
                 if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
                     seg = int.from_bytes(data[:4], sys.byteorder) or n
-            off = 0
-            while off < n:
-                end = off + seg
-                if end > n:
-                    end = n
-                self._rx_record(view, buf, off, end, addr, asm)
-                off = end
-                records += 1
+            records += self._rx_run(view, buf, n, seg, addr, asm)
 
-    def _rx_record(
+    def _rx_run(
         self,
         view: memoryview,
         buf: bytearray,
-        off: int,
-        end: int,
+        n: int,
+        seg: int,
         addr: tuple[str, int],
         asm: dict[tuple[int, int], _Asm],
-    ) -> None:
-        if end - off < REC_HDR + INNER_LEN + TAG_LEN:
-            if end - off >= 4 and buf[off : off + 4] == _ZERO_SPI:
-                self._handshake(bytes(view[off:end]), addr)
-            else:
-                self.counters["malformed"] += 1
-            return
-        spi, seq = SPI_SEQ.unpack_from(buf, off)
-        if spi == 0:
-            self._handshake(bytes(view[off:end]), addr)
-            return
-        ent = self._by_spi.get(spi)
-        if ent is None:
-            p = self._peers.get(addr[0])
-            if p is not None:
-                p.drops["unknown_spi"] += 1
-            else:
-                self.counters["unknown_spi"] += 1
-            return
-        peer, sa = ent
-        if sa.expires_at is not None and time.monotonic() > sa.expires_at:
-            peer.drops["expired"] += 1
-            return
-        window = sa.window
-        if not window.check(seq):
-            peer.drops["replay"] += 1
-            return
-        try:
-            pt = sa.aead.decrypt(
-                seq.to_bytes(12, "big"), view[off + REC_HDR : end], view[off : off + REC_HDR]
-            )
-        except InvalidTag:
-            peer.drops["auth"] += 1
-            return
-        if not window.update(seq):
-            peer.drops["replay"] += 1
-            return
-        peer.rx_packets += 1
-        peer.rx_bytes += end - off
-        if not sa.seen:
-            sa.seen = True
-            self._call_soon(self.on_first_inbound, peer.ip, spi)
+    ) -> int:
+        """Open the records of one receive (GRO: a run of SEG-byte records from ADDR, almost
+        always on one SA); return how many there were. The SA, its expiry and its window are
+        looked up once per run of one SPI, not per record: this loop is the receive hot path."""
+        by_spi = self._by_spi
+        unpack_hdr = SPI_SEQ.unpack_from
+        now = time.monotonic()
+        cur = -1  # the SPI whose lookups below are valid
+        peer: _Peer | None = None
+        sa: InboundSA | None = None
+        count = 0
+        off = 0
+        while off < n:
+            start = off
+            off = end = min(start + seg, n)
+            count += 1
+            if end - start < REC_HDR + INNER_LEN + TAG_LEN:
+                if end - start >= 4 and buf[start : start + 4] == _ZERO_SPI:
+                    self._handshake(bytes(view[start:end]), addr)
+                else:
+                    self.counters["malformed"] += 1
+                continue
+            spi, seq = unpack_hdr(buf, start)
+            if spi != cur:
+                if spi == 0:
+                    self._handshake(bytes(view[start:end]), addr)
+                    continue
+                ent = by_spi.get(spi)
+                if ent is None:
+                    p = self._peers.get(addr[0])
+                    if p is not None:
+                        p.drops["unknown_spi"] += 1
+                    else:
+                        self.counters["unknown_spi"] += 1
+                    continue
+                peer, sa = ent
+                if sa.expires_at is not None and now > sa.expires_at:
+                    peer.drops["expired"] += 1
+                    continue
+                cur = spi
+            assert peer is not None and sa is not None
+            window = sa.window
+            if not window.check(seq):
+                peer.drops["replay"] += 1
+                continue
+            try:
+                pt = sa.aead.decrypt(
+                    seq.to_bytes(12, "big"),
+                    view[start + REC_HDR : end],
+                    view[start : start + REC_HDR],
+                )
+            except InvalidTag:
+                peer.drops["auth"] += 1
+                continue
+            if not window.update(seq):
+                peer.drops["replay"] += 1
+                continue
+            peer.rx_packets += 1
+            peer.rx_bytes += end - start
+            if not sa.seen:
+                sa.seen = True
+                self._call_soon(self.on_first_inbound, peer.ip, spi)
+            self._rx_plaintext(pt, spi, asm)
+        return count
+
+    def _rx_plaintext(self, pt: bytes, spi: int, asm: dict[tuple[int, int], _Asm]) -> None:
+        """An authentic record's plaintext: a keepalive, a whole frame, or one piece of one."""
         if len(pt) == INNER_LEN:  # a keepalive: it confirmed the SA, it carries nothing
             self.counters["keepalives_in"] += 1
             return
