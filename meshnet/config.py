@@ -21,6 +21,9 @@ DEFAULT_PORT = 7946
 PROFILES = ("lan", "lan-fast", "wan")
 LOG_FORMATS = ("text", "json")
 DATAPATHS = ("vxlan", "none")
+# Record ciphers of encrypted overlays (meshnet/crypto/sa.py); the initiator of a handshake
+# proposes its own and the responder agrees to it, so a cluster may mix them.
+OVERLAY_CIPHERS = ("aes-256-gcm", "chacha20-poly1305")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # Node names end up in DNS labels, task names and file names: keep them to one safe DNS label.
@@ -77,6 +80,7 @@ class Config:
     # long after it was made (WireGuard's 120 s and 180 s; tests shorten them).
     rekey_after_s: float = 120.0
     reject_after_s: float = 180.0
+    overlay_cipher: str = "aes-256-gcm"
 
     def advertise_addr(self) -> tuple[str, int]:
         """The address other members reach us at."""
@@ -205,6 +209,8 @@ def _parse_key(cfg: dict[str, Any], key: str, value: object) -> None:
         cfg[key] = text
     elif key == "datapath":
         cfg[key] = _choice(key, value, DATAPATHS)
+    elif key == "overlay_cipher":
+        cfg[key] = _choice(key, value, OVERLAY_CIPHERS)
     elif key == "profile":
         cfg[key] = _choice(key, value, PROFILES)
     elif key in ("rekey_after_s", "reject_after_s"):

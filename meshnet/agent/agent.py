@@ -239,7 +239,8 @@ class Agent:
             self.encrypted = EncryptedOverlay(
                 self.ops, self.config.advertise_addr()[0], self.datapath_key,
                 self.keyring.keys(), self._all_members,
-                session_config(self.config.rekey_after_s, self.config.reject_after_s))
+                session_config(self.config.rekey_after_s, self.config.reject_after_s,
+                               self.config.overlay_cipher))
             self.overlay.attach_encrypted(self.encrypted)
             self.ops.encrypted_peers = self.encrypted.peers_info
         self.sandboxes = Sandboxes(self.ops, self.state, self.overlay, self.dns,

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from meshnet.agent import encdp
 from meshnet.agent.cluster_ops import ClusterOps
 from meshnet.crypto.handshake import HandshakeError, MessageType, derive_psk, message_type
-from meshnet.crypto.sa import InboundSA, OutboundSA, SaExhausted, SpiAllocator
+from meshnet.crypto.sa import DEFAULT_CIPHER, InboundSA, OutboundSA, SaExhausted, SpiAllocator
 from meshnet.crypto.session import (
     REKEY_TIMEOUT,
     HandshakeFailed,
@@ -64,19 +64,20 @@ log = logging.getLogger("meshnet.encrypted")
 # node's metadata may take).
 DPK = "dpk"
 DPK_SIZE = 32
-KIND = "userspace-aes-256-gcm"
 # A session deadline already in the past is served at once, but never more often than this: a
 # core bug that kept returning a past deadline must not spin the loop.
 MIN_TIMER_S = 0.005
 
 
-def session_config(rekey_after: float, reject_after: float) -> SessionConfig:
-    """Timers for the configured rekey and reject times. The retry/confirmation timeout is
-    WireGuard's 5 s, or half the gap between the two when that is shorter (test-short
-    intervals), so that an SA may still seal for a while after the rekey is due."""
+def session_config(rekey_after: float, reject_after: float,
+                   cipher: str = DEFAULT_CIPHER) -> SessionConfig:
+    """Timers for the configured rekey and reject times, and the cipher we propose. The
+    retry/confirmation timeout is WireGuard's 5 s, or half the gap between the two when that is
+    shorter (test-short intervals), so that an SA may still seal for a while after the rekey
+    is due."""
     timeout = min(REKEY_TIMEOUT, (reject_after - rekey_after) / 2)
     return SessionConfig(rekey_after_time=rekey_after, reject_after_time=reject_after,
-                         rekey_timeout=timeout, confirm_timeout=timeout)
+                         rekey_timeout=timeout, confirm_timeout=timeout, cipher=cipher)
 
 
 @dataclass
@@ -432,13 +433,18 @@ class EncryptedOverlay:
 
     # --- views -------------------------------------------------------------------------------
 
+    @property
+    def kind(self) -> str:
+        """The datapath and the cipher we propose (a peer's initiation may pick the other)."""
+        return f"userspace-{self.config.cipher}"
+
     def status(self) -> dict[str, Any]:
         dp = self.dp
         if dp is None:
-            return {"kind": KIND, "running": False, "peers": len(self.peers)}
+            return {"kind": self.kind, "running": False, "peers": len(self.peers)}
         net = dp.network_stats()
         return {
-            "kind": KIND, "running": True, "port": self.port, "gso": dp.gso, "gro": dp.gro,
+            "kind": self.kind, "running": True, "port": self.port, "gso": dp.gso, "gro": dp.gro,
             "underlay_mtu": dp.mtu, "overlay_mtu": self.mtu,
             "max_datagram": net.get("max_datagram"),
             "peers": len(self.peers),
@@ -467,6 +473,7 @@ class EncryptedOverlay:
                 "alive": s.alive,
                 "established": p.out is not None,
                 "spi": p.out.spi if p.out is not None else None,
+                "cipher": p.out.cipher if p.out is not None else None,
                 "inbound_spis": sorted(s.inbound_sas()),
                 "age": round(age, 3) if isinstance(age, float) else None,
                 "packets": st.get("packets", 0),

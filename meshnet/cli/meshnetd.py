@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encrypted overlays: rekey this often (default 120)")
     p.add_argument("--reject-after", type=float, metavar="SECONDS", dest="reject_after_s",
                    help="encrypted overlays: refuse keys this old (default 180)")
+    p.add_argument("--overlay-cipher", choices=configmod.OVERLAY_CIPHERS,
+                   help="encrypted overlays: the record cipher we propose (default aes-256-gcm)")
     p.add_argument("--log-format", choices=configmod.LOG_FORMATS)
     p.add_argument("--log-level", choices=configmod.LOG_LEVELS)
     p.add_argument("--insecure-no-encryption", action="store_true", default=None,
@@ -54,7 +56,8 @@ def flag_overrides(ns: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("name", "bind", "advertise", "state_dir", "socket", "cluster_key_file",
                 "profile", "log_format", "log_level", "insecure_no_encryption", "dns_ttl",
-                "datapath", "sandbox_prefix", "rekey_after_s", "reject_after_s"):
+                "datapath", "sandbox_prefix", "rekey_after_s", "reject_after_s",
+                "overlay_cipher"):
         value = getattr(ns, key)
         if value is not None:
             out[key] = value

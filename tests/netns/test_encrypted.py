@@ -244,3 +244,17 @@ def test_tcp_stream_crosses_rekeys(cluster, tmp_path: Path) -> None:  # type: ig
         stop.unlink(missing_ok=True)
     p = peer(c, "h1", "rk", "h2")
     assert p["rekeys"] >= start + 3 and p["drops"]["auth"] == 0 and p["drops"]["replay"] == 0, p
+
+
+def test_chacha20_poly1305_option(cluster) -> None:  # type: ignore[no-untyped-def]
+    """`--overlay-cipher chacha20-poly1305`: the handshake agrees on it, the SAs use it, and
+    sandboxes reach each other by name over it."""
+    c: Cluster = cluster(2, ("--overlay-cipher", "chacha20-poly1305"))
+    c.network("secc", "--encrypted")
+    c.serve("h2", "secc", "web")
+    r = c.probe("h1", "secc", f"{ping('web')} && {fetch('web', '/etc/hostname')}")
+    assert r.returncode == 0 and "GOT" in r.stdout, r.stdout + r.stderr
+    p = peer(c, "h1", "secc", "h2")
+    assert p["established"] and p["cipher"] == "chacha20-poly1305" and p["rx_packets"] > 0, p
+    enc = c.ctl_json("h1", "status")["datapath"]["encrypted"]
+    assert enc["kind"] == "userspace-chacha20-poly1305" and enc["running"], enc

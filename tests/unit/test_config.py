@@ -24,6 +24,7 @@ from meshnet import config as c
         ({"membership": {"gossip_nodes": 2.5}}, "membership.gossip_nodes: expected int"),
         ({"insecure_no_encryption": "yes"}, "insecure_no_encryption: expected bool"),
         ({"state_dir": ""}, "state_dir: must not be empty"),
+        ({"overlay_cipher": "aes-128-cbc"}, "overlay_cipher: 'aes-128-cbc' is not one of"),
     ],
 )
 def test_bad_values_name_the_key(data: dict[str, object], message: str) -> None:
@@ -70,3 +71,12 @@ def test_label_flag_parsing() -> None:
     assert c.parse_label("--label", "zone=a=b") == ("zone", "a=b")
     with pytest.raises(c.ConfigError, match="not K=V"):
         c.parse_label("--label", "zone")
+
+
+def test_overlay_cipher_names_are_the_record_ciphers() -> None:
+    from meshnet.crypto.sa import CIPHERS
+
+    assert set(c.OVERLAY_CIPHERS) == set(CIPHERS)
+    assert c.from_mapping({"overlay_cipher": "chacha20-poly1305"}).overlay_cipher == \
+        "chacha20-poly1305"
+    assert c.Config().overlay_cipher == "aes-256-gcm"
