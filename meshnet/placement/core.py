@@ -41,14 +41,33 @@ it was pushed out of a node that is full in the new placement, or took a place i
 was full in the old one (both placements are stable matchings; the property tests check this).
 Those moves come in rejection chains started by the displaced tasks, and by caps that changed
 (``T * w_i / W`` shifts a little for every node when ``W`` changes, and a ``floor`` that crosses
-an integer frees or takes one place; with few distinct weights that is rare, with many it is
-about ``c * (leaver's share)`` places). Measured with c = 1.25, 1,000 nodes of weights 1/2/4 and
-10,000 tasks (``bench/placement.py``): about 0.3 extra moves per displaced task on leave and on
-join. That is the price of c = 1.25 with integer caps (a weight-1 node averaging 4.3 tasks holds 5,
-so about half the nodes are full); larger c or more tasks per node lower it. Alternatives
-measured equal or worse: ranking by ``V`` alone, by ``V`` scaled by rank, by first-choice-or-not
-then ``V``; one global slot order (greedy bounded loads in a fixed order); headroom kept for
-first choices; two phases (first choices, then overflow).
+an integer frees or takes one place; with many distinct weights that is about
+``c * (leaver's share)`` places per event; with few distinct weights it is rare but lumpy: every
+node of one weight crosses at the same ``W``; in the bench cluster at c = 1.4, the join of a node
+of weight 2 or 4 lowers every cap by one and moves ~190 tasks instead of 10 to 20).
+
+Measured with c = 1.25, 1,000 nodes of weights 1/2/4 and 10,000 tasks (``bench/placement.py``):
+about 0.3 extra moves per displaced task on leave and on join (leave 1.31-1.32, join 1.26-1.28
+times the minimum, over 20 and 60 events). That is the price of c = 1.25 with integer caps: the
+caps 5/10/21 are the largest that keep ``load / average <= 1.25`` (a weight-1 node averages 4.29),
+first choices are Poisson, so 22% of the nodes get more first choices than they can hold
+(``P(Poisson(4.29) > 5) = 0.26``). When a task leaves such a node (its first choice is now a new
+node), the node's best rejected proposer takes the freed place; that holds for *any* rule in
+which a node keeps the best ``cap_i`` of its first-choice proposers, not only for stable
+matchings, and alone costs 0.18 extra moves per task on join; the rest is chains continuing
+through overflow places. With more slack it falls fast: c = 1.3 (caps 5/11/22, but
+``max_over_avg`` 1.28) gives 1.18/1.20, c = 1.5 about 1.07. Alternatives measured equal or worse
+on the same events: node preference by ``V`` alone (1.29/1.34), by ``V`` scaled by rank, by the
+task's best value first (1.38/1.37), by regret ``V - V_best`` (1.32/1.28), rank then best value
+(1.30/1.28), first-choice-or-not then ``V``; greedy bounded loads in one fixed task order (as in
+the paper; slot-hash order 1.44/1.37, best-value order 1.38/1.37); overflow ranked with weights
+``w**1.5`` or ``w**2`` to favour the nodes with more integer headroom (1.31/1.26, 1.33/1.33);
+caps dithered per node so they cross integers one node at a time (1.51/1.84: lower caps, and a
+change on every event); headroom kept for first choices; two phases (first choices, then
+overflow). Which task a full node drops only matters for the first step of a chain (and ``V`` is
+already the likelihood-ratio test there: a displaced task's new best value is the second point of
+the same Poisson process, Gamma(2) against Exp); how often a chain starts or continues is set by
+how many nodes are over-demanded, which only more slack changes.
 """
 
 from __future__ import annotations
