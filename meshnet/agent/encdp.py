@@ -5,7 +5,7 @@ network's bridge in place of the kernel VXLAN device. A frame the TAP gives us (
 GSO super-frame behind its 10-byte virtio-net header) goes to the host that owns its
 destination MAC, as a run of records on one UDP socket (port 4790):
 
-    datagram  = SPI (4, BE) | seq (8, BE) | AEAD(key, nonce = 0^4 | seq, plaintext, aad = SPI|seq)
+    datagram  = SPI (4, BE) | seq (8, BE) | AEAD(key, nonce = aad = SPI|seq, plaintext)
     plaintext = VXLAN header (8, RFC 7348: I flag, VNI) | frame id (4) | index (1) | count (1)
                 | the next P bytes of  virtio-net header | Ethernet frame
 
@@ -676,22 +676,23 @@ class EncryptedDatapath:
         enc = sa.aead.encrypt_into
         pack_inner = INNER.pack_into
         pack_rec = SPI_SEQ.pack_into
-        end_all = INNER_LEN + n
-        pos = 0
-        for i in range(count):
-            off = i * P  # record i's plaintext: rbuf[off : off + INNER_LEN + chunk]
-            pt_end = min(off + INNER_LEN + P, end_all)
+        # Record i's plaintext is rbuf[off : off + INNER_LEN + chunk], off = i * P; its header
+        # (SPI | seq) is both the nonce and the AAD. All records but the last are full.
+        full = P + INNER_LEN
+        pos = off = 0
+        for i in range(count - 1):
             pack_inner(rbuf, off, VXLAN_FLAGS, vni8, fid, i, count)
-            pack_rec(sbuf, pos, spi, seq)
-            ct_end = pos + REC_HDR + (pt_end - off) + TAG_LEN
-            enc(
-                seq.to_bytes(12, "big"),
-                rview[off:pt_end],
-                sview[pos : pos + REC_HDR],
-                sview[pos + REC_HDR : ct_end],
-            )
-            seq += 1
-            pos = ct_end
+            pack_rec(sbuf, pos, spi, seq + i)
+            hdr = sview[pos : pos + REC_HDR]
+            enc(hdr, rview[off : off + full], hdr, sview[pos + REC_HDR : pos + seg])
+            off += P
+            pos += seg
+        last = INNER_LEN + n - off
+        pack_inner(rbuf, off, VXLAN_FLAGS, vni8, fid, count - 1, count)
+        pack_rec(sbuf, pos, spi, seq + count - 1)
+        hdr = sview[pos : pos + REC_HDR]
+        pos += REC_HDR + last + TAG_LEN
+        enc(hdr, rview[off : off + last], hdr, sview[pos - last - TAG_LEN : pos])
         peer.tx_packets += count
         peer.tx_bytes += pos
         self._send(peer.addr, sview, pos, count, seg)
@@ -760,9 +761,7 @@ class EncryptedDatapath:
             return
         sa.seq = seq + 1
         header = SPI_SEQ.pack(sa.spi, seq)
-        record = header + sa.aead.encrypt(
-            seq.to_bytes(12, "big"), INNER.pack(VXLAN_FLAGS, 0, 0, 0, 0), header
-        )
+        record = header + sa.aead.encrypt(header, INNER.pack(VXLAN_FLAGS, 0, 0, 0, 0), header)
         peer.tx_packets += 1
         peer.tx_bytes += len(record)
         self.counters["keepalives_out"] += 1
@@ -889,12 +888,9 @@ class EncryptedDatapath:
             if not window.check(seq):
                 peer.drops["replay"] += 1
                 continue
+            hdr = view[start : start + REC_HDR]
             try:
-                pt = sa.aead.decrypt(
-                    seq.to_bytes(12, "big"),
-                    view[start + REC_HDR : end],
-                    view[start : start + REC_HDR],
-                )
+                pt = sa.aead.decrypt(hdr, view[start + REC_HDR : end], hdr)
             except InvalidTag:
                 peer.drops["auth"] += 1
                 continue

@@ -51,7 +51,7 @@ def test_record_layout_is_exactly_the_documented_one() -> None:
     rec = seal_record(out, b"hello")
     spi, seq = struct.unpack(">IQ", rec[:HEADER_SIZE])
     assert (spi, seq) == (SPI, 1)
-    nonce = bytes(4) + seq.to_bytes(8, "big")
+    nonce = struct.pack(">IQ", SPI, seq)  # the header: SPI || seq
     assert AESGCM(KEY).decrypt(nonce, rec[HEADER_SIZE:], rec[:HEADER_SIZE]) == b"hello"
     out2 = OutboundSA(SPI, KEY, CIPHER_CHACHA20_POLY1305)
     rec2 = seal_record(out2, b"hi")
