@@ -291,6 +291,7 @@ class Services:
             task.state = "running"
             await self.sandboxes.publish(handle)  # the name resolves only while it runs
             await self._publish(task)
+            log.info("task %s running", task.name, extra={"fields": {"ip": task.ip}})
             assert task.proc.stdout is not None
             while chunk := await task.proc.stdout.read(65536):
                 logf.write(chunk)
