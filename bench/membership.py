@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import random
+import resource
 import statistics
 import sys
 import time
@@ -210,6 +211,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             cfg.udp_payload * cfg.gossip_nodes / cfg.gossip_interval * 2
         ),
         "sim_steps": sim.steps,
+        # Peak resident memory of this process (every node's full member view lives in it).
+        "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
 
 

@@ -1,24 +1,41 @@
 """Membership timings and profiles.
 
-The LAN profile is memberlist's DefaultLANConfig except for ``suspicion_mult`` and the Lifeguard
-confirmation count ``suspicion_k``, which memberlist ties together (k = SuspicionMult - 2).
+The LAN profile is memberlist's DefaultLANConfig except for ``suspicion_mult``, the Lifeguard
+confirmation count ``suspicion_k`` (memberlist ties the two together: k = SuspicionMult - 2) and
+the late-ack ``probe_grace``, which memberlist does not have.
 
-Why suspicion_mult = 2 and k = 2 (LAN), not memberlist's 4
-------------------------------------------------------------
+Why suspicion_mult = 1.5 and k = 2 (LAN), not memberlist's 4
+--------------------------------------------------------------
 With SuspicionMult=4 the *shortest* suspicion at N=1000 is 4 x log10(1000) x 1 s = 12 s, so
-crash -> everyone-holds-dead can never meet a 12 s budget: the first probe of a crashed node is
-already ~Exp(1 s) away (p99 ~4.6 s, randomized round robin), the probe itself takes a probe
-interval, and the dead message needs ~2 s to reach the last of 1000 members. That leaves roughly
-4-5 s for the suspicion at p99, which at N=1000 means suspicion_mult ~1.5-2.
+crash -> everyone-holds-dead can never meet a 12 s budget. Our budget at p99 (the bench's p99 over
+~40 crashes is their maximum): the first probe of a crashed node is ~Exp(1 s) away (randomized
+round robin; the largest of 40 is ~4-5 s), the probe takes its interval plus the late-ack grace
+(1.5 s), and the dead message needs ~1-1.5 s to reach the last of 1000 members. That leaves ~4.5 s
+for the suspicion: mult 1.5 (min 4.5 s, max 27 s at N=1000).
 
-The risk of a short suspicion is declaring a live-but-slow node dead. Lifeguard is what makes a
-short *minimum* safe, and we add three small steps in its spirit:
+The risk of a short suspicion is declaring a live-but-slow node dead. The minimum is only reached
+with Lifeguard's k = 2 *independent* confirmations of the same incarnation (a lone suspicion,
+e.g. from packet loss, lasts the 27 s maximum), and a suspect refutes well inside it: it hears of
+the suspicion at once (buddy system, below), a slow inbox adds at most 1.5 s in the bench's worst
+case, and its refutation goes to the accuser directly and to gossip_nodes random peers at once,
+then reaches 99.99% of 1000 members in ~2.2 s (serf's convergence formula); each holder's timer
+starts when *it* heard the suspicion, not when it was raised. Around that:
 
-* the timeout starts at ``suspicion_max_timeout_mult`` x min (36 s at N=1000 with mult 2) and only
-  falls to the minimum after ``suspicion_k`` *independent* confirmations of the *same*
-  incarnation (a suspicion of a newer incarnation starts afresh). A lone suspicion caused by
-  packet loss lasts the full maximum; only a node that many probers fail to reach gets the
-  short timeout;
+* **late-ack grace** (``probe_grace``, one probe timeout): a probe unanswered at the end of its
+  interval still waits this long for an ack before it suspects. Our ping-req helpers listen that
+  long anyway, and an answer 0.5 s late is proof of life; a suspicion raised and refuted instead
+  costs the whole cluster two broadcasts (~2 x RetransmitMult x log10 n x N messages). The grace
+  is paid by every true detection (+0.5 s), which is part of the budget above;
+* **nacks before the deadline**: helpers nack at 80% of a probe timeout (Lifeguard's figure), so
+  the nack reaches the origin while it still counts; a nack arriving after the probe closed used
+  to be counted as missing and penalized a healthy prober's health;
+* **health credit only for timely acks**: an ack that arrives after our own probe timeout may be
+  late because *we* are slow, so it no longer lowers our awareness score (memberlist credits any
+  success). A slow node now keeps the higher score that stretches its timeouts;
+* **silent helpers withhold the suspicion**: when not one helper nacked, the silence is more
+  likely ours (a slow inbox, a broken link) than the target's. The awareness penalty is applied
+  and the suspicion withheld until our awareness is at its maximum, so a node cut off from
+  everyone still suspects the others, a few probes later and with its timeouts stretched;
 * the buddy system tells the suspect directly: on every probe of it, and (ours) the moment we
   raise the suspicion. The suspect pushes its refutation to the accuser and to gossip_nodes
   random peers at once, not at the next gossip tick;
@@ -29,10 +46,10 @@ short *minimum* safe, and we add three small steps in its spirit:
   even a late one, to one of our own probes since the suspicion began): it is extended by one
   minimum period and the suspect is reminded.
 
-memberlist derives k from the multiplier (k = mult - 2), which at mult 2 would be k = 0 and turn
-the dynamic timeout off; we keep k as its own setting (2, memberlist's value at mult 4).
-The numbers behind the choice are measured by ``bench/membership.py`` (N=1000, LAN timings):
-see the report that introduced this profile for the figures; rerun it to check them.
+memberlist derives k from the multiplier (k = mult - 2), which at mult 1.5 would be negative and
+turn the dynamic timeout off; we keep k as its own setting (2, memberlist's value at mult 4).
+The numbers behind the choice are measured by ``bench/membership.py`` (N=1000, LAN timings) and
+recorded in docs/design-notes.md (Membership); rerun it to check them.
 """
 
 from __future__ import annotations
@@ -52,8 +69,11 @@ MAX_PUSH_PULL_CONCURRENT = 128
 class MembershipConfig:
     probe_interval: float = 1.0
     probe_timeout: float = 0.5
+    # A probe unanswered at the end of its interval still waits this long for a late ack
+    # before it raises a suspicion (see the module docstring).
+    probe_grace: float = 0.5
     indirect_checks: int = 3
-    suspicion_mult: float = 2.0
+    suspicion_mult: float = 1.5
     suspicion_max_timeout_mult: float = 6.0
     # Lifeguard's K: independent confirmations that take a suspicion down to its minimum.
     suspicion_k: int = 2
@@ -80,6 +100,8 @@ class MembershipConfig:
             raise ValueError("probe_interval and probe_timeout must be positive")
         if self.probe_timeout > self.probe_interval:
             raise ValueError("probe_timeout must not exceed probe_interval")
+        if not 0 <= self.probe_grace <= self.probe_interval:
+            raise ValueError("probe_grace must be in 0..probe_interval")
         if self.gossip_interval <= 0 or self.push_pull_interval <= 0:
             raise ValueError("intervals must be positive")
         if not 200 <= self.udp_payload <= wire.MAX_DATAGRAM_BYTES:
@@ -112,7 +134,7 @@ class MembershipConfig:
 
     @classmethod
     def lan(cls) -> MembershipConfig:
-        """memberlist DefaultLANConfig timings with our suspicion multiplier."""
+        """memberlist DefaultLANConfig timings with our suspicion multiplier and grace."""
         return cls()
 
     @classmethod
@@ -121,6 +143,7 @@ class MembershipConfig:
         return cls(
             probe_interval=0.5,
             probe_timeout=0.25,
+            probe_grace=0.25,
             gossip_interval=0.1,
             push_pull_interval=10.0,
             gossip_to_the_dead_time=15.0,
@@ -135,6 +158,7 @@ class MembershipConfig:
         return cls(
             probe_interval=5.0,
             probe_timeout=3.0,
+            probe_grace=3.0,
             suspicion_mult=6.0,
             suspicion_k=4,
             gossip_interval=0.5,

@@ -22,6 +22,10 @@ claim replaces the held one iff it is larger. Concretely:
 Lifeguard: awareness scales probe interval and timeout; suspicion timeouts start at the maximum
 and shrink with independent confirmations; a suspect hears of its suspicion first (buddy system)
 and, beyond memberlist, hears of it at once from the accuser, and answers the accuser directly.
+Also beyond memberlist (argued in config.py): an unanswered probe waits ``probe_grace`` past its
+interval for a late ack before it suspects; helpers nack at 80% of the probe timeout, so the nack
+arrives in time; only an ack before our probe timeout credits our health; and a probe that no
+helper nacked penalizes our health without accusing the target until our health is at its worst.
 """
 
 from __future__ import annotations
@@ -49,9 +53,9 @@ from meshnet.membership.messages import (
     Ack,
     Alive,
     Dead,
+    DecodeCache,
     IndirectPing,
     Message,
-    MetaCache,
     MsgType,
     Nack,
     Ping,
@@ -100,8 +104,12 @@ MAX_PENDING_EVENTS = 65_536
 # Reaped members remembered (name -> incarnation) so that a stale alive from a lagging peer does
 # not resurrect them. FIFO-evicted; each entry is ~100 bytes.
 MAX_TOMBSTONES = 10_000
-# Decoded-metadata memo entries; cleared when it grows past this (it only saves decoding work).
-MAX_META_CACHE = 4 * 1024
+
+# A helper nacks this fraction of a probe timeout after an unanswered ping-req (the Lifeguard
+# paper's 80%). The origin sent the ping-req one probe timeout T into its probe and listens until
+# interval + grace (>= T + T), so the nack always arrives while the origin still counts nacks; one
+# arriving after it gave up would wrongly count against the origin's own health.
+NACK_FRACTION = 0.8
 
 # Heap timer kinds.
 _T_SUSPICION = 0
@@ -124,6 +132,7 @@ _STAT_KEYS = (
     "nacks_sent",
     "acks_forwarded",
     "suspicions_raised",
+    "suspicions_withheld",
     "deaths_declared",
     "deaths_vetoed",
     "refutations_pushed",
@@ -181,6 +190,7 @@ class _Probe:
     __slots__ = (
         "acked",
         "expected_nacks",
+        "grace_until",
         "incarnation",
         "indirect_sent",
         "nacks",
@@ -198,6 +208,7 @@ class _Probe:
         self.indirect_sent = False
         self.expected_nacks = 0
         self.nacks = 0
+        self.grace_until = 0.0
 
 
 class _Relay:
@@ -221,7 +232,9 @@ class Membership:
         now: float,
         delegate: Delegate | None = None,
         incarnation: int = 0,
+        decode_cache: DecodeCache | None = None,
     ) -> None:
+        """``decode_cache``: memo of decoded broadcasts; a simulator shares one between cores."""
         self.config = config
         self._rng = rng
         self._delegate = delegate
@@ -236,7 +249,10 @@ class Membership:
         self._seq = rng.randrange(SEQ_MOD)
         self._awareness = Awareness(config.awareness_max_multiplier)
         self._queue = BroadcastQueue()
-        self._meta_cache: MetaCache = {meta_bytes: meta}
+        self._limit_n = -1  # retransmit limit memo: (member count it was computed for, limit)
+        self._limit = 0
+        self._decode_cache = decode_cache if decode_cache is not None else DecodeCache()
+        self._decode_cache.meta.setdefault(meta_bytes, meta)
         self._tombstones: dict[str, int] = {}
         self._heap: list[tuple[float, int, int, object]] = []
         self._heap_seq = 0
@@ -249,6 +265,8 @@ class Membership:
         self.stats: dict[str, int] = dict.fromkeys(_STAT_KEYS, 0)
 
         self._probe: _Probe | None = None
+        # Probes past their interval, unanswered, still listening for a late ack (see _probe_tick).
+        self._grace: list[_Probe] = []
         # Recently finished probes, so that a late ack still counts as evidence of life.
         self._recent_probes: deque[_Probe] = deque(maxlen=4)
         # Stagger the periodic work so that nodes started together do not tick together.
@@ -326,6 +344,7 @@ class Membership:
         me.state_changed_at = now
         self._n_live -= 1
         self._probe = None
+        self._grace.clear()
         self._broadcast(self.name, Dead(me.incarnation, self.name, self.name).encode(), now)
 
     def update_meta(self, meta: NodeMeta, now: float) -> None:
@@ -370,6 +389,9 @@ class Membership:
         p = self._probe
         if p is not None and not p.acked and not p.indirect_sent and p.timeout_at < t:
             t = p.timeout_at
+        for g in self._grace:
+            if g.grace_until < t:
+                t = g.grace_until
         if self._gossip_at is not None and self._gossip_at < t:
             t = self._gossip_at
         if self._push_pull_at < t:
@@ -387,6 +409,8 @@ class Membership:
         p = self._probe
         if p is not None and not p.acked and not p.indirect_sent and now >= p.timeout_at:
             self._send_indirect(p, now)
+        if self._grace:
+            self._end_grace(now)
         if now >= self._probe_tick_at:
             self._probe_tick(now)
         if self._gossip_at is not None and now >= self._gossip_at:
@@ -499,7 +523,9 @@ class Membership:
                 # waits until the end of its probe interval).
                 relay.stage = 1
                 self._push_timer(
-                    now + self.config.probe_interval - self.config.probe_timeout, _T_RELAY, seq
+                    now + self.config.probe_interval - NACK_FRACTION * self.config.probe_timeout,
+                    _T_RELAY,
+                    seq,
                 )
             else:
                 del self._relays[seq]  # type: ignore[arg-type]
@@ -518,9 +544,17 @@ class Membership:
     def _probe_tick(self, now: float) -> None:
         p = self._probe
         if p is not None:
-            if not p.acked:
-                self._probe_failed(p, now)
-            self._recent_probes.append(p)
+            if p.acked:
+                self._recent_probes.append(p)
+            else:
+                # The ack window is the probe interval plus a grace (one probe timeout, scaled
+                # by our health like the rest): our helpers listen that long for the target's
+                # late ack, and an answer that arrives in it costs nothing, while a suspicion
+                # raised and refuted half a second later costs the cluster two broadcasts.
+                p.grace_until = now + self._awareness.scale(self.config.probe_grace)
+                self._grace.append(p)
+                if self.config.probe_grace <= 0:
+                    self._end_grace(now)
         self._probe = None
         interval = self._awareness.scale(self.config.probe_interval)
         self._probe_tick_at = now + interval
@@ -539,6 +573,17 @@ class Membership:
             parts.append(Suspect(node.incarnation, node.name, self.name).encode())
         parts.append(Ping(seq, node.name, self.name).encode())
         self._send(parts, node.addr)
+
+    def _end_grace(self, now: float) -> None:
+        """Fail the probes whose grace has run out without an ack."""
+        keep: list[_Probe] = []
+        for p in self._grace:
+            if now >= p.grace_until:
+                self._recent_probes.append(p)
+                self._probe_failed(p, now)
+            else:
+                keep.append(p)
+        self._grace = keep
 
     def _next_probe_target(self) -> _Node | None:
         ring = self._ring
@@ -585,6 +630,14 @@ class Membership:
             return
         if node.incarnation != p.incarnation:
             return  # it refuted while we probed: our failure is about an older life
+        aw = self._awareness
+        if p.expected_nacks > 0 and p.nacks == 0 and aw.score < aw.max_multiplier - 1:
+            # Not one helper answered either: the silence is more likely ours (a slow inbox,
+            # a broken link) than the target's, and the penalty above already says so. Accuse
+            # only once our health is at its worst: a node cut off from everyone still ends up
+            # suspecting the others, a few probes later and with its timeouts fully stretched.
+            self.stats["suspicions_withheld"] += 1
+            return
         msg = Suspect(p.incarnation, node.name, self.name)
         self._on_suspect(msg, now)
         # Tell the suspect at once (Lifeguard's buddy system, without waiting for the next probe).
@@ -607,9 +660,14 @@ class Membership:
         elif t is IndirectPing:
             self._on_indirect_ping(msg, addr, now)  # type: ignore[arg-type]
         elif t is Nack:
+            seq = msg.seq  # type: ignore[union-attr]
             p = self._probe
-            if p is not None and p.seq == msg.seq:  # type: ignore[union-attr]
+            if p is not None and p.seq == seq:
                 p.nacks += 1
+            else:
+                for g in self._grace:
+                    if g.seq == seq:
+                        g.nacks += 1
         elif t is User:
             self.stats["user_messages"] += 1
             if self._delegate is not None:
@@ -635,8 +693,21 @@ class Membership:
             p.node.heard_at = now
             if not p.acked:
                 p.acked = True
-                self._awareness.apply_delta(-1)
+                if not p.indirect_sent:
+                    # Only a timely answer is evidence of our own health: an ack we process
+                    # after our probe timeout may be late because *we* are slow (Lifeguard).
+                    self._awareness.apply_delta(-1)
             return
+        grace = self._grace
+        for i, g in enumerate(grace):
+            if g.seq == msg.seq:
+                # Late but inside the grace: the target lives, no suspicion (and, being late,
+                # no health credit).
+                g.node.heard_at = now
+                g.acked = True
+                del grace[i]
+                self._recent_probes.append(g)
+                return
         for old in self._recent_probes:
             if old.seq == msg.seq:
                 old.node.heard_at = now  # late, but alive
@@ -653,17 +724,15 @@ class Membership:
         self.stats["relays"] += 1
         seq = self._next_seq()
         self._relays[seq] = _Relay(addr, msg.seq, msg.nack)
-        self._push_timer(now + self.config.probe_timeout, _T_RELAY, seq)
+        # Nack before the origin's deadline (Lifeguard sends it at 80% of the probe timeout): a
+        # nack arriving after the origin gave up would count against the origin's health.
+        self._push_timer(now + NACK_FRACTION * self.config.probe_timeout, _T_RELAY, seq)
         self._send([Ping(seq, msg.target, self.name).encode()], msg.addr)
 
     # ------------------------------------------------------------------ internals: state
 
-    def _cache(self) -> MetaCache:
-        if len(self._meta_cache) > MAX_META_CACHE:
-            self._meta_cache = {n.meta_bytes: n.meta for n in self._nodes.values()}
-            if len(self._meta_cache) > MAX_META_CACHE:
-                self._meta_cache = {}
-        return self._meta_cache
+    def _cache(self) -> DecodeCache:
+        return self._decode_cache
 
     def _set_state(self, node: _Node, state: MemberState, now: float) -> None:
         was_live = node.state is ALIVE or node.state is SUSPECT
@@ -950,9 +1019,14 @@ class Membership:
 
     def _piggyback(self, room: int, max_parts: int) -> list[bytes]:
         """Queued broadcasts, then delegate messages, fitting ``room`` bytes (framing included)."""
-        extra = self._queue.get(
-            COMPOUND_PART_OVERHEAD, room, self.config.retransmit_limit(self._n_live), max_parts
-        )
+        if self._queue:
+            n = self._n_live
+            if n != self._limit_n:
+                self._limit_n = n
+                self._limit = self.config.retransmit_limit(n)
+            extra = self._queue.get(COMPOUND_PART_OVERHEAD, room, self._limit, max_parts)
+        else:
+            extra = []
         if self._delegate is not None:
             used = sum(len(m) + COMPOUND_PART_OVERHEAD for m in extra)
             left = room - used
@@ -970,7 +1044,7 @@ class Membership:
         """Send ``parts`` to ``addr`` in one packet, filling spare room with broadcasts."""
         budget = self.config.packet_budget
         used = COMPOUND_OVERHEAD + sum(len(p) + COMPOUND_PART_OVERHEAD for p in parts)
-        if used < budget:
+        if used < budget and (self._queue or self._delegate is not None):
             extra = self._piggyback(budget - used, MAX_COMPOUND_PARTS - len(parts))
             if extra:
                 parts = parts + [e for e in extra if e not in parts]

@@ -21,6 +21,7 @@ from meshnet.membership.messages import (
     Ack,
     Alive,
     Dead,
+    DecodeCache,
     IndirectPing,
     MsgType,
     Nack,
@@ -61,9 +62,23 @@ def framed(t: int, body: object) -> bytes:
 typed_bodies = st.builds(framed, st.integers(min_value=0, max_value=255), values)
 
 
+# One cache shared by every example, as the simulator shares one between its cores.
+SHARED_CACHE = DecodeCache()
+
+
+def _decode_or_error(data: bytes, cache: DecodeCache | None) -> object:
+    try:
+        return decode_packet(data, cache)
+    except MembershipProtocolError:
+        return MembershipProtocolError
+
+
 def _decodes_or_protocol_error(data: bytes) -> None:
-    with contextlib.suppress(MembershipProtocolError):
-        decode_packet(data)
+    plain = _decode_or_error(data, None)
+    # The cached decoder is the same function: same messages, or the same refusal, every time.
+    assert _decode_or_error(data, SHARED_CACHE) == plain
+    assert _decode_or_error(data, SHARED_CACHE) == plain
+    assert _decode_or_error(data, DecodeCache()) == plain
     with contextlib.suppress(MembershipProtocolError):
         decode_push_pull(data)
     with contextlib.suppress(MembershipProtocolError):
@@ -133,6 +148,8 @@ messages = st.one_of(
 def test_roundtrip(msgs: list[object]) -> None:
     parts = [m.encode() for m in msgs]  # type: ignore[attr-defined]
     assert decode_packet(make_compound(parts)) == msgs
+    assert decode_packet(make_compound(parts), SHARED_CACHE) == msgs
+    assert decode_packet(make_compound(parts), SHARED_CACHE) == msgs
 
 
 @SETTINGS

@@ -34,7 +34,7 @@ from meshnet.membership.messages import (
         (4, 6, 1, 1.0, 4.0, 24.0),  # log10 floor at 1
         (4, 6, 10, 1.0, 4.0, 24.0),
         (4, 6, 1000, 1.0, 12.0, 72.0),  # memberlist LAN at N=1000
-        (2, 6, 1000, 1.0, 6.0, 36.0),  # ours
+        (1.5, 6, 1000, 1.0, 4.5, 27.0),  # ours
         (6, 6, 100, 5.0, 60.0, 360.0),  # memberlist WAN at N=100
     ],
 )

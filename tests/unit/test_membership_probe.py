@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 from meshnet.membership import Membership, MembershipConfig, MemberState, NodeMeta
+from meshnet.membership.core import NACK_FRACTION
 from meshnet.membership.messages import (
     Ack,
     Alive,
@@ -16,7 +17,9 @@ from meshnet.membership.messages import (
     decode_packet,
 )
 
-CFG = MembershipConfig.lan()  # probe 1 s, timeout 0.5 s, 3 indirect checks
+CFG = MembershipConfig.lan()  # probe 1 s, timeout 0.5 s, 3 indirect checks, grace 0.5 s
+# When an unanswered probe gives up and suspects: its interval plus the late-ack grace.
+END = CFG.probe_interval + CFG.probe_grace
 
 
 def addr(i: int) -> tuple[str, int]:
@@ -86,9 +89,13 @@ def test_failed_probe_uses_k_helpers_then_suspects_and_tells_the_suspect() -> No
     m.receive_datagram(Nack(ping.seq).encode(), reqs[1][1], t0 + 0.8)
     m.handle_timer(t0 + CFG.probe_interval)
     target = m.member(ping.target)
+    assert target is not None and target.state is MemberState.ALIVE  # still in its grace
+    sent(m, t0 + CFG.probe_interval)
+    m.handle_timer(t0 + END)
+    target = m.member(ping.target)
     assert target is not None and target.state is MemberState.SUSPECT
     assert m.health_score == 1
-    out = sent(m, t0 + CFG.probe_interval)
+    out = sent(m, t0 + END)
     told = [msgs for msgs, a in out if a == dst and first(msgs, Suspect) is not None]
     assert told, "the suspect is told of its suspicion at once"
 
@@ -101,6 +108,7 @@ def test_failed_probe_with_all_nacks_does_not_hurt_health() -> None:
     for a in helpers:
         m.receive_datagram(Nack(ping.seq).encode(), a, t0 + 0.7)
     m.handle_timer(t0 + 1.0)
+    m.handle_timer(t0 + END)
     assert m.health_score == 0
     assert m.member(ping.target).state is MemberState.SUSPECT  # type: ignore[union-attr]
 
@@ -120,14 +128,20 @@ def test_probe_without_helpers_penalizes_health() -> None:
     _ping, _, _, t0 = start_probe(m)
     m.handle_timer(t0 + 0.5)
     m.handle_timer(t0 + 1.0)
+    m.handle_timer(t0 + END)
     assert m.health_score == 1
 
 
 def test_awareness_stretches_probe_interval_and_timeout() -> None:
     m = node(1, peers=2)  # no helpers: each failed probe costs one point of health
-    start_probe(m)
-    _, _, _, t1 = start_probe(m)  # the first probe failed on the way here
+    _, _, _, t0 = start_probe(m)
+    m.handle_timer(t0 + CFG.probe_timeout)
+    m.handle_timer(t0 + CFG.probe_interval)  # the next probe starts (at health 0)
+    m.handle_timer(t0 + END)  # the first one fails at the end of its grace
     assert m.stats["probe_failures"] == 1 and m.health_score == 1
+    m.datagrams_to_send(t0 + END)
+    _, _, _, t1 = start_probe(m)  # started at health 1
+    assert t1 == t0 + 2 * CFG.probe_interval
     probe = m._probe
     assert probe is not None
     assert probe.timeout_at == t1 + CFG.probe_timeout * 2
@@ -222,3 +236,69 @@ def test_new_member_inserted_at_random_position() -> None:
         ring = [x.name for x in m._ring]
         positions.add(ring.index("new"))
     assert len(positions) > 3
+
+
+def test_late_ack_inside_the_grace_prevents_the_suspicion() -> None:
+    m = node(1, peers=6)
+    ping, dst, _, t0 = start_probe(m)
+    m.handle_timer(t0 + CFG.probe_timeout)  # ping-reqs go out
+    m.handle_timer(t0 + CFG.probe_interval)  # interval over: the probe waits out its grace
+    assert m.member(ping.target).state is MemberState.ALIVE  # type: ignore[union-attr]
+    m.receive_datagram(Ack(ping.seq).encode(), dst, t0 + CFG.probe_interval + 0.3)
+    m.handle_timer(t0 + END + 0.01)
+    assert m.member(ping.target).state is MemberState.ALIVE  # type: ignore[union-attr]
+    assert m.stats["probe_failures"] == 0 and m.stats["suspicions_raised"] == 0
+    assert m.health_score == 0
+
+
+def test_ack_after_our_timeout_earns_no_health_credit() -> None:
+    """Only a timely ack says we are healthy: a late one may be late because we are slow."""
+    m = node(1, peers=6)
+    m._awareness.apply_delta(2)
+    ping, dst, _, t0 = start_probe(m)
+    timeout = 3 * CFG.probe_timeout  # scaled by health 2
+    m.handle_timer(t0 + timeout)
+    m.receive_datagram(Ack(ping.seq).encode(), dst, t0 + timeout + 0.1)
+    assert m.health_score == 2
+    ping, dst, _, t1 = start_probe(m)
+    m.receive_datagram(Ack(ping.seq).encode(), dst, t1 + 0.1)  # timely
+    assert m.health_score == 1
+
+
+def test_no_nack_at_all_withholds_the_suspicion_until_health_is_worst() -> None:
+    """Silent helpers point at ourselves (Lifeguard): penalize our health, accuse nobody yet;
+    a node cut off from everyone still suspects once its health is at its worst."""
+    m = node(1, peers=6)
+    ping, _, _, t0 = start_probe(m)
+    m.handle_timer(t0 + CFG.probe_timeout)
+    m.handle_timer(t0 + CFG.probe_interval)
+    m.handle_timer(t0 + END)
+    assert m.health_score == CFG.indirect_checks
+    assert m.member(ping.target).state is MemberState.ALIVE  # type: ignore[union-attr]
+    assert m.stats["suspicions_withheld"] == 1
+    # Keep failing with silent helpers: health saturates, then the suspicion is raised.
+    t = t0 + END
+    for _ in range(40):
+        if m.stats["suspicions_raised"]:
+            break
+        t = m.get_timer()  # type: ignore[assignment]
+        m.handle_timer(t)
+        m.datagrams_to_send(t)
+    assert m.stats["suspicions_raised"] == 1
+    assert m.health_score == CFG.awareness_max_multiplier - 1
+
+
+def test_helper_nacks_before_the_origin_gives_up() -> None:
+    h = node(2, peers=4)
+    h.receive_datagram(IndirectPing(79, "n3", addr(3), True).encode(), addr(1), 1.0)
+    sent(h, 1.0)
+    # The origin sent this a probe timeout into its probe and listens until interval + grace.
+    assert NACK_FRACTION * CFG.probe_timeout + CFG.probe_timeout < END
+    at = 1.0 + NACK_FRACTION * CFG.probe_timeout
+
+    def nacks(t: float) -> list[Message]:
+        h.handle_timer(t)
+        return [x for msgs, a in sent(h, t) if a == addr(1) for x in msgs if isinstance(x, Nack)]
+
+    assert nacks(at - 0.01) == []
+    assert nacks(at) == [Nack(79)]
