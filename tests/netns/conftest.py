@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 
 from meshnet.lab import Lab
 from meshnet.lab.lab import RUN_BASE
+from meshnet.platform import nsfd
 
 _counter = itertools.count(1)
 
@@ -181,6 +183,15 @@ def cluster(lab_factory: LabFactory) -> Iterator[Callable[[int], Cluster]]:
     yield make
     for c in made:
         c.close()
+
+
+def send_udp_from(ns: str, data: bytes, dst: tuple[str, int]) -> None:
+    """Send one raw UDP datagram from inside namespace `ns` (replays, forgeries)."""
+    s = nsfd.open_socket_in_netns(ns, socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.sendto(data, dst)
+    finally:
+        s.close()
 
 
 class UnderlayCapture:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import UnderlayCapture
+from conftest import UnderlayCapture, send_udp_from
 
 from meshnet.agent.encdp import (
     EncryptedDatapath,
@@ -237,14 +236,6 @@ async def tcp_transfer(env: Env, src: int, dst: int, reps: int) -> tuple[int, in
         await server.wait()
 
 
-def send_raw(env: Env, host: int, data: bytes, dst: tuple[str, int]) -> None:
-    s = nsfd.open_socket_in_netns(env.host(host), socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.sendto(data, dst)
-    finally:
-        s.close()
-
-
 def drops(env: Env, host: int, peer: int) -> dict[str, int]:
     d = env.dps[host].stats()[env.ip(peer)]["drops"]
     assert isinstance(d, dict)
@@ -298,23 +289,24 @@ async def test_encrypted_overlay_works_and_leaks_nothing(env3: Env, tmp_path: Pa
         if u[3] == PORT and len(u[4]) < 200 and struct.unpack_from(">I", u[4])[0] == spi12
     )
     before = drops(env, 2, 1)
-    send_raw(env, 1, sample, h2)
+    send_udp_from(env.host(1), sample, h2)
     await eventually(
         lambda: asyncio.sleep(0, drops(env, 2, 1)["replay"] > before["replay"]), "replay counted"
     )
     # Tampered: a fresh sequence number (so the window would let it in) with the old tag.
     forged = sample[:4] + struct.pack(">Q", struct.unpack_from(">Q", sample, 4)[0] + 100_000)
     forged += sample[12:]
-    send_raw(env, 1, forged, h2)
+    send_udp_from(env.host(1), forged, h2)
     flipped = bytearray(sample)
     flipped[-1] ^= 1
-    send_raw(env, 1, bytes(flipped[:4]) + struct.pack(">Q", 2**40) + bytes(flipped[12:]), h2)
+    flipped[4:12] = struct.pack(">Q", 2**40)
+    send_udp_from(env.host(1), bytes(flipped), h2)
     await eventually(
         lambda: asyncio.sleep(0, drops(env, 2, 1)["auth"] >= before["auth"] + 2), "auth counted"
     )
     # Unknown SPI, and a too-short datagram: counted, never fatal.
-    send_raw(env, 1, struct.pack(">IQ", 0xDEAD, 1) + bytes(60), h2)
-    send_raw(env, 1, b"\x01\x02", h2)
+    send_udp_from(env.host(1), struct.pack(">IQ", 0xDEAD, 1) + bytes(60), h2)
+    send_udp_from(env.host(1), b"\x01\x02", h2)
     await eventually(
         lambda: asyncio.sleep(0, drops(env, 2, 1)["unknown_spi"] >= 1), "unknown SPI counted"
     )

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Cluster, UnderlayCapture, wait
+from conftest import Cluster, UnderlayCapture, send_udp_from, wait
 
 from meshnet.agent.encdp import encrypted_overlay_mtu
 from meshnet.lab import Lab
-from meshnet.platform import netns, nsfd
+from meshnet.platform import netns
 
 pytestmark = pytest.mark.netns
 
@@ -63,14 +63,6 @@ def peer(c: Cluster, host: str, network: str, node: str) -> dict[str, Any]:
         if p["node"] == node:
             return dict(p)
     raise AssertionError(f"{host} has no peer {node} on {network}")
-
-
-def send_raw(lab: Lab, host: str, data: bytes, dst: tuple[str, int]) -> None:
-    s = nsfd.open_socket_in_netns(lab.host_ns(host), socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.sendto(data, dst)
-    finally:
-        s.close()
 
 
 def fetch(target: str, path: str) -> str:
@@ -147,15 +139,15 @@ def test_encrypted_network_end_to_end(cluster, tmp_path: Path) -> None:  # type:
     assert h1_to_h2, "no small h1 -> h2 record captured"
     rec = h1_to_h2[-1]
     before = peer(c, "h2", "sec", "h1")["drops"]
-    send_raw(lab, "h1", rec, (ip2, PORT))
+    send_udp_from(lab.host_ns("h1"), rec, (ip2, PORT))
     wait(lambda: peer(c, "h2", "sec", "h1")["drops"]["replay"] > before["replay"], 10,
          "replay counted")
     spi, seq = struct.unpack_from(">IQ", rec)
     forged = struct.pack(">IQ", spi, seq + 1_000_000) + rec[12:]
     flipped = bytearray(struct.pack(">IQ", spi, seq + 1_000_001) + rec[12:])
     flipped[20] ^= 0x01
-    send_raw(lab, "h1", forged, (ip2, PORT))
-    send_raw(lab, "h1", bytes(flipped), (ip2, PORT))
+    send_udp_from(lab.host_ns("h1"), forged, (ip2, PORT))
+    send_udp_from(lab.host_ns("h1"), bytes(flipped), (ip2, PORT))
     wait(lambda: peer(c, "h2", "sec", "h1")["drops"]["auth"] >= before["auth"] + 2, 10,
          "tampered records counted")
     r = c.probe("h1", "sec", f"{ping('srv2')} && {fetch('srv2', '/etc/hostname')}")
