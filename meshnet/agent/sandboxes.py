@@ -32,8 +32,11 @@ from meshnet.crypto.keyring import KeyringError
 from meshnet.membership import Addr, Member
 from meshnet.platform import nsfd
 from meshnet.platform.sandbox import (
+    NODE_ENV,
+    SANDBOX_ENV,
     create_sandbox,
     delete_sandbox,
+    leftover_task_processes,
     list_sandboxes,
     sandbox_command,
 )
@@ -92,6 +95,13 @@ class Sandboxes:
     async def adopt(self) -> None:
         """One-off sandboxes cannot outlive their agent (their client is gone): remove them and
         their endpoints."""
+        leftovers = await asyncio.to_thread(leftover_task_processes, self.node,
+                                            self.ns_prefix())
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if leftovers:
+            log.info("killed %d task processes left by a previous run", len(leftovers))
         for ns in list_sandboxes(self.ns_prefix()):
             await _kill_namespace_processes(ns)
             with contextlib.suppress(Exception):
@@ -270,8 +280,8 @@ class Sandboxes:
         """The agent's environment minus systemd's notify plumbing, plus who the task is."""
         env = {k: v for k, v in os.environ.items()
                if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-        env.update(MESHNET_NODE=self.node, MESHNET_TASK=handle.name,
-                   MESHNET_NETWORK=handle.network, MESHNET_IP=handle.ip)
+        env.update({NODE_ENV: self.node, SANDBOX_ENV: handle.ns, "MESHNET_TASK": handle.name,
+                    "MESHNET_NETWORK": handle.network, "MESHNET_IP": handle.ip})
         return env
 
     # --- meshctl run ------------------------------------------------------------------------

@@ -41,8 +41,12 @@ from typing import Any, TextIO
 from meshnet.fsutil import atomic_write
 from meshnet.platform import netns
 from meshnet.platform.netns import NetnsError
+from meshnet.platform.sandbox import processes_with_env
 
 DEFAULT_PREFIX = "mnlab"
+# Set to the lab's prefix in every agent's environment; their tasks inherit it, so down() finds
+# every process the lab caused, even one in a namespace whose name is gone.
+LAB_ENV = "MESHNET_LAB"
 RUN_BASE = Path("/run/meshnet-lab")
 UNDERLAY_NET = ipaddress.IPv4Network("10.99.0.0/24")
 # .1 .. .254 of the /24; one address per host.
@@ -450,7 +454,7 @@ class Lab:
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()  # a stale socket from a killed agent would look like readiness
         self.host_dir(host).mkdir(mode=0o700, parents=True, exist_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{LAB_ENV: self.prefix})
         with open(self.log_path(host), "ab") as log:
             proc = subprocess.Popen(
                 netns.exec_argv(rec["namespace"], [meshnetd, *rec["agent_args"]]),
@@ -575,14 +579,19 @@ class Lab:
                 proc.poll()
         self._procs.clear()
 
-        # 2. Anything else still living inside our namespaces, then the namespaces themselves
-        #    (their links, the bridge and the veths, and their nft tables go with them).
+        # 2. Anything else still living inside our namespaces, or started by our agents (their
+        #    tasks inherit LAB_ENV; a sandbox whose name died with its agent's mount namespace
+        #    is found only that way), then the namespaces themselves (their links, the bridge
+        #    and the veths, and their nft tables go with them).
         names = set(self._our_namespaces())
         if m:
             names.update(n for n in m.get("namespaces", []) if netns.exists(n))
         ordered = sorted(names, key=lambda n: (n == self.underlay_ns, n))
+        marker = f"{LAB_ENV}={self.prefix}"
         for _ in range(3):
-            inside = [(p, _proc_starttime(p)) for n in ordered for p in netns.pids(n)]
+            pids = {p for n in ordered for p in netns.pids(n)}
+            pids.update(processes_with_env(marker))
+            inside = [(p, _proc_starttime(p)) for p in sorted(pids)]
             if not inside:
                 break
             for pid, _ in inside:

@@ -90,6 +90,60 @@ def list_sandboxes(prefix: str) -> list[str]:
     return nsfd.list_netns(prefix)
 
 
+# Every task process carries these (agent/sandboxes.py task_env): who started it, and in which
+# sandbox. They let a restarted agent find its old tasks when the sandboxes' names are gone.
+NODE_ENV = "MESHNET_NODE"
+SANDBOX_ENV = "MESHNET_SANDBOX"
+
+
+def _environ(pid: str) -> list[bytes]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return f.read().split(b"\0")
+
+
+def processes_with_env(marker: str) -> list[int]:
+    """Processes whose (initial) environment holds the exact entry MARKER ("NAME=value")."""
+    want = marker.encode()
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != os.getpid():
+            with contextlib.suppress(OSError):
+                if want in _environ(pid):
+                    found.append(int(pid))
+    return found
+
+
+def leftover_task_processes(node: str, prefix: str) -> list[int]:
+    """Processes of the sandboxes (names starting with PREFIX) that an earlier run of NODE's
+    agent started: every process whose environment says so, and every other process in a
+    network namespace one of those is in (a child may have cleared its environment).
+
+    Found through /proc, not by namespace name: under systemd's ProtectSystem the agent has a
+    private mount namespace, so the names it bound under /run/netns die with it, while the
+    namespaces live on in their processes (see systemd/meshnet.service)."""
+    own = os.stat("/proc/self/ns/net")
+    own_ns = (own.st_dev, own.st_ino)
+    node_entry = f"{NODE_ENV}={node}".encode()
+    sandbox_entry = f"{SANDBOX_ENV}={prefix}".encode()
+    ns_of: dict[int, tuple[int, int]] = {}
+    ours: set[tuple[int, int]] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            st = os.stat(f"/proc/{pid}/ns/net")
+            ns = (st.st_dev, st.st_ino)
+            if ns == own_ns:
+                continue  # the host's own namespace: never a sandbox
+            ns_of[int(pid)] = ns
+            env = _environ(pid)
+        except OSError:
+            continue  # gone, or a kernel thread
+        if node_entry in env and any(e.startswith(sandbox_entry) for e in env):
+            ours.add(ns)
+    return sorted(pid for pid, ns in ns_of.items() if ns in ours)
+
+
 def sandbox_command(ns_name: str, argv: Sequence[str]) -> list[str]:
     """The argv that runs ARGV inside sandbox NS_NAME (`ip netns exec`, which also bind-mounts
     /etc/netns/NS_NAME/resolv.conf)."""

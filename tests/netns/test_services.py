@@ -12,6 +12,9 @@ from typing import Any
 import pytest
 from conftest import Cluster, wait
 
+from meshnet.lab.lab import LAB_ENV
+from meshnet.platform.sandbox import processes_with_env
+
 pytestmark = pytest.mark.netns
 
 DEMO = [sys.executable, "-m", "meshnet.lab.demo_http"]
@@ -130,3 +133,30 @@ def test_failover_and_return(cluster: Callable[[int], Cluster]) -> None:
     for h in [*survivors, victim]:  # once views agree, nothing runs twice
         tasks = [t for t in ps(c, h, "backend") if t["state"] == "running"]
         assert sorted(int(t["slot"]) for t in tasks) == [1, 2, 3, 4, 5, 6]
+
+
+def test_tasks_never_outlive_a_killed_agent(cluster: Callable[[int], Cluster]) -> None:
+    """A kill -9'd agent leaves its tasks running, in namespaces whose names died with the
+    agent's mount namespace (as under systemd). The restarted agent kills them; so does
+    `lab down` when the agent never comes back."""
+    c = cluster(2)
+    c.network("orphans")
+
+    def task_pids(name: str) -> list[int]:
+        return processes_with_env(f"MESHNET_TASK={name}")
+
+    c.serve("h2", "orphans", "old")
+    (old,) = task_pids("old")
+    c.lab.kill("h2")
+    time.sleep(0.5)
+    assert task_pids("old") == [old], "an orphaned task is still running before the restart"
+    c.lab.start("h2")
+    wait(lambda: not task_pids("old"), 20, "the restarted agent kills its old task")
+
+    c.serve("h2", "orphans", "orphan")
+    assert len(task_pids("orphan")) == 1
+    c.lab.kill("h2")
+    c.close()
+    c.lab.down()
+    assert not task_pids("orphan")
+    assert not processes_with_env(f"{LAB_ENV}={c.lab.prefix}")
