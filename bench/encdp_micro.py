@@ -387,6 +387,9 @@ def measure(
             "worker_cpu": {k: round(v, 2) for k, v in cpu.items()},  # cores, during the run
             "gso": s1["net"]["gso"],
             "gro": s1["net"]["gro"],
+            "sender_records_per_frame": round(
+                peer["tx_packets"] / max(1, s1["net"]["networks"][str(VNI_ENC)]["tx_frames"]), 1
+            ),
             "sender_drops": peer["drops"],
             "receiver_drops": s2["stats"][lab.underlay_ip("h1")]["drops"],
             "runs": {"plain": plain, "encrypted": enc},

@@ -76,3 +76,28 @@ class ReplayWindow:
             self._top = seq
         blocks[index & _INDEX_MASK] |= 1 << (seq & _BIT_MASK)
         return True
+
+    def update_run(self, first: int, count: int) -> bool:
+        """Mark the COUNT numbers from FIRST on as seen, all of them above the newest one
+        accepted so far: one GSO burst of records whose tags all verified. The same as
+        `update` for each of them in order, at the cost of one. False, changing nothing, if
+        FIRST is not above the newest accepted or the run passes MAX_SEQ."""
+        last = first + count - 1
+        top = self._top
+        if count < 1 or first <= top or last > MAX_SEQ:
+            return False
+        blocks = self._blocks
+        index = last >> _BLOCK_SHIFT
+        current = top >> _BLOCK_SHIFT
+        for i in range(current + 1, current + 1 + min(index - current, BLOCKS)):
+            blocks[i & _INDEX_MASK] = 0
+        self._top = last
+        # Only the newest WINDOW_SIZE numbers can still be asked about: mark those (the loop
+        # stays bounded however long the run).
+        seq = max(first, last - WINDOW_SIZE + 1)
+        while seq <= last:
+            end = min(last, seq | _BIT_MASK)
+            bits = (1 << (end - seq + 1)) - 1
+            blocks[(seq >> _BLOCK_SHIFT) & _INDEX_MASK] |= bits << (seq & _BIT_MASK)
+            seq = end + 1
+        return True

@@ -68,3 +68,32 @@ def test_far_future_jump_clears_the_ring() -> None:
     w.update(10**12)
     assert w.check(10**12 - 1) and w.check(10**12 - WINDOW_SIZE + 1)
     assert not w.check(10**12 - WINDOW_SIZE)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(_STEP, st.booleans()), max_size=60),
+    st.integers(-3, 3 * WINDOW_SIZE),
+    st.one_of(st.integers(0, 130), st.integers(WINDOW_SIZE - 70, WINDOW_SIZE + 200)),
+    st.lists(_STEP, max_size=60),
+)
+def test_update_run_equals_updating_each(
+    before: list[tuple[int, bool]], gap: int, count: int, probes: list[int]
+) -> None:
+    """A run of new numbers marked at once leaves the window exactly as marking each would."""
+    run, each, m = ReplayWindow(), ReplayWindow(), Model()
+    for delta, ok in before:
+        seq = m.top + delta
+        if m.check(seq) and ok:
+            run.update(seq), each.update(seq), m.update(seq)
+    first = m.top + gap
+    fits = count >= 1 and first > m.top and first + count - 1 <= MAX_SEQ
+    assert run.update_run(first, count) == fits
+    if fits:
+        for seq in range(first, first + count):
+            assert each.update(seq)
+            m.update(seq)
+    assert run.top == each.top == m.top
+    for delta in probes + list(range(-count - 2, 3)):
+        seq = m.top + delta
+        assert run.check(seq) == each.check(seq) == m.check(seq), (seq, m.top)
