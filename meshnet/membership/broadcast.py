@@ -9,18 +9,32 @@ MAX_SKIPS = 16
 MIN_ROOM = 10
 
 
+class _Bucket:
+    """The messages sent ``count`` times, oldest arrival first (dict order)."""
+
+    __slots__ = ("count", "msgs")
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.msgs: dict[str, bytes] = {}
+
+
 class BroadcastQueue:
     """Messages keyed by the member they are about; each is sent up to a retransmit limit.
 
-    Buckets by transmit count keep ``get`` O(messages returned): bucket 0 (never sent) first,
-    newest first within a bucket, as memberlist orders by (transmits, -id).
+    Buckets by transmit count keep ``get`` O(messages returned): the fewest sends first, and
+    within a count the message that reached it last first (memberlist orders by
+    (transmits, -id)). Only counts that hold messages have a bucket, and each key maps to its
+    bucket object, so the common case, a queue that fits one packet whole, sends everything and
+    ages it by bumping each bucket's count, touching no key.
     """
 
-    __slots__ = ("_buckets", "_where")
+    __slots__ = ("_buckets", "_bytes", "_where")
 
     def __init__(self) -> None:
-        self._buckets: list[dict[str, bytes]] = [{}]
-        self._where: dict[str, int] = {}
+        self._buckets: list[_Bucket] = []  # ascending count; may hold emptied buckets
+        self._where: dict[str, _Bucket] = {}
+        self._bytes = 0  # total length of the queued messages
 
     def __len__(self) -> int:
         return len(self._where)
@@ -30,43 +44,63 @@ class BroadcastQueue:
 
     def queue(self, key: str, msg: bytes) -> None:
         """Queue ``msg`` about ``key``, replacing any older message about the same member."""
-        old = self._where.get(key)
+        where = self._where
+        old = where.get(key)
         if old is not None:
-            del self._buckets[old][key]
-        self._buckets[0][key] = msg
-        self._where[key] = 0
+            self._bytes -= len(old.msgs.pop(key))
+        buckets = self._buckets
+        if buckets and buckets[0].count == 0:
+            b0 = buckets[0]
+        else:
+            b0 = _Bucket(0)
+            buckets.insert(0, b0)
+        b0.msgs[key] = msg
+        where[key] = b0
+        self._bytes += len(msg)
 
     def remove(self, key: str) -> None:
         old = self._where.pop(key, None)
         if old is not None:
-            del self._buckets[old][key]
+            self._bytes -= len(old.msgs.pop(key))
 
     def transmits(self, key: str) -> int | None:
-        return self._where.get(key)
+        b = self._where.get(key)
+        return None if b is None else b.count
+
+    def _drop(self, b: _Bucket) -> None:
+        where = self._where
+        for key, msg in b.msgs.items():
+            del where[key]
+            self._bytes -= len(msg)
 
     def get(self, overhead: int, room: int, limit: int, max_count: int = 255) -> list[bytes]:
         """Messages totalling at most ``room`` bytes (each costing len + overhead)."""
-        out: list[bytes] = []
         buckets = self._buckets
+        # Forget what was sent ``limit`` times (the limit shrinks when members leave).
+        while buckets and (buckets[-1].count >= limit or not buckets[-1].msgs):
+            self._drop(buckets.pop())
         where = self._where
-        if len(buckets) > limit:
-            for b in buckets[limit:]:
-                for key in b:
-                    del where[key]
-            del buckets[limit:]
         if not where:
+            return []
+        out: list[bytes] = []
+        if self._bytes + overhead * len(where) <= room and len(where) <= max_count:
+            # Everything fits: the scan below would take every message in order and move each
+            # count up by one whole, keeping its order, which is what bumping the count does.
+            for b in buckets:
+                out.extend(reversed(b.msgs.values()))
+                b.count += 1
+            if buckets[-1].count >= limit:
+                self._drop(buckets.pop())
             return out
         used = 0
         skips = 0
         chosen: list[tuple[int, list[str]]] = []
         full = False
-        for t in range(len(buckets)):
-            b = buckets[t]
-            if not b:
-                continue
+        for i, b in enumerate(buckets):
+            msgs = b.msgs
             taken: list[str] = []
-            for key in reversed(b):
-                msg = b[key]
+            for key in reversed(msgs):
+                msg = msgs[key]
                 cost = len(msg) + overhead
                 if used + cost > room:
                     skips += 1
@@ -81,22 +115,26 @@ class BroadcastQueue:
                     full = True
                     break
             if taken:
-                chosen.append((t, taken))
+                chosen.append((i, taken))
             if full:
                 break
-        # Move what was sent one bucket up (after the scan, so nothing is sent twice).
-        for t, taken in reversed(chosen):
-            b = buckets[t]
-            nt = t + 1
-            if nt >= limit:
+        # Move what was sent one count up (after the scan, so nothing is sent twice). Highest
+        # first, so a bucket inserted at i + 1 shifts only buckets already done.
+        for i, taken in reversed(chosen):
+            b = buckets[i]
+            nc = b.count + 1
+            if nc >= limit:
                 for key in taken:
-                    del b[key]
+                    self._bytes -= len(b.msgs.pop(key))
                     del where[key]
                 continue
-            if nt == len(buckets):
-                buckets.append({})
-            nb = buckets[nt]
-            for key in reversed(taken):  # keep newest-last order in the next bucket
-                nb[key] = b.pop(key)
-                where[key] = nt
+            if i + 1 < len(buckets) and buckets[i + 1].count == nc:
+                nb = buckets[i + 1]
+            else:
+                nb = _Bucket(nc)
+                buckets.insert(i + 1, nb)
+            for key in reversed(taken):  # keep newest-last order in the next count
+                nb.msgs[key] = b.msgs.pop(key)
+                where[key] = nb
+        self._buckets = [b for b in buckets if b.msgs]
         return out

@@ -39,6 +39,12 @@ starts when *it* heard the suspicion, not when it was raised. Around that:
 * the buddy system tells the suspect directly: on every probe of it, and (ours) the moment we
   raise the suspicion. The suspect pushes its refutation to the accuser and to gossip_nodes
   random peers at once, not at the next gossip tick;
+* (ours) every *holder* of a suspicion that has not seen the refutation halfway to its deadline
+  tells the suspect itself, and a suspect told of a suspicion (or death) older than its
+  incarnation sends its current alive straight back. A push epidemic that retransmits
+  RetransmitMult x log10 n times misses each member with probability ~e^-12 at N~1000; with
+  hundreds of refutations a run (slow10) a few members never hear one, and nothing else would
+  tell them before their timer declares a live node dead;
 * (ours) a member in poor local health stretches its suspicion timeouts by its awareness
   multiplier, exactly as Lifeguard stretches its probe timeouts: a node with a slow inbox hears
   refutations late and must not be the one that declares others dead;

@@ -22,6 +22,9 @@ claim replaces the held one iff it is larger. Concretely:
 Lifeguard: awareness scales probe interval and timeout; suspicion timeouts start at the maximum
 and shrink with independent confirmations; a suspect hears of its suspicion first (buddy system)
 and, beyond memberlist, hears of it at once from the accuser, and answers the accuser directly.
+Also beyond memberlist: a holder still without a refutation halfway to its deadline tells the
+suspect itself, and a member told of a suspicion or death older than its incarnation answers the
+teller with its current alive (a member the refutation's gossip missed learns it in time).
 Also beyond memberlist (argued in config.py): an unanswered probe waits ``probe_grace`` past its
 interval for a late ack before it suspects; helpers nack at 80% of the probe timeout, so the nack
 arrives in time; only an ack before our probe timeout credits our health; and a probe that no
@@ -62,7 +65,6 @@ from meshnet.membership.messages import (
     PushPull,
     Suspect,
     User,
-    decode_packet,
     decode_push_pull,
     encode_push_pull_raw,
     make_compound,
@@ -111,11 +113,14 @@ MAX_TOMBSTONES = 10_000
 # arriving after it gave up would wrongly count against the origin's own health.
 NACK_FRACTION = 0.8
 
+_STATE_CODE = {state: i for i, state in enumerate(STATE_CODES)}
+
 # Heap timer kinds.
 _T_SUSPICION = 0
 _T_RELAY = 1
 _T_REAP = 2
 _T_STREAM = 3
+_T_REMIND = 4
 
 _STAT_KEYS = (
     "packets_received",
@@ -135,6 +140,8 @@ _STAT_KEYS = (
     "suspicions_withheld",
     "deaths_declared",
     "deaths_vetoed",
+    "suspicion_reminders",
+    "stale_claims_answered",
     "refutations_pushed",
     "refuted_suspicions",
     "push_pulls_started",
@@ -224,6 +231,46 @@ class _Relay:
 class Membership:
     """One member's view of the cluster. See the module docstring for the rules."""
 
+    # Slots, not a __dict__: a simulator holds a thousand of these and touches a random one at
+    # every step, so each attribute read is one cache line instead of a hash-table probe.
+    __slots__ = (
+        "_awareness",
+        "_decode_cache",
+        "_delegate",
+        "_events",
+        "_gossip_at",
+        "_grace",
+        "_heap",
+        "_heap_ok",
+        "_heap_seq",
+        "_inflight",
+        "_joining",
+        "_leaving",
+        "_limit",
+        "_limit_n",
+        "_me",
+        "_n_dead",
+        "_n_live",
+        "_nodes",
+        "_out",
+        "_probe",
+        "_probe_index",
+        "_probe_tick_at",
+        "_push_pull_at",
+        "_queue",
+        "_recent_probes",
+        "_reconnect_at",
+        "_relays",
+        "_ring",
+        "_rng",
+        "_seq",
+        "_streams",
+        "_tombstones",
+        "config",
+        "name",
+        "stats",
+    )
+
     def __init__(
         self,
         config: MembershipConfig,
@@ -245,6 +292,7 @@ class Membership:
         self._ring: list[_Node] = [self._me]  # probe order and random selection
         self._probe_index = 0
         self._n_live = 1  # alive + suspect, including us
+        self._n_dead = 0  # members held dead (not left): _reconnect's odds, without a scan
         self._leaving = False
         self._seq = rng.randrange(SEQ_MOD)
         self._awareness = Awareness(config.awareness_max_multiplier)
@@ -256,6 +304,7 @@ class Membership:
         self._tombstones: dict[str, int] = {}
         self._heap: list[tuple[float, int, int, object]] = []
         self._heap_seq = 0
+        self._heap_ok: tuple[float, int, int, object] | None = None  # top known valid
         self._relays: dict[int, _Relay] = {}
         self._out: list[tuple[bytes, Addr]] = []
         self._streams: list[tuple[bytes, Addr]] = []
@@ -363,18 +412,20 @@ class Membership:
 
     def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
         """Handle one datagram. Malformed input is dropped and counted, never raised."""
-        self.stats["packets_received"] += 1
-        self.stats["bytes_received"] += len(data)
+        stats = self.stats
+        stats["packets_received"] += 1
+        stats["bytes_received"] += len(data)
         if len(data) > wire.MAX_DATAGRAM_BYTES:
-            self.stats["bad_packets"] += 1
+            stats["bad_packets"] += 1
             return
         try:
-            msgs = decode_packet(data, self._cache())
+            msgs = self._decode_cache.decode(data)
         except MembershipProtocolError:
-            self.stats["bad_packets"] += 1
+            stats["bad_packets"] += 1
             return
+        handle = self._handle
         for msg in msgs:
-            self._handle(msg, addr, now)
+            handle(msg, addr, now)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Addr]]:
         out = self._out
@@ -399,8 +450,12 @@ class Membership:
         if self._reconnect_at < t:
             t = self._reconnect_at
         heap = self._heap
-        while heap and not self._timer_valid(heap[0]):
-            heapq.heappop(heap)
+        if heap and heap[0] is not self._heap_ok:
+            while heap and not self._timer_valid(heap[0]):
+                heapq.heappop(heap)
+            # Checked once per new top, not at every call: a top that turns stale later (its
+            # suspicion refuted) costs one early wake-up, where handle_timer drops it.
+            self._heap_ok = heap[0] if heap else None
         if heap and heap[0][0] < t:
             t = heap[0][0]
         return t
@@ -475,6 +530,10 @@ class Membership:
             return node is not None and node.suspicion is not None and (
                 node.suspicion.deadline == when
             )
+        if kind == _T_REMIND:
+            node = self._nodes.get(key)  # type: ignore[call-overload]
+            susp = None if node is None else node.suspicion
+            return susp is not None and not susp.reminded and susp.remind_at == when
         if kind == _T_RELAY:
             return key in self._relays
         if kind == _T_REAP:
@@ -500,18 +559,28 @@ class Membership:
                 # Lifeguard, one step further: a member in poor local health (its own probes
                 # fail, it is late to hear refutations) is slower to declare others dead.
                 susp.deadline = due
-                self._push_timer(due, _T_SUSPICION, node.name)
+                self._arm_suspicion(node)
                 return
             if node.heard_at > susp.start and now - node.heard_at < susp.hi:
                 # It answered one of our probes after the suspicion began: slow, not dead. Give
                 # its refutation another minimum period, and remind it (buddy system).
                 self.stats["deaths_vetoed"] += 1
                 susp.deadline = now + susp.lo
-                self._push_timer(susp.deadline, _T_SUSPICION, node.name)
+                self._arm_suspicion(node)
                 self._send([Suspect(node.incarnation, node.name, self.name).encode()], node.addr)
                 return
             self.stats["deaths_declared"] += 1
             self._on_dead(Dead(node.incarnation, node.name, self.name), now)
+        elif kind == _T_REMIND:
+            # Buddy system, from every holder: halfway to our deadline and still no refutation,
+            # so tell the suspect ourselves. Its refutation, or its current alive if it refuted
+            # long ago (see _answer_stale), comes straight back with half the timeout to spare.
+            # Bare: a packet to a node that may be dead must not use up broadcast transmits.
+            node = self._nodes[key]  # type: ignore[index]
+            assert node.suspicion is not None
+            node.suspicion.reminded = True
+            self.stats["suspicion_reminders"] += 1
+            self._send_bare(Suspect(node.incarnation, node.name, self.name).encode(), node.addr)
         elif kind == _T_RELAY:
             seq = key
             relay = self._relays[seq]  # type: ignore[index]
@@ -646,17 +715,18 @@ class Membership:
     # ------------------------------------------------------------------ internals: dispatch
 
     def _handle(self, msg: Message, addr: Addr, now: float) -> None:
+        # Most frequent first: at scale, nearly every part is a gossiped suspect or alive.
         t = type(msg)
-        if t is Ping:
+        if t is Suspect:
+            self._on_suspect(msg, now, addr)  # type: ignore[arg-type]
+        elif t is Alive:
+            self._on_alive(msg, now)  # type: ignore[arg-type]
+        elif t is Ping:
             self._on_ping(msg, addr)  # type: ignore[arg-type]
         elif t is Ack:
             self._on_ack(msg, now)  # type: ignore[arg-type]
-        elif t is Alive:
-            self._on_alive(msg, now)  # type: ignore[arg-type]
-        elif t is Suspect:
-            self._on_suspect(msg, now)  # type: ignore[arg-type]
         elif t is Dead:
-            self._on_dead(msg, now)  # type: ignore[arg-type]
+            self._on_dead(msg, now, addr)  # type: ignore[arg-type]
         elif t is IndirectPing:
             self._on_indirect_ping(msg, addr, now)  # type: ignore[arg-type]
         elif t is Nack:
@@ -738,6 +808,7 @@ class Membership:
         was_live = node.state is ALIVE or node.state is SUSPECT
         is_live = state is ALIVE or state is SUSPECT
         self._n_live += is_live - was_live
+        self._n_dead += (state is DEAD) - (node.state is DEAD)
         if node.state is not state:
             node.state = state
             node.state_changed_at = now
@@ -833,24 +904,46 @@ class Membership:
         """
         self.stats["refutations_pushed"] += 1
         for peer in self._k_random(self.config.gossip_nodes, lambda n: n.state is ALIVE):
-            self._out.append((msg, peer.addr))
-            self.stats["packets_sent"] += 1
-            self.stats["bytes_sent"] += len(msg)
+            self._send_bare(msg, peer.addr)
 
-    def _on_suspect(self, s: Suspect, now: float) -> None:
+    def _answer_stale(self, src: Addr) -> None:
+        """``src`` says we are suspect or dead at an incarnation we already refuted.
+
+        It holds (or gossips) a view our refutation's epidemic missed: a push epidemic that
+        retransmits RetransmitMult x log10 n times leaves each member uninformed with
+        probability ~e^-(that count), and once it has died out nothing would ever tell it, so
+        its timer would declare us dead. One alive message straight back fixes its view.
+        """
+        self.stats["stale_claims_answered"] += 1
+        self._send_bare(self._alive_msg(), src)
+
+    def _arm_suspicion(self, node: _Node) -> None:
+        """Heap entries for a suspicion's deadline and, until it is sent, its reminder."""
+        susp = node.suspicion
+        assert susp is not None
+        self._push_timer(susp.deadline, _T_SUSPICION, node.name)
+        if not susp.reminded:
+            self._push_timer(susp.remind_at, _T_REMIND, node.name)
+
+    def _on_suspect(self, s: Suspect, now: float, src: Addr | None = None) -> None:
+        """``src``: the datagram's source, when the claim came in one (not a merge)."""
         node = self._nodes.get(s.node)
         if node is None:
             return
         if node is self._me:
-            if not self._leaving and s.incarnation >= node.incarnation:
+            if self._leaving:
+                return
+            if s.incarnation >= node.incarnation:
                 self._refute(s.incarnation, s.sender, now)
+            elif src is not None:
+                self._answer_stale(src)
             return
         if s.incarnation < node.incarnation:
             return
         if node.state is SUSPECT and s.incarnation == node.incarnation:
             assert node.suspicion is not None
             if node.suspicion.confirm(s.sender):
-                self._push_timer(node.suspicion.deadline, _T_SUSPICION, node.name)
+                self._arm_suspicion(node)
                 self._broadcast(node.name, s.encode(), now)
             return
         if node.state is not ALIVE and s.incarnation == node.incarnation:
@@ -871,20 +964,25 @@ class Membership:
             self.config.probe_interval,
         )
         node.suspicion = Suspicion(now, s.sender, k, lo, hi)
-        self._push_timer(node.suspicion.deadline, _T_SUSPICION, node.name)
+        self._arm_suspicion(node)
         if s.sender == self.name:
             self.stats["suspicions_raised"] += 1
         self._broadcast(node.name, s.encode(), now)
         if not was_suspect:
             self._emit(MemberSuspect, node)
 
-    def _on_dead(self, d: Dead, now: float) -> None:
+    def _on_dead(self, d: Dead, now: float, src: Addr | None = None) -> None:
+        """``src``: the datagram's source, when the claim came in one (not a merge)."""
         node = self._nodes.get(d.node)
         if node is None:
             return
         if node is self._me:
-            if not self._leaving and d.incarnation >= node.incarnation:
+            if self._leaving:
+                return
+            if d.incarnation >= node.incarnation:
                 self._refute(d.incarnation, None if d.sender == d.node else d.sender, now)
+            elif src is not None:
+                self._answer_stale(src)
             return
         new = LEFT if d.sender == d.node else DEAD
         if d.incarnation < node.incarnation:
@@ -900,6 +998,7 @@ class Membership:
 
     def _reap(self, node: _Node, now: float) -> None:
         del self._nodes[node.name]
+        self._n_dead -= node.state is DEAD
         idx = self._ring.index(node)
         del self._ring[idx]
         if idx < self._probe_index:
@@ -915,8 +1014,9 @@ class Membership:
     # ------------------------------------------------------------------ internals: push-pull
 
     def _encode_state(self, join: bool) -> bytes:
+        code = _STATE_CODE
         rows = [
-            [n.name, n.incarnation, STATE_CODES.index(n.state), n.meta_bytes]
+            [n.name, n.incarnation, code[n.state], n.meta_bytes]
             for n in self._nodes.values()
         ]
         user = b""
@@ -983,11 +1083,11 @@ class Membership:
         self._reconnect_at = now + self.config.reconnect_interval
         if self._leaving:
             return
+        if not self._n_dead:
+            return
+        if self._rng.random() >= self._n_dead / max(1, self._n_live):
+            return
         dead = [n for n in self._ring if n.state is DEAD]
-        if not dead:
-            return
-        if self._rng.random() >= len(dead) / max(1, self._n_live):
-            return
         node = dead[int(self._rng.random() * len(dead))]
         if self._start_push_pull(node, now):
             self.stats["reconnects"] += 1
@@ -1040,6 +1140,12 @@ class Membership:
                     extra.append(bytes((MsgType.USER,)) + data)
         return extra
 
+    def _send_bare(self, msg: bytes, addr: Addr) -> None:
+        """Send one message alone, without piggybacked broadcasts."""
+        self._out.append((msg, addr))
+        self.stats["packets_sent"] += 1
+        self.stats["bytes_sent"] += len(msg)
+
     def _send(self, parts: list[bytes], addr: Addr) -> None:
         """Send ``parts`` to ``addr`` in one packet, filling spare room with broadcasts."""
         budget = self.config.packet_budget
@@ -1068,11 +1174,13 @@ class Membership:
             return s is DEAD and n.state_changed_at > dead_cutoff
 
         budget = cfg.packet_budget - COMPOUND_OVERHEAD
+        last: list[bytes] = []
+        pkt = b""
         for node in self._k_random(cfg.gossip_nodes, accept):
             extra = self._piggyback(budget, MAX_COMPOUND_PARTS)
             if not extra:
                 break
-            pkt = make_compound(extra)
-            self._out.append((pkt, node.addr))
-            self.stats["packets_sent"] += 1
-            self.stats["bytes_sent"] += len(pkt)
+            if extra != last:  # usually the whole queue fits: the same packet for every peer
+                last = extra
+                pkt = make_compound(extra)
+            self._send_bare(pkt, node.addr)

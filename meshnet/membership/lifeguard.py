@@ -48,7 +48,7 @@ def suspicion_timeout(confirmations: int, k: int, lo: float, hi: float) -> float
 class Suspicion:
     """One suspicion timer: a deadline that moves earlier as independent confirmations arrive."""
 
-    __slots__ = ("confirmers", "deadline", "hi", "k", "lo", "start")
+    __slots__ = ("confirmers", "deadline", "hi", "k", "lo", "reminded", "start")
 
     def __init__(self, start: float, sender: str, k: int, lo: float, hi: float) -> None:
         self.start = start
@@ -58,6 +58,13 @@ class Suspicion:
         # The original accuser is recorded so that it cannot also count as a confirmation.
         self.confirmers: set[str] = {sender}
         self.deadline = start + suspicion_timeout(0, k, lo, hi)
+        self.reminded = False  # the holder has told the suspect itself (see remind_at)
+
+    @property
+    def remind_at(self) -> float:
+        """Halfway to the deadline: a holder that has not seen a refutation by then tells the
+        suspect directly, leaving it the other half to answer."""
+        return self.start + (self.deadline - self.start) / 2
 
     @property
     def confirmations(self) -> int:
@@ -65,8 +72,8 @@ class Suspicion:
 
     def confirm(self, sender: str) -> bool:
         """Count ``sender`` as a new independent confirmation. True if it was new and counted."""
-        if self.confirmations >= self.k or sender in self.confirmers:
-            return False
+        if sender in self.confirmers or len(self.confirmers) > self.k:
+            return False  # a repeat, or already at k confirmations
         self.confirmers.add(sender)
         self.deadline = self.start + suspicion_timeout(self.confirmations, self.k, self.lo, self.hi)
         return True

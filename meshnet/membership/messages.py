@@ -8,6 +8,7 @@ peer may append fields) but never shorter ones.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -234,21 +235,56 @@ DECODE_CACHE_ENTRIES = 16_384
 
 
 class DecodeCache:
-    """Validated decodes of broadcast parts (suspect, alive, dead) and of metadata, by exact bytes.
+    """Validated decodes of broadcast parts (suspect, alive, dead), of whole packets made only of
+    them (gossip), and of metadata, by exact bytes.
 
     Decoding is a pure function of the bytes, so a hit returns what decoding would (the objects
     are frozen and may be shared). Every broadcast reaches each member about
-    RetransmitMult x log10(n) times, so most parts a member receives were decoded before. A core
-    owns one by default; the simulator gives all its cores one, as the same bytes reach them all.
-    Bounded: a table past ``max_entries`` is cleared.
+    RetransmitMult x log10(n) times, so most parts a member receives were decoded before, and a
+    gossip round sends one packet to gossip_nodes members. A core owns one by default; the
+    simulator gives all its cores one, as the same bytes reach them all. Bounded: a table past
+    ``max_entries`` is cleared.
     """
 
-    __slots__ = ("max_entries", "meta", "parts")
+    __slots__ = ("max_entries", "meta", "packets", "parts")
 
     def __init__(self, max_entries: int = DECODE_CACHE_ENTRIES) -> None:
         self.max_entries = max_entries
         self.meta: MetaCache = {}
         self.parts: dict[bytes, Message] = {}
+        self.packets: dict[bytes, tuple[Message, ...]] = {}
+
+    def decode(self, data: bytes | memoryview) -> tuple[Message, ...] | list[Message]:
+        """decode_packet through the cache; the result is shared: read it, never change it."""
+        if type(data) is not bytes:
+            return _split_compound(data, self.decode_part)
+        packets = self.packets
+        hit = packets.get(data)
+        if hit is not None:
+            return hit
+        msgs = _split_compound(data, self.decode_part)
+        # Only packets of frozen broadcast parts: a ping or an ack is unique to one probe.
+        if not all(type(m) in _CACHED_CLASSES for m in msgs):
+            return msgs
+        if len(packets) >= self.max_entries:
+            packets.clear()
+        kept = packets[data] = tuple(msgs)
+        return kept
+
+    def decode_part(self, part: bytes) -> Message | None:
+        """One non-compound message (``part`` starts with its type byte), through the cache."""
+        t = part[0]
+        if t not in _CACHED_TYPES:
+            return _decode_one(t, memoryview(part)[1:], self.meta)
+        parts = self.parts
+        msg = parts.get(part)
+        if msg is None:
+            msg = _decode_one(t, memoryview(part)[1:], self.meta)
+            assert msg is not None
+            if len(parts) >= self.max_entries:
+                parts.clear()
+            parts[part] = msg
+        return msg
 
 
 def _decode_meta(raw: object, cache: MetaCache | None) -> tuple[NodeMeta, bytes]:
@@ -310,6 +346,7 @@ def _decode_one(t: int, view: memoryview, cache: MetaCache | None) -> Message | 
 
 
 _CACHED_TYPES = frozenset((MsgType.SUSPECT, MsgType.ALIVE, MsgType.DEAD))
+_CACHED_CLASSES = frozenset((Suspect, Alive, Dead))
 
 
 def _meta_table(cache: DecodeCache | MetaCache | None) -> MetaCache | None:
@@ -326,63 +363,24 @@ def decode_packet(
     a DecodeCache (broadcast parts and metadata) or a bare metadata table.
     """
     if isinstance(cache, DecodeCache):
-        return _decode_packet_cached(data, cache)
-    t, rest = wire.unframe(data, exc=MembershipProtocolError)
-    if t != MsgType.COMPOUND:
-        msg = _decode_one(t, rest, cache)
-        if msg is None:
-            raise _err(f"unknown message type {t}")
-        return [msg]
-    if len(rest) < 1:
-        raise _err("compound: missing count")
-    count = rest[0]
-    header_end = 1 + COMPOUND_PART_OVERHEAD * count
-    if count == 0 or len(rest) < header_end:
-        raise _err("compound: truncated header")
-    lengths = [
-        (rest[1 + 2 * i] << 8) | rest[2 + 2 * i] for i in range(count)
-    ]
-    if header_end + sum(lengths) != len(rest):
-        raise _err("compound: part lengths do not match packet")
-    out: list[Message] = []
-    off = header_end
-    for ln in lengths:
-        part = rest[off : off + ln]
-        off += ln
-        if ln < 1:
-            raise _err("compound: empty part")
-        msg = _decode_one(part[0], part[1:], cache)
-        if msg is not None:
-            out.append(msg)
-    return out
+        return list(cache.decode(data))
+    meta = cache
+    return _split_compound(data, lambda part: _decode_one(part[0], memoryview(part)[1:], meta))
 
 
-def _decode_part(part: bytes, cache: DecodeCache) -> Message | None:
-    """One non-compound message (``part`` starts with its type byte), through the cache."""
-    t = part[0]
-    if t not in _CACHED_TYPES:
-        return _decode_one(t, memoryview(part)[1:], cache.meta)
-    parts = cache.parts
-    msg = parts.get(part)
-    if msg is None:
-        msg = _decode_one(t, memoryview(part)[1:], cache.meta)
-        assert msg is not None
-        if len(parts) >= cache.max_entries:
-            parts.clear()
-        parts[part] = msg
-    return msg
-
-
-def _decode_packet_cached(data: bytes | memoryview, cache: DecodeCache) -> list[Message]:
-    """decode_packet with a DecodeCache: the same checks, in the same order, on bytes slices."""
+def _split_compound(
+    data: bytes | memoryview, decode_part: Callable[[bytes], Message | None]
+) -> list[Message]:
+    """The framing checks of a datagram, in one order for every caller; ``decode_part`` turns
+    one message (type byte first) into a Message, or None for a type newer than we know."""
     if len(data) > wire.MAX_DATAGRAM_BYTES:
         raise _err(f"message of {len(data)} bytes exceeds {wire.MAX_DATAGRAM_BYTES}")
     if not data:
         raise _err("empty message")
     if type(data) is not bytes:
-        data = bytes(data)
+        data = bytes(data)  # parts are bytes slices: a cache keys on them
     if data[0] != MsgType.COMPOUND:
-        msg = _decode_part(data, cache)
+        msg = decode_part(data)
         if msg is None:
             raise _err(f"unknown message type {data[0]}")
         return [msg]
@@ -400,7 +398,7 @@ def _decode_packet_cached(data: bytes | memoryview, cache: DecodeCache) -> list[
     for ln in lengths:
         if ln < 1:
             raise _err("compound: empty part")
-        msg = _decode_part(data[off : off + ln], cache)
+        msg = decode_part(data[off : off + ln])
         off += ln
         if msg is not None:
             out.append(msg)
@@ -415,10 +413,14 @@ def make_compound(parts: list[bytes]) -> bytes:
         raise ValueError("compound needs 1..255 parts")
     n = len(parts)
     try:
-        header = struct.pack(f">BB{n}H", MsgType.COMPOUND, n, *map(len, parts))
+        header = _COMPOUND_HEADERS[n].pack(MsgType.COMPOUND, n, *map(len, parts))
     except struct.error:
         raise ValueError("compound part too long") from None
     return header + b"".join(parts)
+
+
+# Compiled compound headers by part count: make_compound runs for every packet we send.
+_COMPOUND_HEADERS = [struct.Struct(f">BB{n}H") for n in range(MAX_COMPOUND_PARTS + 1)]
 
 
 def decode_push_pull(
@@ -444,17 +446,24 @@ def decode_push_pull(
     if type(user_state) is not bytes:
         raise _err("push-pull: user state must be bytes")
     states: list[PushPullState] = []
+    append = states.append
+    n_codes = len(STATE_CODES)
     for row in rows:
         if type(row) is not list or len(row) < 4:
             raise _err("push-pull: bad member row")
         code = row[2]
-        if type(code) is not int or not 0 <= code < len(STATE_CODES):
+        if type(code) is not int or not 0 <= code < n_codes:
             raise _err("push-pull: bad state code")
-        meta, raw = _decode_meta(row[3], meta_cache)
-        name = check_name(row[0])
-        if name != meta.name:
+        raw = row[3]
+        meta = meta_cache.get(raw) if meta_cache is not None and type(raw) is bytes else None
+        if meta is None:
+            meta, raw = _decode_meta(raw, meta_cache)
+        name = row[0]
+        # A name equal to already-validated metadata's passes check_name: skip the call.
+        if (type(name) is not str or name != meta.name) and check_name(name) != meta.name:
             raise _err("push-pull: name does not match metadata")
-        states.append(
-            PushPullState(name, _uint(row[1], "incarnation"), STATE_CODES[code], meta, raw)
-        )
+        inc = row[1]
+        if type(inc) is not int or inc < 0 or inc > MAX_INCARNATION:
+            raise _err("incarnation: expected unsigned int")
+        append(PushPullState(name, inc, STATE_CODES[code], meta, raw))
     return PushPull(join, states, user_state)

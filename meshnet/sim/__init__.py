@@ -39,7 +39,7 @@ STREAM_CONNECT_TIMEOUT = 1.0
 __all__ = ["STREAM_CONNECT_TIMEOUT", "SimNode", "Simulator"]
 
 
-@dataclass
+@dataclass(slots=True)
 class SimNode:
     index: int
     name: str
@@ -162,6 +162,7 @@ class Simulator:
         heap = self._heap
         nodes = self.nodes
         pop = heapq.heappop
+        after = self._after
         while heap and heap[0][0] <= t_end:
             at, _, kind, i, payload = pop(heap)
             self.now = at
@@ -169,16 +170,16 @@ class Simulator:
             if node.crashed:
                 continue
             self.steps += 1
-            if kind == _TIMER:
-                epoch, when = payload
-                if epoch != node.epoch or node.armed != when:
-                    continue
-                node.armed = None
-                node.core.handle_timer(at)
-            elif kind == _DELIVER:
+            if kind == _DELIVER:  # by far the most common
                 src, data = payload
                 node.bytes_received += len(data) + ENCRYPTION_OVERHEAD
                 node.core.receive_datagram(data, nodes[src].addr, at)
+            elif kind == _TIMER:
+                epoch, when = payload
+                if epoch != node.epoch or node.armed != when:
+                    continue  # superseded by a later get_timer() of the node
+                node.armed = None
+                node.core.handle_timer(at)
             elif kind == _STREAM_REQ:
                 src, src_epoch, data = payload
                 reply = node.core.handle_stream_request(data, nodes[src].addr, at)
@@ -204,7 +205,7 @@ class Simulator:
                 if epoch != node.epoch:
                     continue
                 node.core.stream_failed(addr, at)
-            self._after(node)
+            after(node)
         self.now = max(self.now, t_end)
 
     def run_for(self, dt: float) -> None:
@@ -272,6 +273,32 @@ class Simulator:
             p = max(p, self.link_loss.get((a, b), 0.0), self.link_loss.get((b, a), 0.0))
         return p > 0.0 and self.rng.random() < p
 
+    def _deliver_simple(self, i: int, out: list[tuple[bytes, Addr]]) -> None:
+        """Queue deliveries with no per-link overrides and no partition (the common case):
+        the same rng draws, in the same order, as _lost() then _latency() in _after."""
+        by_addr = self._by_addr
+        nodes = self.nodes
+        rnd = self.rng.random
+        loss = self.loss
+        lo, hi = self.latency
+        span = hi - lo
+        now = self.now
+        heap = self._heap
+        push = heapq.heappush
+        seq = self._seq
+        for data, addr in out:
+            j = by_addr.get(addr)
+            if j is None:
+                continue
+            if loss > 0.0 and rnd() < loss:
+                continue
+            dst = nodes[j]
+            if dst.crashed:
+                continue
+            seq += 1
+            push(heap, (now + lo + span * rnd() + dst.slow_delay, seq, _DELIVER, j, (i, data)))
+        self._seq = seq
+
     def _after(self, node: SimNode) -> None:
         """Collect what ``node`` wants to send, its events and its next timer."""
         core = node.core
@@ -279,41 +306,21 @@ class Simulator:
         i = node.index
         out = core.datagrams_to_send(now)
         if out:
-            by_addr = self._by_addr
-            nodes = self.nodes
-            # The common case (no per-link overrides, no partition) inline: the same rng draws
-            # in the same order as _lost() then _latency().
-            simple = not self.link_loss and not self.link_latency and not self.partitioned
-            rnd = self.rng.random
-            loss = self.loss
-            lo, hi = self.latency
-            span = hi - lo
-            heap = self._heap
-            for data, addr in out:
-                node.bytes_sent += len(data) + ENCRYPTION_OVERHEAD
-                node.packets_sent += 1
-                j = by_addr.get(addr)
-                if j is None:
-                    continue
-                if simple:
-                    if loss > 0.0 and rnd() < loss:
+            node.packets_sent += len(out)
+            node.bytes_sent += sum(map(len, (d for d, _ in out))) + ENCRYPTION_OVERHEAD * len(out)
+            if not self.link_loss and not self.link_latency and not self.partitioned:
+                self._deliver_simple(i, out)
+            else:
+                for data, addr in out:
+                    j = self._by_addr.get(addr)
+                    if j is None or not self.reachable(i, j) or self._lost(i, j):
                         continue
-                    dst = nodes[j]
+                    dst = self.nodes[j]
                     if dst.crashed:
                         continue
-                    self._seq += 1
-                    heapq.heappush(
-                        heap,
-                        (now + lo + span * rnd() + dst.slow_delay, self._seq, _DELIVER, j,
-                         (i, data)),
+                    self._push(
+                        now + self._latency(i, j) + dst.slow_delay, _DELIVER, j, (i, data)
                     )
-                    continue
-                if not self.reachable(i, j) or self._lost(i, j):
-                    continue
-                dst = nodes[j]
-                if dst.crashed:
-                    continue
-                self._push(now + self._latency(i, j) + dst.slow_delay, _DELIVER, j, (i, data))
         streams = core.streams_to_open()
         for data, addr in streams:
             node.bytes_sent += len(data) + ENCRYPTION_OVERHEAD

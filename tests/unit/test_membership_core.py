@@ -18,7 +18,15 @@ from meshnet.membership import (
     MemberState,
     NodeMeta,
 )
-from meshnet.membership.messages import Alive, Dead, decode_packet
+from meshnet.membership.messages import (
+    Alive,
+    Dead,
+    DecodeCache,
+    Ping,
+    Suspect,
+    decode_packet,
+    make_compound,
+)
 
 A, S, D, L = MemberState.ALIVE, MemberState.SUSPECT, MemberState.DEAD, MemberState.LEFT
 
@@ -273,6 +281,25 @@ def test_bad_packets_are_counted_never_raised() -> None:
     assert m.handle_stream_request(b"\x06garbage", addr(2), 0.0) is None
     m.receive_stream_reply(b"junk", addr(2), 0.0)
     assert m.stats["push_pulls_bad"] == 2
+
+
+@pytest.mark.parametrize(
+    ("parts", "kept"),
+    [
+        ([Suspect(1, "a", "b").encode(), Dead(2, "c", "d").encode()], True),  # gossip
+        ([Suspect(1, "a", "b").encode()], True),  # one bare broadcast
+        ([Ping(7, "a", "b").encode(), Suspect(1, "a", "b").encode()], False),  # unique to a probe
+        ([b"\x63junk", Suspect(1, "a", "b").encode()], True),  # unknown type skipped
+    ],
+)
+def test_decode_cache_keeps_packets_of_broadcasts_only(parts: list[bytes], kept: bool) -> None:
+    cache = DecodeCache()
+    pkt = make_compound(parts)
+    got = cache.decode(pkt)
+    assert list(got) == decode_packet(pkt)  # what decoding says, cached or not
+    assert (pkt in cache.packets) is kept
+    if kept:
+        assert cache.decode(bytes(bytearray(pkt))) is got  # equal bytes: decoded once
 
 
 def test_profiles() -> None:

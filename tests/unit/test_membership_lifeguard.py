@@ -128,6 +128,61 @@ def test_confirmed_suspicion_takes_the_minimum() -> None:
     assert m.stats["deaths_declared"] == 1
 
 
+def test_suspicion_reminder_is_halfway_to_the_deadline() -> None:
+    s = Suspicion(10.0, "a", 2, 6.0, 36.0)
+    assert s.remind_at == 28.0 and not s.reminded
+    s.confirm("b")
+    s.confirm("c")
+    assert s.remind_at == pytest.approx(13.0)  # moves with the deadline
+
+
+@pytest.mark.parametrize(
+    ("confirmations", "refuted_at", "reminded"),
+    [
+        (0, None, True),  # lone suspicion: reminder halfway through the maximum
+        (2, None, True),  # fully confirmed: halfway through the minimum
+        (2, 0.4, False),  # the refutation came first: nothing to remind
+    ],
+)
+def test_holder_reminds_the_suspect_halfway_and_its_answer_saves_it(
+    confirmations: int, refuted_at: float | None, reminded: bool
+) -> None:
+    """A holder that missed the refutation's gossip tells the suspect itself, halfway to its
+    deadline; the suspect's current alive (see _answer_stale) comes back before the deadline."""
+    cfg = MembershipConfig.lan()
+    m = _member_with_peers(100, cfg)
+    n7 = NodeMeta("n7", m.member("n7").addr)  # type: ignore[union-attr]
+    m.receive_datagram(Suspect(0, "n7", "n2").encode(), ("10.0.0.2", 1), 1.0)
+    for j in range(3, 3 + confirmations):
+        m.receive_datagram(Suspect(0, "n7", f"n{j}").encode(), ("10.0.0.3", 1), 1.0)
+    lo_hi = suspicion_bounds(cfg.suspicion_mult, cfg.suspicion_max_timeout_mult, 100, 1.0)
+    deadline = 1.0 + suspicion_timeout(confirmations, cfg.suspicion_k, *lo_hi)
+    half = (1.0 + deadline) / 2
+    n7_alive = Alive(1, n7, n7.encode()).encode()  # n7 refuted long ago: incarnation 1
+    if refuted_at is not None:
+        m.receive_datagram(n7_alive, n7.addr, 1.0 + refuted_at)
+    # Run timers: everyone else acks, n7 is silent; collect bare suspects of n7 sent to n7.
+    got: list[float] = []
+    while (t := m.get_timer()) is not None and t <= half + 0.5:
+        m.handle_timer(t)
+        for data, a in m.datagrams_to_send(t):
+            msgs = decode_packet(data)
+            if a == n7.addr and msgs == [Suspect(0, "n7", "me")]:
+                got.append(t)
+            for msg in msgs:
+                if isinstance(msg, Ping) and msg.target != "n7":
+                    m.receive_datagram(Ack(msg.seq).encode(), a, t + 0.001)
+    assert m.stats["suspicion_reminders"] == len(got) == int(reminded)
+    if not reminded:
+        return
+    assert got[0] == pytest.approx(half)
+    # n7 answers with its current alive (what a suspect does with a stale suspicion): saved.
+    m.receive_datagram(n7_alive, n7.addr, half + 1.5)
+    _run_until(m, deadline + 1.0, dead="none")
+    assert m.member("n7").state is MemberState.ALIVE  # type: ignore[union-attr]
+    assert m.stats["deaths_declared"] == 0
+
+
 # ---------------------------------------------------------------- broadcast queue
 
 
@@ -164,6 +219,68 @@ def test_queue_retransmit_limit() -> None:
     q.get(2, 100, 8)
     q.get(2, 100, 8)
     assert q.get(2, 100, 2) == [] and len(q) == 0  # limit shrank (fewer members)
+
+
+class _RefQueue:
+    """The queue's order spelled out: (transmits, most recent arrival at that count first)."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, tuple[bytes, int, int]] = {}  # key -> (msg, transmits, stamp)
+        self.clock = 0
+
+    def queue(self, key: str, msg: bytes) -> None:
+        self.clock += 1
+        self.items[key] = (msg, 0, self.clock)
+
+    def get(self, overhead: int, room: int, limit: int, max_count: int) -> list[bytes]:
+        self.items = {k: v for k, v in self.items.items() if v[1] < limit}
+        order = sorted(self.items, key=lambda k: (self.items[k][1], -self.items[k][2]))
+        out: list[bytes] = []
+        taken: list[str] = []
+        used = skips = 0
+        for key in order:
+            msg = self.items[key][0]
+            if used + len(msg) + overhead > room:
+                skips += 1
+                if skips > 16 or room - used < 10:  # MAX_SKIPS, MIN_ROOM
+                    break
+                continue
+            used += len(msg) + overhead
+            out.append(msg)
+            taken.append(key)
+            if len(out) >= max_count:
+                break
+        for key in reversed(taken):  # the first taken arrives at its new count last
+            msg, t, _ = self.items[key]
+            if t + 1 >= limit:
+                del self.items[key]
+            else:
+                self.clock += 1
+                self.items[key] = (msg, t + 1, self.clock)
+        return out
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_queue_matches_reference_order(seed: int) -> None:
+    # Mixed small and large rooms exercise both the fits-whole fast path and the scan.
+    rnd = random.Random(seed)
+    q, ref = BroadcastQueue(), _RefQueue()
+    for _ in range(400):
+        op = rnd.random()
+        if op < 0.4:
+            key, msg = f"k{rnd.randrange(30)}", bytes(rnd.randrange(1, 60))
+            q.queue(key, msg)
+            ref.queue(key, msg)
+        elif op < 0.45:
+            key = f"k{rnd.randrange(30)}"
+            q.remove(key)
+            ref.items.pop(key, None)
+        else:
+            room, limit = rnd.choice([12, 40, 150, 1400]), rnd.choice([3, 8, 16])
+            args = (2, room, limit, rnd.choice([2, 255]))
+            assert q.get(*args) == ref.get(*args)
+        assert len(q) == len(ref.items)
+        assert {k: q.transmits(k) for k in ref.items} == {k: v[1] for k, v in ref.items.items()}
 
 
 @pytest.mark.parametrize(("n", "want"), [(1, 4), (9, 4), (10, 8), (99, 8), (1000, 16)])

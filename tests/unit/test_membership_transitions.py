@@ -19,7 +19,7 @@ from meshnet.membership import (
     MemberUpdated,
     NodeMeta,
 )
-from meshnet.membership.messages import Alive, Dead, Suspect
+from meshnet.membership.messages import Alive, Dead, Suspect, decode_packet
 
 A, S, D, L = MemberState.ALIVE, MemberState.SUSPECT, MemberState.DEAD, MemberState.LEFT
 X = "x"
@@ -182,28 +182,43 @@ def self_state(m: Membership) -> tuple[MemberState, int]:
 
 
 SELF_TABLE = [
-    # (our incarnation, message about us, expected incarnation after, refuted?)
-    (0, suspect(0, name="me"), 1, True),
-    (3, suspect(1, name="me"), 3, False),  # stale
-    (3, suspect(7, name="me"), 8, True),  # come back above the claim
-    (0, dead(0, name="me"), 1, True),
-    (0, left(0, name="me"), 1, True),  # somebody claims we left: we did not
-    (0, alive(5, name="me"), 6, True),  # an older life of ours had a higher incarnation
-    (2, alive(1, name="me"), 2, False),
+    # (our incarnation, message about us, expected incarnation after, refuted?, answered?)
+    # "answered": a claim older than our incarnation gets our current alive sent straight back
+    # to the datagram's source, which evidently missed our refutation.
+    (0, suspect(0, name="me"), 1, True, False),
+    (3, suspect(1, name="me"), 3, False, True),  # stale
+    (3, suspect(7, name="me"), 8, True, False),  # come back above the claim
+    (0, dead(0, name="me"), 1, True, False),
+    (3, dead(2, name="me"), 3, False, True),  # stale
+    (0, left(0, name="me"), 1, True, False),  # somebody claims we left: we did not
+    (3, left(2, name="me"), 3, False, True),  # an old leave of ours, still gossiped
+    (0, alive(5, name="me"), 6, True, False),  # an older life of ours had a higher incarnation
+    (2, alive(1, name="me"), 2, False, False),  # stale, but no accusation: nothing to answer
 ]
+SRC = ("10.0.0.7", 7946)
 
 
-@pytest.mark.parametrize(("inc", "msg", "want_inc", "refuted"), SELF_TABLE)
-def test_self_refutation(inc: int, msg: bytes, want_inc: int, refuted: bool) -> None:
+@pytest.mark.parametrize(("inc", "msg", "want_inc", "refuted", "answered"), SELF_TABLE)
+def test_self_refutation(
+    inc: int, msg: bytes, want_inc: int, refuted: bool, answered: bool
+) -> None:
     m = Membership(
         MembershipConfig.lan(), NodeMeta("me", ("10.0.0.1", 7946)), random.Random(1), 0.0,
         incarnation=inc,
     )
-    m.receive_datagram(msg, ("10.0.0.7", 7946), 1.0)
+    m.datagrams_to_send(0.0)  # our own announcement
+    m.receive_datagram(msg, SRC, 1.0)
     assert self_state(m) == (A, want_inc)
     assert m.stats["refuted_suspicions"] == int(refuted)
     if refuted:
         assert m.health_score == 1  # Lifeguard: a refutation costs local health
+    assert m.stats["stale_claims_answered"] == int(answered)
+    if answered:
+        assert m.health_score == 0  # nothing new about us: no health cost, no new incarnation
+        [(data, dst)] = m.datagrams_to_send(1.0)
+        [reply] = decode_packet(data)
+        assert dst == SRC and isinstance(reply, Alive)
+        assert (reply.node, reply.incarnation) == ("me", inc)
 
 
 def test_leaving_node_does_not_refute() -> None:
@@ -213,8 +228,10 @@ def test_leaving_node_does_not_refute() -> None:
     assert state is L and inc == 1
     m.receive_datagram(dead(1, name="me"), ("10.0.0.7", 7946), 2.0)
     m.receive_datagram(suspect(1, name="me"), ("10.0.0.7", 7946), 2.0)
+    m.receive_datagram(suspect(0, name="me"), ("10.0.0.7", 7946), 2.0)  # stale too
     assert self_state(m) == (L, 1)
     assert m.stats["refuted_suspicions"] == 0
+    assert m.stats["stale_claims_answered"] == 0
 
 
 def test_restarted_node_comes_back_above_old_incarnation_via_push_pull() -> None:
