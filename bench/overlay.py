@@ -65,6 +65,14 @@ def rtt_us(ping_output: str) -> float:
     return float(m.group(1)) * 1000
 
 
+def rtt_p50_us(ping_output: str) -> float:
+    """The median of the per-echo times (the average hides how often a slow echo happens)."""
+    times = [float(t) * 1000 for t in re.findall(r"time=([\d.]+) ms", ping_output)]
+    if not times:
+        raise SystemExit(f"bench: no echo times in {ping_output!r}")
+    return statistics.median(times)
+
+
 def rtt_min_us(ping_output: str) -> float:
     m = re.search(r"= ([\d.]+)/", ping_output)
     if not m:
@@ -147,10 +155,10 @@ def measure(seconds: int, rounds: int = 3, underlay_mtu: int = 1500) -> dict[str
         srv, srv_e = servers["bench"], servers["benchsec"]
         time.sleep(1)
         ping_o = ctl(lab, "h1", "run", "--network", "bench", "--", "sh", "-c",
-                     f"ping -c 3 -W 2 -q {srv} >/dev/null; ping -c 20 -i 0.05 -q {srv}").stdout
+                     f"ping -c 3 -W 2 -q {srv} >/dev/null; ping -c 20 -i 0.05 {srv}").stdout
         frag_dump = tcpdump(lab, ["-c", "100000", "ip[6:2] & 0x3fff != 0"])
         ping_e = ctl(lab, "h1", "run", "--network", "benchsec", "--", "sh", "-c",
-                     f"ping -c 3 -W 2 -q {srv_e} >/dev/null; ping -c 20 -i 0.05 -q {srv_e}"
+                     f"ping -c 3 -W 2 -q {srv_e} >/dev/null; ping -c 20 -i 0.05 {srv_e}"
                      ).stdout
 
         def overlay_run(net: str, target: str) -> float:
@@ -191,6 +199,8 @@ def measure(seconds: int, rounds: int = 3, underlay_mtu: int = 1500) -> dict[str
             "encrypted_ratio": round(enc_ratio, 3),
             "rtt_encrypted_us": round(rtt_us(ping_e), 1),
             "rtt_encrypted_min_us": round(rtt_min_us(ping_e), 1),
+            "rtt_plain_p50_us": round(rtt_p50_us(ping_o), 1),
+            "rtt_encrypted_p50_us": round(rtt_p50_us(ping_e), 1),
             "encrypted_wire_gbps": round(encrypted_wire, 2),
             "max_underlay_datagram": max_datagram,
             "underlay_mtu": int(status["underlay_mtu"]),
