@@ -29,7 +29,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from meshnet.agent.encdp import EncryptedDatapath, InboundSA, OutboundSA, encrypted_overlay_mtu
+from meshnet.agent.encdp import (
+    EncryptedDatapath,
+    InboundSA,
+    OutboundSA,
+    encrypted_overlay_mtu,
+    frame_gso_max,
+)
 from meshnet.lab import Lab
 from meshnet.platform import netns
 from meshnet.platform.links import OverlayKernel
@@ -58,7 +64,9 @@ async def worker(cfg: dict[str, Any]) -> None:
     if cfg.get("nice"):
         os.setpriority(os.PRIO_PROCESS, 0, int(cfg["nice"]))
     dp = EncryptedDatapath(
-        cfg["local_ip"], PORT, netns=cfg["netns"],
+        cfg["local_ip"],
+        PORT,
+        netns=cfg["netns"],
         busy_poll_us=int(os.environ.get("ENCDP_BUSY_POLL_US", "0")),
     )
     trace: list[Any] = []
@@ -316,7 +324,11 @@ def measure(
 
         async def sandboxes_up() -> None:
             mtus = (underlay_mtu - 50, encrypted_overlay_mtu(underlay_mtu))
-            for net, br, mtu in ((1, BR_PLAIN, mtus[0]), (2, BR_ENC, mtus[1])):
+            caps = (None, frame_gso_max(underlay_mtu))  # as the agent caps its endpoints
+            for net, br, mtu, cap in (
+                (1, BR_PLAIN, mtus[0], caps[0]),
+                (2, BR_ENC, mtus[1], caps[1]),
+            ):
                 for i in (1, 2):
                     name = f"{lab.prefix}-n{net}s{i}"
                     sandboxes.append((name, lab.host_ns(f"h{i}")))
@@ -328,6 +340,7 @@ def measure(
                         mtu,
                         host_netns=lab.host_ns(f"h{i}"),
                         resolv_conf=None,
+                        gso_max_size=cap,
                     )
 
         asyncio.run(sandboxes_up())

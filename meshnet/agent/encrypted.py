@@ -34,7 +34,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -218,7 +218,7 @@ class EncryptedOverlay:
             del self.taps[vni]
         if vni not in self.taps:
             self.taps[vni] = self.dp.add_network(vni, devs.bridge, self.mtu)
-        return devs
+        return replace(devs, gso_max_size=self.dp.frame_gso_max())
 
     def _sync_tables(self, network: str, vni: int) -> None:
         assert self.dp is not None

@@ -238,7 +238,7 @@ class Sandboxes:
             prefix = ipaddress.IPv4Network(net.subnet).prefixlen
             await self.overlay.nl.run(
                 create_sandbox(ns, dev.bridge, f"{ep.ip}/{prefix}", ep.mac,
-                               dev.mtu or self.overlay.mtu))
+                               dev.mtu or self.overlay.mtu, gso_max_size=dev.gso_max_size))
             udp, tcp = await asyncio.gather(
                 asyncio.to_thread(nsfd.open_socket_in_netns, ns, socket.AF_INET,
                                   socket.SOCK_DGRAM, ("127.0.0.11", 53)),

@@ -99,6 +99,8 @@ class NetDevices:
     mtu: int | None = None
     local_ip: str | None = None
     port: int | None = None
+    # The gso_max_size an endpoint's interface should have (None: the kernel's default).
+    gso_max_size: int | None = None
 
 
 @dataclass(frozen=True)

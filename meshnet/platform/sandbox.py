@@ -69,6 +69,7 @@ class Sandbox:
     gateway: str | None = None
     host_netns: str | None = None
     ifname: str = SANDBOX_IFNAME
+    gso_max_size: int | None = None  # None: the kernel's default
 
     @property
     def ip(self) -> str:
@@ -160,10 +161,12 @@ async def create_sandbox(
     *,
     host_netns: str | None = None,
     resolv_conf: str | None = RESOLV_CONF,
+    gso_max_size: int | None = None,
 ) -> Sandbox:
     """Make (or converge) sandbox NS_NAME on BRIDGE, which lives in HOST_NETNS (None: ours).
 
-    RESOLV_CONF is written to /etc/netns/NS_NAME/resolv.conf (None: write none)."""
+    RESOLV_CONF is written to /etc/netns/NS_NAME/resolv.conf (None: write none).
+    GSO_MAX_SIZE caps the frames the sandbox's interface hands on (encdp.frame_gso_max)."""
     nsfd.check_name(ns_name)
     iface = ipaddress.ip_interface(ip_cidr)
     if iface.network.prefixlen == iface.max_prefixlen:
@@ -177,6 +180,7 @@ async def create_sandbox(
         mtu=mtu,
         gateway=str(ipaddress.ip_address(gateway)) if gateway else None,
         host_netns=host_netns,
+        gso_max_size=gso_max_size,
     )
     created = await asyncio.to_thread(nsfd.create_netns, ns_name)
     try:
@@ -273,6 +277,8 @@ async def _converge(sb: Sandbox) -> None:
             await inner.link("set", index=ei, address=sb.mac)
         if int(e.get("mtu")) != sb.mtu:
             await inner.link("set", index=ei, mtu=sb.mtu)
+        if sb.gso_max_size is not None and e.get("gso_max_size") != sb.gso_max_size:
+            await inner.link("set", index=ei, gso_max_size=sb.gso_max_size)
         await _ensure_address(inner, ei, sb.ip_cidr)
         if not int(e.get("flags") or 0) & IFF_UP:
             await inner.link("set", index=ei, state="up")

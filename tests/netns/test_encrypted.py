@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from conftest import Cluster, UnderlayCapture, send_udp_from, wait
 
-from meshnet.agent.encdp import encrypted_overlay_mtu
+from meshnet.agent.encdp import encrypted_overlay_mtu, frame_gso_max
 from meshnet.lab import Lab
 from meshnet.platform import netns
 
@@ -28,6 +28,7 @@ PY = sys.executable
 PORT = 4790
 UNDERLAY_MTU = 1500
 MTU = encrypted_overlay_mtu(UNDERLAY_MTU)  # a sandbox's on an encrypted network
+GSO_CAP = frame_gso_max(UNDERLAY_MTU)
 
 
 class Capture(UnderlayCapture):
@@ -94,7 +95,9 @@ def test_encrypted_network_end_to_end(cluster, tmp_path: Path) -> None:  # type:
         try:
             ips = {h: c.serve(h, "sec", f"srv{h[1:]}") for h in hosts}
             for src in hosts:
-                checks = [f"ip -o link show eth0 | grep -q 'mtu {MTU} '"]
+                # MTU, and the GSO cap that keeps a super-frame to one UDP_SEGMENT send.
+                checks = [f"ip -o link show eth0 | grep -q 'mtu {MTU} '",
+                          f"ip -d -o link show eth0 | grep -q 'gso_max_size {GSO_CAP} '"]
                 for dst in hosts:
                     if dst != src:
                         checks += [ping(f"srv{dst[1:]}"), fetch(f"srv{dst[1:]}", path),

@@ -42,6 +42,7 @@ pytestmark = pytest.mark.netns
 LabFactory = Callable[[], Lab]  # the lab_factory fixture (tests/netns/conftest.py)
 
 MTU = 1450
+GSO_CAP = 62910
 VNI = 5000
 BRIDGE = "mnbr-001388"
 WAIT_S = 10.0
@@ -129,7 +130,8 @@ async def test_sandbox_is_configured_and_reaches_its_neighbour(host: Host) -> No
         s1, BRIDGE, "10.10.0.1/24", "02:00:00:00:00:01", MTU, host_netns=h.ns
     )
     await create_sandbox(
-        s2, BRIDGE, "10.10.0.2/24", "02:00:00:00:00:02", MTU, "10.10.0.254", host_netns=h.ns
+        s2, BRIDGE, "10.10.0.2/24", "02:00:00:00:00:02", MTU, "10.10.0.254", host_netns=h.ns,
+        gso_max_size=GSO_CAP,
     )
     assert sb1.ip == "10.10.0.1" and sb1.host_ifname == host_ifname(s1)
     assert len(sb1.host_ifname) <= 15 and sb1.host_ifname.startswith("mnv")
@@ -139,6 +141,9 @@ async def test_sandbox_is_configured_and_reaches_its_neighbour(host: Host) -> No
     eth0 = json.loads(await in_ns(s1, "ip", "-j", "-d", "addr", "show", "dev", "eth0"))[0]
     assert eth0["address"] == "02:00:00:00:00:01" and eth0["mtu"] == MTU
     assert eth0["linkinfo"]["info_kind"] == "veth" and "UP" in eth0["flags"]
+    assert eth0["gso_max_size"] == 65536  # not capped unless asked (an encrypted network asks)
+    two = json.loads(await in_ns(s2, "ip", "-j", "-d", "link", "show", "dev", "eth0"))[0]
+    assert two["gso_max_size"] == GSO_CAP
     v4 = [(a["local"], a["prefixlen"]) for a in eth0["addr_info"] if a["family"] == "inet"]
     assert v4 == [("10.10.0.1", 24)]
     assert "UP" in json.loads(await in_ns(s1, "ip", "-j", "link", "show", "lo"))[0]["flags"]

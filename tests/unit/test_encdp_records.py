@@ -184,3 +184,17 @@ def test_an_expired_or_unknown_sa_never_takes_the_fast_path() -> None:
     other.set_inbound("10.0.0.1", {})
     feed(other, runs, burst=True)
     assert other_frames == [] and other._peers["10.0.0.1"].drops["unknown_spi"] > 0
+
+
+def test_a_frame_of_the_interface_gso_cap_is_one_udp_segment_send() -> None:
+    """frame_gso_max: the largest frame (plus its vnet header) fills exactly the records one
+    UDP_SEGMENT send may carry; one byte more would need another send."""
+    for mtu in (1280, 1500, 9000):
+        h = Harness(mtu)
+        cap = encdp.frame_gso_max(mtu)
+        per_send = encdp.records_per_send(mtu)
+        assert per_send * h.tx_dp.seg <= encdp.GSO_MAX_BYTES and per_send <= encdp.GSO_MAX_SEGS
+        assert len(h.seal(stream(cap + encdp.VNET_HDR_LEN, 1))) == per_send
+        assert len(h.seal(stream(cap + encdp.VNET_HDR_LEN + 1, 2))) == per_send + 1
+        assert h.tx_dp.frame_gso_max() == cap
+    assert encdp.frame_gso_max(1500) == 44 * 1430 - 10
