@@ -252,7 +252,15 @@ class _TxBuf:
         self.oview = memoryview(self.out)
         self.hdrs = [self.oview[i * seg : i * seg + REC_HDR] for i in range(n)]
         self.sealed = [self.oview[i * seg + REC_HDR : (i + 1) * seg] for i in range(n)]
-        self.rec_at = [i * seg for i in range(n)]
+        self.seg = seg
+        self._heads: dict[int, struct.Struct] = {}
+
+    def heads(self, count: int) -> struct.Struct:
+        """Packs the (SPI, seq) headers of COUNT records into `out` in one call."""
+        s = self._heads.get(count)
+        if s is None:
+            s = self._heads[count] = _strided(SPI_SEQ, self.seg, count)
+        return s
 
     def frame(self, n: int) -> bytes:
         """The N stream bytes read into the slots, as one piece (to queue it)."""
@@ -267,23 +275,70 @@ class _TxBuf:
 
 
 class _RxBuf:
-    """The receive buffer and, for runs of SEG-byte records, each record's header and sealed
-    part as views made once."""
+    """The receive buffer (`buf`), the buffer a burst is decrypted into (`pbuf`), and a
+    _Layout of both for each segment size seen lately (ours first)."""
+
+    MAX_LAYOUTS = 4
 
     def __init__(self, seg: int) -> None:
         self.buf = bytearray(65536)
         self.view = memoryview(self.buf)
+        # A run of COUNT records of SEG bytes decrypts into COUNT slots of SEG - 28 bytes.
+        self.pbuf = bytearray(2 * len(self.buf))
+        self.pview = memoryview(self.pbuf)
+        self._layouts: dict[int, _Layout] = {}
+        self.layout(seg)
+
+    def layout(self, seg: int) -> _Layout | None:
+        """The layout of runs of SEG-byte records; None for a segment size no peer of ours
+        would send (too small to carry MIN_RECORD_PAYLOAD)."""
+        lay = self._layouts.get(seg)
+        if lay is None:
+            if seg < MIN_RECORD_PAYLOAD + RECORD_OVERHEAD:
+                return None
+            if len(self._layouts) >= self.MAX_LAYOUTS:
+                del self._layouts[next(iter(self._layouts))]
+            lay = self._layouts[seg] = _Layout(self, seg)
+        return lay
+
+
+class _Layout:
+    """For runs of SEG-byte records in _RxBuf: record i's header and sealed part in `buf`, and
+    its plaintext slot (inner header | piece) in `pbuf`, as views made once; and Structs that
+    read the headers of COUNT records, or of COUNT plaintexts, in one call."""
+
+    def __init__(self, rx: _RxBuf, seg: int) -> None:
         self.seg = seg
-        n = len(self.buf) // seg
-        self.hdrs = [self.view[i * seg : i * seg + REC_HDR] for i in range(n)]
-        self.sealed = [self.view[i * seg + REC_HDR : (i + 1) * seg] for i in range(n)]
+        self.slot = slot = seg - REC_HDR - TAG_LEN
+        n = -(-len(rx.buf) // seg)
+        view, pview = rx.view, rx.pview
+        self.hdrs = [view[i * seg : i * seg + REC_HDR] for i in range(n)]
+        self.sealed = [view[i * seg + REC_HDR : (i + 1) * seg] for i in range(n)]
+        self.plain = [pview[i * slot : (i + 1) * slot] for i in range(n)]
+        self.pieces = [pview[i * slot + INNER_LEN : (i + 1) * slot] for i in range(n)]
+        self._heads: dict[int, struct.Struct] = {}
+        self._inners: dict[int, struct.Struct] = {}
+
+    def heads(self, count: int) -> struct.Struct:
+        """(SPI, seq) of COUNT records, flat."""
+        s = self._heads.get(count)
+        if s is None:
+            s = self._heads[count] = _strided(SPI_SEQ, self.seg, count)
+        return s
+
+    def inners(self, count: int) -> struct.Struct:
+        """The inner headers of COUNT plaintext slots, flat."""
+        s = self._inners.get(count)
+        if s is None:
+            s = self._inners[count] = _strided(INNER, self.slot, count)
+        return s
 
 
-def _inner_run(
-    flags: int, vni8: int, fid: int, idx: int, m: int, count: int
-) -> list[tuple[int, int, int, int, int]]:
-    """The inner headers of M consecutive pieces of one frame, from piece IDX on."""
-    return list(zip(repeat(flags), repeat(vni8), repeat(fid), range(idx, idx + m), repeat(count)))
+def _strided(one: struct.Struct, stride: int, count: int) -> struct.Struct:
+    """COUNT copies of ONE, STRIDE bytes apart: one call packs or unpacks them all (packing
+    zeroes the bytes between them)."""
+    fmt = one.format.lstrip(">")
+    return struct.Struct(">" + f"{fmt}{stride - one.size}x" * (count - 1) + fmt)
 
 
 def _mac(text: str) -> bytes:
@@ -672,8 +727,9 @@ class EncryptedDatapath:
         _drain(map(INNER.pack_into, repeat(tx.buf, count), tx.inner_at[:count],
                    repeat(VXLAN_FLAGS), repeat(vni << 8), repeat(fid), range(count),
                    repeat(count)))  # fmt: skip
-        _drain(map(SPI_SEQ.pack_into, repeat(tx.out, count), tx.rec_at[:count], repeat(sa.spi),
-                   range(seq, seq + count)))  # fmt: skip
+        heads = [sa.spi] * (2 * count)
+        heads[1::2] = range(seq, seq + count)
+        tx.heads(count).pack_into(tx.out, 0, *heads)  # before sealing: it zeroes between
         # Record header (SPI | seq) = nonce = AAD. All records but the last are full.
         full = count - 1
         hdrs = tx.hdrs[:full]
@@ -840,12 +896,12 @@ class EncryptedDatapath:
         fails, returns False with nothing changed, and the caller opens the records one by one
         (so every drop is counted by the one reference path)."""
         last_len = n - (count - 1) * seg
-        if last_len < REC_HDR + INNER_LEN + TAG_LEN:
+        lay = rx.layout(seg)
+        if last_len < REC_HDR + INNER_LEN + TAG_LEN or lay is None:
             return False
-        buf = rx.buf
-        heads = list(map(SPI_SEQ.unpack_from, repeat(buf, count), range(0, n, seg)))
-        spi, first = heads[0]
-        if heads != list(zip(repeat(spi), range(first, first + count))):
+        heads = lay.heads(count).unpack_from(rx.buf)
+        spi, first = heads[0], heads[1]
+        if heads[0::2].count(spi) != count or heads[1::2] != tuple(range(first, first + count)):
             return False
         ent = self._by_spi.get(spi)
         if ent is None:
@@ -856,16 +912,14 @@ class EncryptedDatapath:
             first > window.top and window.check(first + count - 1)
         ):
             return False
-        view = rx.view
-        if seg == rx.seg:
-            hdrs = rx.hdrs[:count]
-            sealed = rx.sealed[:count]
-        else:
-            hdrs = [view[o : o + REC_HDR] for o in range(0, n, seg)]
-            sealed = [view[o + REC_HDR : o + seg] for o in range(0, n, seg)]
-        sealed[-1] = view[n - last_len + REC_HDR : n]
+        hdrs = lay.hdrs[:count]
+        sealed = lay.sealed[:count]
+        plain = lay.plain[:count]
+        sealed[-1] = sealed[-1][: last_len - REC_HDR]
+        last_plain = last_len - REC_HDR - TAG_LEN
+        plain[-1] = plain[-1][:last_plain]
         try:
-            pts = list(map(sa.aead.decrypt, hdrs, sealed, hdrs))
+            _drain(map(sa.aead.decrypt_into, hdrs, sealed, hdrs, plain))
         except InvalidTag:
             return False
         window.update_run(first, count)
@@ -874,26 +928,41 @@ class EncryptedDatapath:
         if not sa.seen:
             sa.seen = True
             self._call_soon(self.on_first_inbound, peer.ip, spi)
-        self._rx_pieces(pts, spi, asm)
+        self._rx_pieces(rx, lay, count, last_plain, spi, asm)
         return True
 
-    def _rx_pieces(self, pts: list[bytes], spi: int, asm: dict[tuple[int, int], _Asm]) -> None:
-        """The plaintexts of a burst: consecutive pieces of one frame (the common case) go in
-        at once; anything else, one by one."""
-        m = len(pts)
-        inners = list(map(INNER.unpack_from, pts))
-        flags, vni8, fid, idx, count = inners[0]
+    def _rx_pieces(
+        self,
+        rx: _RxBuf,
+        lay: _Layout,
+        m: int,
+        last_plain: int,
+        spi: int,
+        asm: dict[tuple[int, int], _Asm],
+    ) -> None:
+        """The M plaintexts of a burst, in LAY's slots (the last one LAST_PLAIN bytes long):
+        consecutive pieces of one frame (the common case) go in at once; anything else, one by
+        one."""
+        inners = lay.inners(m).unpack_from(rx.pbuf)
+        flags, vni8, fid, idx, count = inners[:5]
         net = self._nets.get(vni8 >> 8)
         if (
             net is not None
             and flags == VXLAN_FLAGS
             and idx + m <= count
-            and inners == _inner_run(flags, vni8, fid, idx, m, count)
+            and inners[0::5].count(flags) == m
+            and inners[1::5].count(vni8) == m
+            and inners[2::5].count(fid) == m
+            and inners[3::5] == tuple(range(idx, idx + m))
+            and inners[4::5].count(count) == m
         ):
-            pieces = [memoryview(pt)[INNER_LEN:] for pt in pts]
+            pieces: list[memoryview] = lay.pieces[:m]
+            pieces[-1] = pieces[-1][: last_plain - INNER_LEN]
             if m == count:
                 self._tap_write(net, pieces)
                 return
+            # Part of a frame: keep copies, the buffers are the next receive's.
+            pieces = [memoryview(bytes(p)) for p in pieces]
             key = (spi, fid)
             st = asm.get(key) or self._asm_start(asm, key, count)
             if len(st.pieces) == count and st.pieces[idx : idx + m].count(None) == m:
@@ -903,8 +972,8 @@ class EncryptedDatapath:
                     del asm[key]
                     self._tap_write(net, st.pieces)  # type: ignore[arg-type]  # all filled
                 return
-        for pt in pts:
-            self._rx_plaintext(pt, spi, asm)
+        for i, slot in enumerate(lay.plain[:m]):
+            self._rx_plaintext(bytes(slot[: last_plain if i == m - 1 else lay.slot]), spi, asm)
 
     def _asm_start(
         self, asm: dict[tuple[int, int], _Asm], key: tuple[int, int], count: int

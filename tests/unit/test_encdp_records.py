@@ -63,11 +63,16 @@ def receiver(mtu: int = 1500) -> tuple[EncryptedDatapath, list[bytes]]:
 
 def gro_runs(datagrams: list[bytes]) -> list[tuple[bytes, int]]:
     """What UDP GRO hands up: consecutive datagrams of one size glued together (at most
-    GRO_MAX), a shorter one ending a run."""
+    GRO_MAX, and at most 64 KB), a shorter one ending a run."""
     runs: list[tuple[bytes, int]] = []
     cur: list[bytes] = []
     for d in datagrams:
-        if cur and (len(d) > len(cur[0]) or len(cur[-1]) < len(cur[0]) or len(cur) == GRO_MAX):
+        if cur and (
+            len(d) > len(cur[0])
+            or len(cur[-1]) < len(cur[0])
+            or len(cur) == GRO_MAX
+            or sum(map(len, cur)) + len(d) > 65535
+        ):
             runs.append((b"".join(cur), len(cur[0])))
             cur = []
         cur.append(d)
@@ -198,3 +203,22 @@ def test_a_frame_of_the_interface_gso_cap_is_one_udp_segment_send() -> None:
         assert len(h.seal(stream(cap + encdp.VNET_HDR_LEN + 1, 2))) == per_send + 1
         assert h.tx_dp.frame_gso_max() == cap
     assert encdp.frame_gso_max(1500) == 44 * 1430 - 10
+
+
+def test_a_peer_with_another_mtu_still_takes_the_burst_path() -> None:
+    """Records of another segment size (a peer on a jumbo or a smaller underlay) are opened a
+    burst at a time too, in a layout of their own, and arrive whole."""
+    for tx_mtu, rx_mtu in ((9000, 1500), (1280, 1500), (1500, 9000)):
+        h = Harness(tx_mtu)
+        dp, frames = receiver(rx_mtu)
+        calls: list[int] = []
+        each = dp._rx_each
+        dp._rx_each = lambda *a: calls.append(1) or each(*a)  # type: ignore[method-assign,func-returns-value]
+        sizes = [encdp.frame_gso_max(tx_mtu) + encdp.VNET_HDR_LEN, 30_000, encdp.MAX_FRAME]
+        singles = 0  # a receive of one record is opened by _rx_each, as it should
+        for i, size in enumerate(sizes):
+            runs = gro_runs(h.seal(stream(size, i)))
+            singles += sum(len(data) <= seg for data, seg in runs)
+            feed(dp, runs, burst=True)
+        assert frames == [stream(size, i) for i, size in enumerate(sizes)], (tx_mtu, rx_mtu)
+        assert len(calls) == singles, (tx_mtu, rx_mtu)
