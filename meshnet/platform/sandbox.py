@@ -106,12 +106,17 @@ def processes_with_env(marker: str) -> list[int]:
     """Processes whose (initial) environment holds the exact entry MARKER ("NAME=value")."""
     want = marker.encode()
     found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit() and int(pid) != os.getpid():
-            with contextlib.suppress(OSError):
-                if want in _environ(pid):
-                    found.append(int(pid))
+    for pid in _other_pids():
+        with contextlib.suppress(OSError):
+            if want in _environ(pid):
+                found.append(int(pid))
     return found
+
+
+def _other_pids() -> list[str]:
+    """Every process's /proc entry but our own."""
+    me = str(os.getpid())
+    return [p for p in os.listdir("/proc") if p.isdigit() and p != me]
 
 
 def leftover_task_processes(node: str, prefix: str) -> list[int]:
@@ -128,9 +133,7 @@ def leftover_task_processes(node: str, prefix: str) -> list[int]:
     sandbox_entry = f"{SANDBOX_ENV}={prefix}".encode()
     ns_of: dict[int, tuple[int, int]] = {}
     ours: set[tuple[int, int]] = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
+    for pid in _other_pids():
         try:
             st = os.stat(f"/proc/{pid}/ns/net")
             ns = (st.st_dev, st.st_ino)
