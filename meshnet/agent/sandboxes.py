@@ -28,6 +28,7 @@ from meshnet.agent.dns_server import DnsServer, Listener
 from meshnet.agent.gossip import STREAM_IPAM, GossipTransport, StreamError
 from meshnet.agent.overlay import Overlay
 from meshnet.agent.state_service import StateService
+from meshnet.aioutil import run_to_end
 from meshnet.crypto.keyring import KeyringError
 from meshnet.membership import Addr, Member
 from meshnet.platform import nsfd
@@ -261,7 +262,11 @@ class Sandboxes:
         await self.state.put(ENDPOINTS, handle.key, value)
 
     async def remove(self, handle: SandboxHandle) -> None:
-        """Withdraw the endpoint first (so no one resolves a dying address), then tear down."""
+        """Withdraw the endpoint first (so no one resolves a dying address), then tear down;
+        all of it, even if our caller is cancelled meanwhile."""
+        await run_to_end(self._remove(handle))
+
+    async def _remove(self, handle: SandboxHandle) -> None:
         self.live.pop(handle.ns, None)
         with contextlib.suppress(Exception):
             await self.state.delete(ENDPOINTS, handle.key)

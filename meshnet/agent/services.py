@@ -25,6 +25,7 @@ from meshnet.agent.control import Handler, OpError, SendEvent
 from meshnet.agent.gossip import STREAM_LOGS, GossipTransport, StreamError
 from meshnet.agent.sandboxes import Sandboxes, SandboxHandle, stop_process
 from meshnet.agent.state_service import StateService
+from meshnet.aioutil import run_to_end
 from meshnet.crypto.keyring import KeyringError
 from meshnet.membership import Addr, Member
 from meshnet.placement import (
@@ -301,11 +302,16 @@ class Services:
         except FileNotFoundError as e:
             raise OpError(f"cannot start {spec['command'][0]}: {e}") from None
         finally:
-            if task.proc is not None and task.proc.returncode is None:
-                await stop_process(task.proc, STOP_GRACE_S)
-            task.proc = None
-            task.handle = None
-            await self.sandboxes.remove(handle)
+            await run_to_end(self._teardown(task, handle))
+
+    async def _teardown(self, task: Task, handle: SandboxHandle) -> None:
+        """Stop the task's process, then remove its sandbox; runs to its end even when the
+        task is cancelled (by _stop) meanwhile."""
+        if task.proc is not None and task.proc.returncode is None:
+            await stop_process(task.proc, STOP_GRACE_S)
+        task.proc = None
+        task.handle = None
+        await self.sandboxes.remove(handle)
 
     async def _stop(self, task: Task) -> None:
         if task.stopping:

@@ -133,6 +133,21 @@ def test_failover_and_return(cluster: Callable[[int], Cluster]) -> None:
     for h in [*survivors, victim]:  # once views agree, nothing runs twice
         tasks = [t for t in ps(c, h, "backend") if t["state"] == "running"]
         assert sorted(int(t["slot"]) for t in tasks) == [1, 2, 3, 4, 5, 6]
+    # A survivor that gave its stand-in tasks back tore their sandboxes down completely: one
+    # DNS listener per task it still runs, none left bound in a namespace (a half-removed
+    # sandbox kept its 127.0.0.11:53 sockets, and the task's next start there failed).
+    for h in survivors:
+        wait_listeners_match_tasks(c, h)
+
+
+def wait_listeners_match_tasks(c: Cluster, host: str) -> None:
+    def tasks() -> int:
+        rows = ps(c, host, "backend") + ps(c, host, "frontend")
+        return sum(t["state"] == "running" and t["node"] == host for t in rows)
+
+    wait(lambda: c.ctl_json(host, "status")["dns"]["listeners"] == tasks(), 10,
+         lambda: f"{host}: {c.ctl_json(host, 'status')['dns']['listeners']} DNS listeners "
+                 f"for {tasks()} tasks")
 
 
 def test_tasks_never_outlive_a_killed_agent(cluster: Callable[[int], Cluster]) -> None:
