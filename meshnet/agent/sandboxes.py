@@ -231,8 +231,18 @@ class Sandboxes:
                              key in {h.key for h in self.live.values()}):
             raise OpError(f"name {name} is already in use on {network}")
         ns = f"{self.ns_prefix()}{name}"[:64]
-        dev = await self.overlay.ensure(network)
-        ep = await self.allocate(network, name, {"service": service, "slot": slot, "sandbox": ns})
+        # The devices and the address do not depend on each other: one waits on netlink, the
+        # other on the members' confirmations (a failover starts tasks at once; each ~0.1-0.5 s).
+        dev, ep = await asyncio.gather(
+            self.overlay.ensure(network),
+            self.allocate(network, name, {"service": service, "slot": slot, "sandbox": ns}),
+            return_exceptions=True)
+        if isinstance(ep, BaseException):
+            raise ep
+        if isinstance(dev, BaseException):  # no devices: withdraw the address too
+            with contextlib.suppress(Exception):
+                await self.state.delete(ENDPOINTS, key)
+            raise dev
         handle = SandboxHandle(name=name, network=network, ns=ns, ip=ep.ip, key=key)
         self.live[ns] = handle
         try:
