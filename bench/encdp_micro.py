@@ -8,8 +8,9 @@ SAs). Each host's datapath runs in its own process (`--worker`, as the agent wou
 process per host). One sandbox per host per network; iperf3 (1 TCP stream) and ping, sandbox to
 sandbox, over each. Then a short encrypted run with the hosts' eth0 set to gso_max_segs 1, so
 the kernel cuts our UDP GSO batches into wire datagrams at the host NIC, captured on the
-underlay switch: the largest IP datagram and the IP fragment count. The last line of stdout is
-one JSON object.
+underlay switch: the largest IP datagram and the IP fragment count. Last, `capacity`: what one
+core seals and opens through the datapath's own code with no kernel in the way (see capacity()).
+The last line of stdout is one JSON object.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from meshnet.agent.encdp import (
     EncryptedDatapath,
     InboundSA,
     OutboundSA,
+    _Net,
+    _RxBuf,
+    _TxBuf,
     encrypted_overlay_mtu,
     frame_gso_max,
 )
@@ -40,6 +44,7 @@ from meshnet.lab import Lab
 from meshnet.platform import netns
 from meshnet.platform.links import OverlayKernel
 from meshnet.platform.sandbox import create_sandbox, delete_sandbox, sandbox_command
+from meshnet.platform.tap import VNET_HDR_LEN
 
 VNI_PLAIN = 0x2001
 VNI_ENC = 0x2002
@@ -436,6 +441,50 @@ def measure(
         lab.down()
 
 
+def capacity(underlay_mtu: int, frames: int = 2000) -> dict[str, float]:
+    """What one core seals and opens, in Gbit/s of (vnet header | frame) stream, with no
+    syscall, no kernel and no other process: full-sized frames (the endpoint GSO cap) through
+    the datapath's own code (_seal_send, _rx_run), in this process. The gap to the iperf3
+    numbers is what the kernel, both TCP stacks and sharing the machine's cores cost."""
+    src = "10.0.0.1"
+    tx_dp = EncryptedDatapath(src, underlay_mtu=underlay_mtu)
+    rx_dp = EncryptedDatapath("10.0.0.2", underlay_mtu=underlay_mtu)
+    key = bytes(range(32))
+    sa = OutboundSA(spi=7, key=key)
+    rx_dp.set_inbound(src, {7: InboundSA(spi=7, key=key)})
+    rx_dp._nets = {VNI_ENC: _Net(VNI_ENC, None, BR_ENC)}  # type: ignore[arg-type]
+    rx_dp._tap_write = lambda net, pieces: None  # type: ignore[method-assign]
+    size = frame_gso_max(underlay_mtu) + VNET_HDR_LEN
+    tx = _TxBuf(tx_dp.payload, tx_dp.seg)
+    tx.load(bytes(i & 0xFF for i in range(size)))
+    runs: list[tuple[bytes, int]] = []
+    tx_dp._send = (  # type: ignore[method-assign]
+        lambda addr, view, total, count, seg: runs.append((bytes(view[:total]), seg))
+    )
+    peer = tx_dp._peer("10.0.0.2")
+    for _ in range(frames):  # the records to open later, and a warm-up of the sealing
+        tx_dp._seal_send(peer, sa, VNI_ENC, size, tx)
+    tx_dp._send = lambda *a: None  # type: ignore[method-assign]
+    t0 = time.perf_counter()
+    for _ in range(frames):
+        tx_dp._seal_send(peer, sa, VNI_ENC, size, tx)
+    seal_s = (time.perf_counter() - t0) / frames
+    rx = _RxBuf(rx_dp.seg)
+    asm: dict[Any, Any] = {}
+    opened = 0
+    t0 = time.perf_counter()
+    for data, seg in runs:
+        rx.buf[: len(data)] = data
+        opened += rx_dp._rx_run(rx, len(data), seg, (src, PORT), asm)
+    open_s = (time.perf_counter() - t0) / frames
+    assert opened == len(runs) * -(-size // tx_dp.payload), "capacity: records went missing"
+    return {
+        "seal_gbps_per_core": round(size * 8 / seal_s / 1e9, 2),
+        "open_gbps_per_core": round(size * 8 / open_s / 1e9, 2),
+        "records_per_frame": -(-size // tx_dp.payload),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=10)
@@ -453,6 +502,7 @@ def main() -> int:
         print("bench/encdp_micro.py needs root (network namespaces)", file=sys.stderr)
         return 1
     result = measure(args.seconds, args.repeat, args.profile, args.nice, args.underlay_mtu)
+    result["capacity"] = capacity(args.underlay_mtu)
     if not args.json:
         for k, v in result.items():
             print(f"{k}: {v}")
