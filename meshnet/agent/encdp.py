@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import ipaddress
 import os
 import select
@@ -252,15 +253,6 @@ class _TxBuf:
         self.oview = memoryview(self.out)
         self.hdrs = [self.oview[i * seg : i * seg + REC_HDR] for i in range(n)]
         self.sealed = [self.oview[i * seg + REC_HDR : (i + 1) * seg] for i in range(n)]
-        self.seg = seg
-        self._heads: dict[int, struct.Struct] = {}
-
-    def heads(self, count: int) -> struct.Struct:
-        """Packs the (SPI, seq) headers of COUNT records into `out` in one call."""
-        s = self._heads.get(count)
-        if s is None:
-            s = self._heads[count] = _strided(SPI_SEQ, self.seg, count)
-        return s
 
     def frame(self, n: int) -> bytes:
         """The N stream bytes read into the slots, as one piece (to queue it)."""
@@ -304,8 +296,7 @@ class _RxBuf:
 
 class _Layout:
     """For runs of SEG-byte records in _RxBuf: record i's header and sealed part in `buf`, and
-    its plaintext slot (inner header | piece) in `pbuf`, as views made once; and Structs that
-    read the headers of COUNT records, or of COUNT plaintexts, in one call."""
+    its plaintext slot (inner header | piece) in `pbuf`, as views made once."""
 
     def __init__(self, rx: _RxBuf, seg: int) -> None:
         self.seg = seg
@@ -316,24 +307,10 @@ class _Layout:
         self.sealed = [view[i * seg + REC_HDR : (i + 1) * seg] for i in range(n)]
         self.plain = [pview[i * slot : (i + 1) * slot] for i in range(n)]
         self.pieces = [pview[i * slot + INNER_LEN : (i + 1) * slot] for i in range(n)]
-        self._heads: dict[int, struct.Struct] = {}
-        self._inners: dict[int, struct.Struct] = {}
-
-    def heads(self, count: int) -> struct.Struct:
-        """(SPI, seq) of COUNT records, flat."""
-        s = self._heads.get(count)
-        if s is None:
-            s = self._heads[count] = _strided(SPI_SEQ, self.seg, count)
-        return s
-
-    def inners(self, count: int) -> struct.Struct:
-        """The inner headers of COUNT plaintext slots, flat."""
-        s = self._inners.get(count)
-        if s is None:
-            s = self._inners[count] = _strided(INNER, self.slot, count)
-        return s
 
 
+# Our segment size and up to 3 peers' (_RxBuf.MAX_LAYOUTS), two header kinds, counts to ~130.
+@functools.lru_cache(maxsize=1024)
 def _strided(one: struct.Struct, stride: int, count: int) -> struct.Struct:
     """COUNT copies of ONE, STRIDE bytes apart: one call packs or unpacks them all (packing
     zeroes the bytes between them)."""
@@ -729,7 +706,7 @@ class EncryptedDatapath:
                    repeat(count)))  # fmt: skip
         heads = [sa.spi] * (2 * count)
         heads[1::2] = range(seq, seq + count)
-        tx.heads(count).pack_into(tx.out, 0, *heads)  # before sealing: it zeroes between
+        _strided(SPI_SEQ, self.seg, count).pack_into(tx.out, 0, *heads)  # zeroes between: first
         # Record header (SPI | seq) = nonce = AAD. All records but the last are full.
         full = count - 1
         hdrs = tx.hdrs[:full]
@@ -899,7 +876,7 @@ class EncryptedDatapath:
         lay = rx.layout(seg)
         if last_len < REC_HDR + INNER_LEN + TAG_LEN or lay is None:
             return False
-        heads = lay.heads(count).unpack_from(rx.buf)
+        heads = _strided(SPI_SEQ, seg, count).unpack_from(rx.buf)
         spi, first = heads[0], heads[1]
         if heads[0::2].count(spi) != count or heads[1::2] != tuple(range(first, first + count)):
             return False
@@ -943,7 +920,7 @@ class EncryptedDatapath:
         """The M plaintexts of a burst, in LAY's slots (the last one LAST_PLAIN bytes long):
         consecutive pieces of one frame (the common case) go in at once; anything else, one by
         one."""
-        inners = lay.inners(m).unpack_from(rx.pbuf)
+        inners = _strided(INNER, lay.slot, m).unpack_from(rx.pbuf)
         flags, vni8, fid, idx, count = inners[:5]
         net = self._nets.get(vni8 >> 8)
         if (
