@@ -220,6 +220,8 @@ def measure(seconds: int, rounds: int = 3, underlay_mtu: int = 1500) -> dict[str
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+        # ~10 MB, and lab down removes only what the lab made (then the run dir, if empty)
+        (lab.run_dir / "wire.pcap").unlink(missing_ok=True)
         lab.down()
 
 
