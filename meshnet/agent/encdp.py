@@ -299,7 +299,6 @@ class _Layout:
     its plaintext slot (inner header | piece) in `pbuf`, as views made once."""
 
     def __init__(self, rx: _RxBuf, seg: int) -> None:
-        self.seg = seg
         self.slot = slot = seg - REC_HDR - TAG_LEN
         n = -(-len(rx.buf) // seg)
         view, pview = rx.view, rx.pview
