@@ -75,6 +75,8 @@ class Config:
     # Sandbox namespaces are named <sandbox_prefix>-<node>-<name> (hosts sharing one /run/netns,
     # as lab hosts do, give each agent its own prefix).
     sandbox_prefix: str = "mns"
+    # Host paths tasks must not see, besides the agent's own state, socket, config and key.
+    task_hidden_paths: tuple[str, ...] = ()
     membership: dict[str, float | int] = field(default_factory=dict)
     # Encrypted overlays: start a new handshake this long after the last one; refuse an SA this
     # long after it was made (WireGuard's 120 s and 180 s; tests shorten them).
@@ -207,6 +209,15 @@ def _parse_key(cfg: dict[str, Any], key: str, value: object) -> None:
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,23}$", text):
             raise ConfigError(f"{key}: {text!r} must be 1-24 of [A-Za-z0-9_.-]")
         cfg[key] = text
+    elif key == "task_hidden_paths":
+        items = _expect(key, value, list)
+        paths = []
+        for i, item in enumerate(items):
+            text = _expect(f"{key}[{i}]", item, str)
+            if not text.startswith("/") or "\0" in text or "\n" in text:
+                raise ConfigError(f"{key}[{i}]: {text!r} is not an absolute path")
+            paths.append(text)
+        cfg[key] = tuple(paths)
     elif key == "datapath":
         cfg[key] = _choice(key, value, DATAPATHS)
     elif key == "overlay_cipher":

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import signal
 import time
@@ -28,7 +29,7 @@ from meshnet.agent.overlay import Overlay
 from meshnet.agent.sandboxes import Sandboxes
 from meshnet.agent.services import TASKS, Services
 from meshnet.agent.state_service import StateService
-from meshnet.config import Config
+from meshnet.config import DEFAULT_CONFIG_PATH, Config
 from meshnet.crypto.identity import IdentityError, load_or_create_identity, public_bytes
 from meshnet.crypto.keyring import Keyring, KeyringError
 from meshnet.dns import Resolver
@@ -41,6 +42,7 @@ from meshnet.membership import (
     NodeMeta,
 )
 from meshnet.placement import NodeInfo
+from meshnet.platform.container import hidden_paths
 from meshnet.state import Store, StoreConfig, tombstone_ttl_for
 
 log = logging.getLogger("meshnet.agent")
@@ -244,13 +246,25 @@ class Agent:
             self.overlay.attach_encrypted(self.encrypted)
             self.ops.encrypted_peers = self.encrypted.peers_info
         self.sandboxes = Sandboxes(self.ops, self.state, self.overlay, self.dns,
-                                   self.gossip, self._peers, self.config.sandbox_prefix)
+                                   self.gossip, self._peers, self.config.sandbox_prefix,
+                                   self._hidden_from_tasks())
         await self.sandboxes.adopt()
         self.services = Services(self.state, self.sandboxes, self.gossip, self.config.name,
                                  self._placement_nodes, self._peers,
                                  Path(self.config.state_dir) / "logs")
         self.state.listeners.append(self.services.kick)
         await self.services.start()
+
+    def _hidden_from_tasks(self) -> list[str]:
+        """The agent's state, socket, config and key (and their directories): never visible
+        to a task (platform/container.py covers them in every task's file system)."""
+        cfg = self.config
+        config_file = self.config_path or (DEFAULT_CONFIG_PATH if Path(DEFAULT_CONFIG_PATH)
+                                           .exists() else None)
+        files = [f for f in (cfg.socket, cfg.cluster_key_file, config_file) if f]
+        dirs = [cfg.state_dir, *(os.path.dirname(os.path.abspath(f)) for f in files),
+                *cfg.task_hidden_paths]
+        return hidden_paths(dirs, files)
 
     def _placement_nodes(self) -> list[NodeInfo]:
         assert self.membership is not None

@@ -29,17 +29,19 @@ from meshnet.agent.gossip import STREAM_IPAM, GossipTransport, StreamError
 from meshnet.agent.overlay import Overlay
 from meshnet.agent.state_service import StateService
 from meshnet.aioutil import run_to_end
+from meshnet.containment import Containment, ContainmentError, task_hostname
+from meshnet.containment import from_args as containment_from_args
 from meshnet.crypto.keyring import KeyringError
 from meshnet.membership import Addr, Member
-from meshnet.platform import nsfd
+from meshnet.platform import container, nsfd
+from meshnet.platform.cgroups import CgroupError, Cgroups, TaskCgroup
+from meshnet.platform.container import ContainerError, Tools
 from meshnet.platform.sandbox import (
-    NODE_ENV,
-    SANDBOX_ENV,
     create_sandbox,
     delete_sandbox,
-    leftover_task_processes,
+    etc_files,
     list_sandboxes,
-    sandbox_command,
+    write_identity,
 )
 from meshnet.state import Entry, StateProtocolError
 from meshnet.state.codec import decode_delta, encode_delta
@@ -69,13 +71,25 @@ class SandboxHandle:
     key: str
     listener: Listener | None = None
     value: dict[str, Any] = field(default_factory=dict)
+    cgroup: TaskCgroup | None = None
+
+
+# What keeps a task from starting as asked on this host: its spec, the host's users, paths or
+# tools, or the cgroup file system. The task fails with the one line these carry.
+LaunchFailure = (ContainmentError, ContainerError, CgroupError)
 
 
 class Sandboxes:
     def __init__(self, ops: ClusterOps, state: StateService, overlay: Overlay,
                  dns: DnsServer, gossip: GossipTransport,
-                 peers: Any, prefix: str = "mns") -> None:
+                 peers: Any, prefix: str = "mns", hidden: list[str] | None = None) -> None:
         self.prefix = prefix
+        # Host paths no task may see (the agent's state, socket, config and key).
+        self.hidden = hidden or []
+        self.cgroups: Cgroups | None = None
+        self.tools: Tools | None = None
+        # Why tasks cannot be contained on this host (missing tools or cgroups), if they can't.
+        self.unavailable: str | None = None
         self.ops = ops
         self.state = state
         self.store = state.store
@@ -93,16 +107,29 @@ class Sandboxes:
 
     # --- start-up: clean what a previous run of this agent left ----------------------------
 
+    def cgroup_parent(self) -> str:
+        return f"meshnet-{self.prefix}-{self.node}"
+
     async def adopt(self) -> None:
-        """One-off sandboxes cannot outlive their agent (their client is gone): remove them and
-        their endpoints."""
-        leftovers = await asyncio.to_thread(leftover_task_processes, self.node,
-                                            self.ns_prefix())
-        for pid in leftovers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if leftovers:
-            log.info("killed %d task processes left by a previous run", len(leftovers))
+        """Find the task cgroups and tools; then, since one-off sandboxes cannot outlive their
+        agent (their client is gone) and a restarted agent starts its tasks afresh, kill
+        whatever a previous run left (found by cgroup: its namespaces' names may have died
+        with its mount namespace) and remove its sandboxes and endpoints."""
+        try:
+            self.tools = container.find_tools()
+            self.cgroups = await asyncio.to_thread(Cgroups.for_agent, self.cgroup_parent())
+            await asyncio.to_thread(self.cgroups.prepare)
+        except (ContainerError, CgroupError, OSError) as e:
+            self.unavailable = str(e)
+            log.error("tasks cannot run on this host: %s", e)
+        if self.cgroups is not None:
+            for problem in self.cgroups.problems:
+                log.warning("task containment: %s", problem)
+            leftovers = self.cgroups.leftovers()
+            for cg in leftovers:
+                await asyncio.to_thread(self.cgroups.destroy, cg)
+            if leftovers:
+                log.info("killed %d tasks left by a previous run", len(leftovers))
         for ns in list_sandboxes(self.ns_prefix()):
             await _kill_namespace_processes(ns)
             with contextlib.suppress(Exception):
@@ -250,6 +277,7 @@ class Sandboxes:
             await self.overlay.nl.run(
                 create_sandbox(ns, dev.bridge, f"{ep.ip}/{prefix}", ep.mac,
                                dev.mtu or self.overlay.mtu, gso_max_size=dev.gso_max_size))
+            await write_identity(ns, task_hostname(name), ep.ip)
             udp, tcp = await asyncio.gather(
                 asyncio.to_thread(nsfd.open_socket_in_netns, ns, socket.AF_INET,
                                   socket.SOCK_DGRAM, ("127.0.0.11", 53)),
@@ -283,6 +311,9 @@ class Sandboxes:
         if handle.listener is not None:
             with contextlib.suppress(Exception):
                 await self.dns.remove_listener(handle.listener)
+        if handle.cgroup is not None and self.cgroups is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.cgroups.destroy, handle.cgroup)
         await _kill_namespace_processes(handle.ns)
         with contextlib.suppress(Exception):
             await self.overlay.nl.run(delete_sandbox(handle.ns))
@@ -290,14 +321,33 @@ class Sandboxes:
     async def close(self) -> None:
         for handle in list(self.live.values()):
             await self.remove(handle)
+        if self.cgroups is not None:
+            await asyncio.to_thread(self.cgroups.close)
 
-    def task_env(self, handle: SandboxHandle) -> dict[str, str]:
-        """The agent's environment minus systemd's notify plumbing, plus who the task is."""
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-        env.update({NODE_ENV: self.node, SANDBOX_ENV: handle.ns, "MESHNET_TASK": handle.name,
-                    "MESHNET_NETWORK": handle.network, "MESHNET_IP": handle.ip})
-        return env
+    async def launch(self, handle: SandboxHandle, argv: list[str], containment: Containment,
+                     *, spec_env: dict[str, str], meta: dict[str, str], stdout: int,
+                     stderr: int) -> asyncio.subprocess.Process:
+        """Start ARGV contained in HANDLE's sandbox (platform/launch.py): its own namespaces,
+        Docker's capabilities, a cgroup with the spec's limits. Raises one of LaunchFailure
+        when this host cannot start it as asked."""
+        if self.unavailable is not None or self.tools is None or self.cgroups is None:
+            raise ContainerError(f"tasks cannot run on this host: {self.unavailable}")
+        user = container.resolve_user(containment.user)
+        container.check_mounts(containment.mounts, self.hidden)
+        hostname = task_hostname(handle.name)
+        env = container.task_env(
+            {"MESHNET_TASK": handle.name, "MESHNET_NODE": self.node,
+             "MESHNET_NETWORK": handle.network, "MESHNET_IP": handle.ip, **meta},
+            spec_env, hostname, user["home"] if user else "/root")
+        handle.cgroup = await asyncio.to_thread(
+            self.cgroups.create, handle.name, containment.memory, containment.cpus,
+            containment.pids)
+        plan = container.build_plan(
+            netns_path=str(nsfd.netns_path(handle.ns)), hostname=hostname,
+            etc_files=etc_files(handle.ns), containment=containment, hidden=self.hidden,
+            env=env, argv=argv, cgroup_procs=handle.cgroup.procs_files(), tools=self.tools,
+            user=user)
+        return await container.spawn(plan, self.tools, stdout=stdout, stderr=stderr)
 
     # --- meshctl run ------------------------------------------------------------------------
 
@@ -306,25 +356,48 @@ class Sandboxes:
         if not isinstance(command, list) or not command or \
                 not all(isinstance(c, str) for c in command):
             raise OpError("run needs a command")
+        try:
+            containment = containment_from_args(args)
+            spec_env = parse_env(args.get("env"))
+        except ContainmentError as e:
+            raise OpError(str(e)) from None
         handle = await self.create(str(args.get("network")), args.get("name") or None)
         proc: asyncio.subprocess.Process | None = None
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *sandbox_command(handle.ns, command), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                start_new_session=True, env=self.task_env(handle))
+            proc = await self.launch(handle, command, containment, spec_env=spec_env, meta={},
+                                     stdout=asyncio.subprocess.PIPE,
+                                     stderr=asyncio.subprocess.PIPE)
             assert proc.stdout is not None and proc.stderr is not None
             await asyncio.gather(_pump(proc.stdout, "stdout", send),
                                  _pump(proc.stderr, "stderr", send))
             code = await proc.wait()
-        except FileNotFoundError as e:
-            raise OpError(f"cannot start {command[0]}: {e}") from None
+        except LaunchFailure as e:
+            raise OpError(str(e)) from None
         finally:
             if proc is not None and proc.returncode is None:
                 await stop_process(proc)
             await self.remove(handle)
         return {"name": handle.name, "ip": handle.ip, "network": handle.network,
-                "exit_code": code if code >= 0 else 128 - code}
+                "exit_code": code if code >= 0 else 128 - code,
+                **containment.summary()}
+
+
+MAX_ENV = 256
+
+
+def parse_env(items: object) -> dict[str, str]:
+    """--env K=V items; ContainmentError names the bad one."""
+    if items is None:
+        return {}
+    if not isinstance(items, list) or len(items) > MAX_ENV:
+        raise ContainmentError(f"--env: at most {MAX_ENV} items")
+    env: dict[str, str] = {}
+    for item in items:
+        k, sep, v = str(item).partition("=")
+        if not sep or not k or "\0" in k or "\0" in v:
+            raise ContainmentError(f"--env {item!r} is not K=V")
+        env[k] = v
+    return env
 
 
 async def _pump(stream: asyncio.StreamReader, name: str, send: SendEvent) -> None:

@@ -23,9 +23,18 @@ import msgpack
 
 from meshnet.agent.control import Handler, OpError, SendEvent
 from meshnet.agent.gossip import STREAM_LOGS, GossipTransport, StreamError
-from meshnet.agent.sandboxes import Sandboxes, SandboxHandle, stop_process
+from meshnet.agent.sandboxes import (
+    LaunchFailure,
+    Sandboxes,
+    SandboxHandle,
+    parse_env,
+    stop_process,
+)
 from meshnet.agent.state_service import StateService
 from meshnet.aioutil import run_to_end
+from meshnet.containment import Containment, ContainmentError
+from meshnet.containment import from_args as containment_from_args
+from meshnet.containment import from_value as containment_from_value
 from meshnet.crypto.keyring import KeyringError
 from meshnet.membership import Addr, Member
 from meshnet.placement import (
@@ -36,7 +45,6 @@ from meshnet.placement import (
     parse_constraint,
     place,
 )
-from meshnet.platform.sandbox import sandbox_command
 from meshnet.state import SERVICES, Service
 from meshnet.state.networks import NetworkError, check_name
 
@@ -80,6 +88,7 @@ class Task:
     proc: asyncio.subprocess.Process | None = None
     stopping: bool = False
     started_at: float = field(default_factory=time.time)
+    containment: Containment | None = None
 
     @property
     def name(self) -> str:
@@ -117,17 +126,17 @@ def parse_spec(args: dict[str, Any], networks: set[str]) -> Service:
     cond = args.get("restart_condition") or "any"
     if cond not in RESTART_CONDITIONS:
         raise OpError(f"--restart-condition must be one of {', '.join(RESTART_CONDITIONS)}")
-    env: dict[str, str] = {}
-    for item in args.get("env") or []:
-        k, sep, v = str(item).partition("=")
-        if not sep or not k:
-            raise OpError(f"--env {item!r} is not K=V")
-        env[k] = v
+    try:
+        env = parse_env(args.get("env"))
+        containment = containment_from_args(args)
+    except ContainmentError as e:
+        raise OpError(str(e)) from None
     command = args.get("command")
     if not isinstance(command, list) or not command or \
             not all(isinstance(c, str) for c in command):
         raise OpError("service create needs a command after --")
     spec = {"networks": nets, "command": command, "env": env, "constraints": list(constraints),
+            "containment": containment.to_value(),
             "max_per_node": mpn, "restart": {"condition": cond, "delay": 1.0,
                                                "max_attempts": int(args.get("max_attempts") or 0),
                                                "backoff": 2.0}}
@@ -244,7 +253,8 @@ class Services:
         await self.state.put(TASKS, self._task_key(task), {
             "task": task.name, "service": task.service, "slot": task.slot, "node": self.node,
             "state": task.state, "ip": task.ip, "exit_code": task.exit_code,
-            "restarts": task.restarts})
+            "restarts": task.restarts,
+            **(task.containment.summary() if task.containment is not None else {})})
 
     def _log_path(self, task_name: str) -> Path:
         return self.log_dir / f"{task_name}.log"
@@ -276,20 +286,28 @@ class Services:
 
     async def _run_once(self, task: Task) -> int:
         spec = task.spec
+        logf = _CappedLog(self._log_path(task.name))
+        try:
+            # The spec came through the store: check it here, where it would run.
+            task.containment = containment_from_value(spec.get("containment"))
+            env = parse_env([f"{k}={v}" for k, v in dict(spec.get("env") or {}).items()])
+        except (ContainmentError, TypeError, ValueError) as e:
+            return self._start_failed(task, logf, str(e))
         network = spec["networks"][0]
         handle = await self.sandboxes.create(network, task.name, service=task.service,
                                              slot=task.slot, publish=False)
         task.handle = handle
         task.ip = handle.ip
         try:
-            env = self.sandboxes.task_env(handle)
-            env.update(spec.get("env") or {})
-            logf = _CappedLog(self._log_path(task.name))
-            task.proc = await asyncio.create_subprocess_exec(
-                *sandbox_command(handle.ns, spec["command"]), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True, env=env)
+            try:
+                task.proc = await self.sandboxes.launch(
+                    handle, list(spec["command"]), task.containment, spec_env=env,
+                    meta={"MESHNET_SERVICE": task.service, "MESHNET_SLOT": str(task.slot)},
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            except LaunchFailure as e:
+                return self._start_failed(task, logf, str(e))
             task.state = "running"
+            handle.value["containment"] = task.containment.summary()
             await self.sandboxes.publish(handle)  # the name resolves only while it runs
             await self._publish(task)
             log.info("task %s running", task.name, extra={"fields": {"ip": task.ip}})
@@ -297,12 +315,17 @@ class Services:
             while chunk := await task.proc.stdout.read(65536):
                 logf.write(chunk)
             code = await task.proc.wait()
-            logf.close()
             return code if code >= 0 else 128 - code
-        except FileNotFoundError as e:
-            raise OpError(f"cannot start {spec['command'][0]}: {e}") from None
         finally:
+            logf.close()
             await run_to_end(self._teardown(task, handle))
+
+    def _start_failed(self, task: Task, logf: _CappedLog, why: str) -> int:
+        """The task cannot start as specified on this host: say so in its log, and fail it."""
+        log.warning("task %s cannot start: %s", task.name, why)
+        logf.write(f"meshnet: task could not be started: {why}\n".encode())
+        logf.close()
+        return START_FAILED
 
     async def _teardown(self, task: Task, handle: SandboxHandle) -> None:
         """Stop the task's process, then remove its sandbox; runs to its end even when the

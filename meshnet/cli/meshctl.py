@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a one-off command in a sandbox on a network")
     r.add_argument("--network", required=True)
     r.add_argument("--name")
+    r.add_argument("--env", action="append", default=[], metavar="K=V")
+    add_containment_flags(r)
 
     svc = sub.add_parser("service", help="services").add_subparsers(
         dest="svc_cmd", required=True, parser_class=Parser)
@@ -128,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--max-per-node", type=int)
     sc.add_argument("--restart-condition", choices=("none", "on-failure", "any"))
     sc.add_argument("--env", action="append", default=[], metavar="K=V")
+    add_containment_flags(sc)
     svc.add_parser("scale").add_argument("scales", nargs="+", metavar="NAME=N")
     svc.add_parser("ls")
     for verb in ("ps", "inspect", "rm", "logs"):
@@ -140,6 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("--network")
     lk.add_argument("--type", default="A", choices=("A", "SRV", "PTR"))
     return p
+
+
+def add_containment_flags(p: argparse.ArgumentParser) -> None:
+    """docker service create's spelling of a task's privileges and limits."""
+    p.add_argument("--cap-add", action="append", default=[], metavar="CAP",
+                   help="add a capability to Docker's default set (ALL: every one)")
+    p.add_argument("--cap-drop", action="append", default=[], metavar="CAP",
+                   help="drop a capability from Docker's default set (ALL: every one)")
+    p.add_argument("--user", metavar="UID[:GID]", help="run the command as this user")
+    p.add_argument("--limit-memory", metavar="BYTES", help="memory limit, e.g. 256M")
+    p.add_argument("--limit-cpu", metavar="CPUS", help="CPU limit, e.g. 0.5")
+    p.add_argument("--limit-pids", metavar="N", help="most processes and threads at once")
+    p.add_argument("--mount", action="append", default=[], metavar="SPEC",
+                   help="type=bind,source=PATH,target=PATH[,readonly]")
+
+
+def containment_args(ns: argparse.Namespace) -> dict[str, Any]:
+    return {"cap_add": ns.cap_add, "cap_drop": ns.cap_drop, "user": ns.user,
+            "limit_memory": ns.limit_memory, "limit_cpu": ns.limit_cpu,
+            "limit_pids": ns.limit_pids, "mounts": ns.mount}
 
 
 def _command(words: list[str]) -> list[str]:
@@ -166,8 +189,8 @@ def to_request(ns: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
         args = {k: getattr(ns, k, None) for k in ("name", "ip", "network", "service")}
         return f"endpoint {ns.ep_cmd}", f"endpoint.{ns.ep_cmd}", args
     if cmd == "run":
-        return "run", "run", {"network": ns.network, "name": ns.name,
-                              "command": _command(ns.command)}
+        return "run", "run", {"network": ns.network, "name": ns.name, "env": ns.env,
+                              **containment_args(ns), "command": _command(ns.command)}
     if cmd == "service":
         verb = ns.svc_cmd
         if verb == "create":
@@ -177,7 +200,7 @@ def to_request(ns: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
                 "name": ns.name, "networks": ns.network, "replicas": ns.replicas,
                 "mode": ns.mode or "replicated", "constraints": ns.constraint,
                 "max_per_node": ns.max_per_node, "restart_condition": ns.restart_condition,
-                "env": ns.env, "command": _command(ns.command)}
+                "env": ns.env, **containment_args(ns), "command": _command(ns.command)}
         if verb == "scale":
             scales: dict[str, int] = {}
             for item in ns.scales:

@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vxlan (default) or none: control plane only, no kernel devices")
     p.add_argument("--sandbox-prefix", metavar="PREFIX",
                    help="name sandbox namespaces PREFIX-<node>-<name> (default mns)")
+    p.add_argument("--task-hidden-path", metavar="PATH", action="append",
+                   dest="task_hidden_paths",
+                   help="a host path no task may see (repeatable; the agent's own state, "
+                        "socket, config and key are always hidden)")
     p.add_argument("--dns-ttl", type=int, metavar="SECONDS")
     p.add_argument("--profile", choices=configmod.PROFILES, help="membership timings")
     p.add_argument("--rekey-after", type=float, metavar="SECONDS", dest="rekey_after_s",
@@ -65,6 +69,8 @@ def flag_overrides(ns: argparse.Namespace) -> dict[str, Any]:
         out["join"] = [a for item in ns.join for a in item.split(",") if a]
     if ns.dns_listen:
         out["dns_listen"] = list(ns.dns_listen)
+    if ns.task_hidden_paths:
+        out["task_hidden_paths"] = list(ns.task_hidden_paths)
     if ns.dns_upstream:
         out["dns_upstreams"] = [a for a in ns.dns_upstream if a != "none"]
     if ns.label:

@@ -39,13 +39,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from meshnet.fsutil import atomic_write
-from meshnet.platform import netns
+from meshnet.platform import cgroups, netns
 from meshnet.platform.netns import NetnsError
 from meshnet.platform.sandbox import processes_with_env
 
 DEFAULT_PREFIX = "mnlab"
-# Set to the lab's prefix in every agent's environment; their tasks inherit it, so down() finds
-# every process the lab caused, even one in a namespace whose name is gone.
+# Set to the lab's prefix in every agent's environment, so down() finds every agent the lab
+# started (tasks never inherit it: they are found through their cgroups).
 LAB_ENV = "MESHNET_LAB"
 RUN_BASE = Path("/run/meshnet-lab")
 UNDERLAY_NET = ipaddress.IPv4Network("10.99.0.0/24")
@@ -231,6 +231,11 @@ class Lab:
     @property
     def sandbox_prefix(self) -> str:
         return f"{self.prefix}-s"
+
+    @property
+    def cgroup_prefix(self) -> str:
+        """Every agent's task cgroups live under meshnet-<sandbox prefix>-<host>."""
+        return f"meshnet-{self.sandbox_prefix}-"
 
     @property
     def underlay_ns(self) -> str:
@@ -579,10 +584,16 @@ class Lab:
                 proc.poll()
         self._procs.clear()
 
-        # 2. Anything else still living inside our namespaces, or started by our agents (their
-        #    tasks inherit LAB_ENV; a sandbox whose name died with its agent's mount namespace
-        #    is found only that way), then the namespaces themselves (their links, the bridge
-        #    and the veths, and their nft tables go with them).
+        # 2. Tasks of agents that died without stopping them: every process in our agents'
+        #    task cgroups (a sandbox whose name died with its agent's mount namespace is found
+        #    only that way), and the cgroups themselves.
+        stuck_cgroups = cgroups.sweep(cgroups.find_parents(self.cgroup_prefix))
+        if stuck_cgroups:
+            errors.append(f"task cgroups {stuck_cgroups} could not be emptied")
+
+        # 3. Anything else still living inside our namespaces, or carrying LAB_ENV, then the
+        #    namespaces themselves (their links, the bridge and the veths, and their nft tables
+        #    go with them).
         names = set(self._our_namespaces())
         if m:
             names.update(n for n in m.get("namespaces", []) if netns.exists(n))
@@ -604,7 +615,7 @@ class Lab:
                 errors.append(str(e))
             shutil.rmtree(Path("/etc/netns") / n, ignore_errors=True)  # a sandbox's resolv.conf
 
-        # 3. Links recorded outside any namespace of ours (none today; kept for safety).
+        # 4. Links recorded outside any namespace of ours (none today; kept for safety).
         for link in m.get("links", []) if m else []:
             if link.get("ns") is None:
                 res = netns.ip("link", "del", str(link["name"]), check=False)

@@ -91,61 +91,36 @@ def list_sandboxes(prefix: str) -> list[str]:
     return nsfd.list_netns(prefix)
 
 
-# Every task process carries these (agent/sandboxes.py task_env): who started it, and in which
-# sandbox. They let a restarted agent find its old tasks when the sandboxes' names are gone.
-NODE_ENV = "MESHNET_NODE"
-SANDBOX_ENV = "MESHNET_SANDBOX"
-
-
-def _environ(pid: str) -> list[bytes]:
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        return f.read().split(b"\0")
-
-
 def processes_with_env(marker: str) -> list[int]:
-    """Processes whose (initial) environment holds the exact entry MARKER ("NAME=value")."""
+    """Processes whose (initial) environment holds the exact entry MARKER ("NAME=value").
+    Agents carry the lab's marker; tasks carry nothing of the agent's environment (they are
+    found through their cgroups, platform/cgroups.py)."""
     want = marker.encode()
     found = []
-    for pid in _other_pids():
-        with contextlib.suppress(OSError):
-            if want in _environ(pid):
+    me = str(os.getpid())
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or pid == me:
+            continue
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/environ", "rb") as f:
+            if want in f.read().split(b"\0"):
                 found.append(int(pid))
     return found
 
 
-def _other_pids() -> list[str]:
-    """Every process's /proc entry but our own."""
-    me = str(os.getpid())
-    return [p for p in os.listdir("/proc") if p.isdigit() and p != me]
+def etc_files(ns_name: str) -> dict[str, str]:
+    """/etc files a task of sandbox NS_NAME sees, and where their content lives on the host."""
+    base = NETNS_ETC / nsfd.check_name(ns_name)
+    return {f"/etc/{n}": str(base / n) for n in ("resolv.conf", "hosts", "hostname")}
 
 
-def leftover_task_processes(node: str, prefix: str) -> list[int]:
-    """Processes of the sandboxes (names starting with PREFIX) that an earlier run of NODE's
-    agent started: every process whose environment says so, and every other process in a
-    network namespace one of those is in (a child may have cleared its environment).
-
-    Found through /proc, not by namespace name: under systemd's ProtectSystem the agent has a
-    private mount namespace, so the names it bound under /run/netns die with it, while the
-    namespaces live on in their processes (see systemd/meshnet.service)."""
-    own = os.stat("/proc/self/ns/net")
-    own_ns = (own.st_dev, own.st_ino)
-    node_entry = f"{NODE_ENV}={node}".encode()
-    sandbox_entry = f"{SANDBOX_ENV}={prefix}".encode()
-    ns_of: dict[int, tuple[int, int]] = {}
-    ours: set[tuple[int, int]] = set()
-    for pid in _other_pids():
-        try:
-            st = os.stat(f"/proc/{pid}/ns/net")
-            ns = (st.st_dev, st.st_ino)
-            if ns == own_ns:
-                continue  # the host's own namespace: never a sandbox
-            ns_of[int(pid)] = ns
-            env = _environ(pid)
-        except OSError:
-            continue  # gone, or a kernel thread
-        if node_entry in env and any(e.startswith(sandbox_entry) for e in env):
-            ours.add(ns)
-    return sorted(pid for pid, ns in ns_of.items() if ns in ours)
+async def write_identity(ns_name: str, hostname: str, ip: str) -> None:
+    """/etc/netns/NS_NAME/{hosts,hostname}: the task's name resolves to its own address, as in
+    a Docker container."""
+    base = NETNS_ETC / nsfd.check_name(ns_name)
+    hosts = (f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+             f"{ip}\t{hostname}\n")
+    await asyncio.to_thread(_write_text, base / "hosts", hosts)
+    await asyncio.to_thread(_write_text, base / "hostname", hostname + "\n")
 
 
 def sandbox_command(ns_name: str, argv: Sequence[str]) -> list[str]:
