@@ -10,11 +10,15 @@ extras="${1:-test,dev}"
 declare -A need=(
   [ip]=iproute2 [nft]=nftables [iperf3]=iperf3 [dnsperf]=dnsperf [dnsmasq]=dnsmasq-base
   [tcpdump]=tcpdump [ping]=iputils-ping [systemd-analyze]=systemd [pgrep]=procps
+  [tini]=tini [setpriv]=util-linux
 )
 missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${need[$cmd]}")
 done
+# Tasks see the host's root file system, read-only: the lab's demo workloads and the tests run
+# Debian's /usr/bin/python3 inside them (a pyenv or venv interpreter may be hidden from tasks).
+[ -x /usr/bin/python3 ] || missing+=(python3-minimal)
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "bootstrap: missing Debian packages (${missing[*]}); run as root to install them" >&2

@@ -333,6 +333,49 @@ def from_args(args: Mapping[str, Any]) -> Containment:
     }.items() if v is not None})
 
 
+def summary_view(value: object) -> dict[str, Any]:
+    """The well-typed part of a summary() another node published (endpoints, task rows), for
+    display: a peer's odd value is left out, never passed on to `meshctl --json`."""
+    if not isinstance(value, Mapping):
+        return {}
+    out: dict[str, Any] = {}
+    user, caps, limits = value.get("user"), value.get("capabilities"), value.get("limits")
+    if isinstance(user, str):
+        out["user"] = user
+    if isinstance(caps, list) and all(isinstance(c, str) for c in caps):
+        out["capabilities"] = list(caps)
+    if isinstance(limits, Mapping) and all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in limits.items()):
+        out["limits"] = dict(limits)
+    return out
+
+
+def describe_caps(caps: Iterable[str]) -> str:
+    """Capabilities as a difference from Docker's default set: "default",
+    "default+NET_ADMIN-NET_RAW", "none"."""
+    have = set(caps)
+    if not have:
+        return "none"
+    added = sorted(have - DEFAULT_CAPS)
+    dropped = sorted(DEFAULT_CAPS - have)
+    return "default" + "".join(f"+{c}" for c in added) + "".join(f"-{c}" for c in dropped)
+
+
+def describe_limits(limits: Mapping[str, Any]) -> str:
+    """{"memory": 67108864, "cpus": 0.5} -> "memory=64M cpus=0.5"; none -> "-"."""
+    parts = []
+    for key in ("memory", "cpus", "pids"):
+        v = limits.get(key)
+        if v is None:
+            continue
+        if key == "memory" and isinstance(v, int):
+            unit = next((u for u in "gmk" if v % _UNITS[u] == 0), "")
+            v = f"{v // _UNITS[unit]}{unit.upper()}" if unit else v
+        parts.append(f"{key}={v}")
+    return " ".join(parts) or "-"
+
+
 def task_hostname(name: str) -> str:
     """The task's hostname: its name, cut to one DNS label with a hash suffix if too long."""
     if len(name) <= MAX_HOSTNAME:

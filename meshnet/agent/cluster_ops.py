@@ -8,6 +8,7 @@ from typing import Any
 
 from meshnet.agent.control import Handler, OpError, SendEvent
 from meshnet.agent.state_service import StateService
+from meshnet.containment import summary_view
 from meshnet.dns import Resolver, TaskRecord
 from meshnet.state import Network
 from meshnet.state.networks import (
@@ -24,8 +25,11 @@ from meshnet.state.tables import ENDPOINTS, NETWORKS, Endpoint, endpoint_key
 
 
 def endpoint_json(ep: Endpoint) -> dict[str, Any]:
-    return {"name": ep.name, "ip": ep.ip, "mac": ep.mac, "node": ep.node, "service": ep.service,
-            "slot": ep.slot, "network": ep.network}
+    doc = {"name": ep.name, "ip": ep.ip, "mac": ep.mac, "node": ep.node, "service": ep.service,
+           "slot": ep.slot, "network": ep.network}
+    # A task's user, capabilities and limits, as the node running it published them.
+    doc.update(summary_view(ep.extra.get("containment")))
+    return doc
 
 
 class ClusterOps:

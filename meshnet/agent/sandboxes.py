@@ -361,12 +361,15 @@ class Sandboxes:
             spec_env = parse_env(args.get("env"))
         except ContainmentError as e:
             raise OpError(str(e)) from None
-        handle = await self.create(str(args.get("network")), args.get("name") or None)
+        handle = await self.create(str(args.get("network")), args.get("name") or None,
+                                   publish=False)
         proc: asyncio.subprocess.Process | None = None
         try:
             proc = await self.launch(handle, command, containment, spec_env=spec_env, meta={},
                                      stdout=asyncio.subprocess.PIPE,
                                      stderr=asyncio.subprocess.PIPE)
+            handle.value["containment"] = containment.summary()
+            await self.publish(handle)  # the name resolves once the command runs
             assert proc.stdout is not None and proc.stderr is not None
             await asyncio.gather(_pump(proc.stdout, "stdout", send),
                                  _pump(proc.stderr, "stderr", send))

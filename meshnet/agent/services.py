@@ -32,7 +32,7 @@ from meshnet.agent.sandboxes import (
 )
 from meshnet.agent.state_service import StateService
 from meshnet.aioutil import run_to_end
-from meshnet.containment import Containment, ContainmentError
+from meshnet.containment import Containment, ContainmentError, summary_view
 from meshnet.containment import from_args as containment_from_args
 from meshnet.containment import from_value as containment_from_value
 from meshnet.crypto.keyring import KeyringError
@@ -389,13 +389,16 @@ class Services:
         self.kick()
         return out
 
-    def _task_rows(self, service: str | None = None) -> list[dict[str, Any]]:
+    def _task_rows(self, service: str | None = None,
+                   detail: bool = False) -> list[dict[str, Any]]:
+        keys: tuple[str, ...] = ("task", "service", "slot", "node", "state", "ip", "restarts",
+                                 "exit_code")
+        if detail:
+            keys += ("user", "capabilities", "limits")
         rows = []
         for data in self.store.view(TASKS).values():
             if service is None or data.get("service") == service:
-                rows.append({k: data.get(k) for k in
-                             ("task", "service", "slot", "node", "state", "ip", "restarts",
-                              "exit_code")})
+                rows.append({k: data.get(k) for k in keys})
         return sorted(rows, key=lambda r: (str(r["service"]), int(r["slot"] or 0)))
 
     def _service_json(self, svc: Service) -> dict[str, Any]:
@@ -407,7 +410,8 @@ class Services:
                 "networks": spec.get("networks"), "command": spec.get("command"),
                 "constraints": spec.get("constraints"), "max_per_node": spec.get("max_per_node"),
                 "restart": spec.get("restart"), "env": spec.get("env"),
-                "placement": {str(k): v for k, v in sorted(placed.items())}}
+                "placement": {str(k): v for k, v in sorted(placed.items())},
+                "containment": _containment_json(spec.get("containment"))}
 
     async def op_ls(self, args: dict[str, Any], send: SendEvent) -> Any:
         out = []
@@ -430,7 +434,13 @@ class Services:
         return sorted(rows, key=lambda r: int(r["slot"]))
 
     async def op_inspect(self, args: dict[str, Any], send: SendEvent) -> Any:
-        return self._service_json(self._service(args))
+        """The service, and each task as the node that runs it reports it: where, its state,
+        and the user, capabilities and limits it runs with."""
+        svc = self._service(args)
+        doc = self._service_json(svc)
+        doc["tasks"] = [{**{k: r.get(k) for k in ("task", "node", "state", "ip")},
+                         **summary_view(r)} for r in self._task_rows(svc.name, detail=True)]
+        return doc
 
     async def op_rm(self, args: dict[str, Any], send: SendEvent) -> Any:
         svc = self._service(args)
@@ -481,6 +491,14 @@ class Services:
             if lines:
                 await send({"stream": "stdout", "data": lines})
         return {"service": svc.name, "tasks": sorted(logs)}
+
+
+def _containment_json(value: object) -> dict[str, Any] | str:
+    """The spec's containment as inspect shows it; a spec this agent cannot read says why."""
+    try:
+        return containment_from_value(value).summary()
+    except ContainmentError as e:
+        return f"invalid: {e}"
 
 
 class _CappedLog:

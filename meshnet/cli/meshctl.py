@@ -14,6 +14,7 @@ from typing import Any
 
 from meshnet import api
 from meshnet.config import DEFAULT_SOCKET
+from meshnet.containment import describe_caps, describe_limits
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_AGENT = 0, 1, 2, 3
 # Streaming ops (run, logs) may wait on a long-running task; plain ops answer quickly.
@@ -228,6 +229,19 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def _containment_rows(rows: list[Any]) -> list[dict[str, Any]]:
+    """Rows with a task's capabilities and limits in short form (JSON keeps the lists)."""
+    out = []
+    for r in rows:
+        if not isinstance(r, dict):
+            continue
+        caps = r.get("capabilities")
+        limits = r.get("limits")
+        out.append({**r, "caps": describe_caps(caps) if isinstance(caps, list) else None,
+                    "limits": describe_limits(limits) if isinstance(limits, dict) else None})
+    return out
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return "-"
@@ -259,9 +273,25 @@ def render(name: str, result: Any) -> str:
         return "\n".join(out)
     if name == "dns lookup" and isinstance(result, dict):
         return "\n".join(map(str, result.get("answers", [])))
+    if name == "service inspect" and isinstance(result, dict):
+        lines = [f"{k}: {_cell(v)}" for k, v in result.items()
+                 if k not in ("containment", "tasks", "command")]
+        lines.append("command: " + " ".join(map(str, result.get("command") or [])))
+        c = result.get("containment")
+        if isinstance(c, dict):
+            lines += [f"user: {c.get('user')}",
+                      f"capabilities: {describe_caps(c.get('capabilities') or [])}",
+                      f"limits: {describe_limits(c.get('limits') or {})}",
+                      f"mounts: {_cell(c.get('mounts'))}"]
+        elif c is not None:
+            lines.append(f"containment: {c}")
+        lines += ["tasks:", table(_containment_rows(result.get("tasks") or []),
+                                  ["task", "node", "state", "ip", "user", "caps", "limits"])]
+        return "\n".join(lines)
     if name == "network inspect" and isinstance(result, dict):
         head = [f"{k}: {_cell(result.get(k))}" for k in ("name", "vni", "subnet", "encrypted")]
-        eps = table(result.get("endpoints", []), ["name", "ip", "mac", "node", "service"])
+        eps = table(_containment_rows(result.get("endpoints", [])),
+                    ["name", "ip", "mac", "node", "service", "user", "caps", "limits"])
         lines = [*head, "endpoints:", eps]
         if isinstance(result.get("peers"), list):  # an encrypted network's key state per peer
             rows = [{**p, "drops": " ".join(f"{k}={v}" for k, v in (p.get("drops") or {}).items()

@@ -1,11 +1,15 @@
 """The lab's demo workloads: a tiny HTTP server that names itself, and a client.
 
-    python -m meshnet.lab.demo_http serve [--port 8080] [--name NAME]
-    python -m meshnet.lab.demo_http get URL [--tries N]
-    python -m meshnet.lab.demo_http front --backend URL [--port 8080] [--name NAME]
+    python3 demo_http.py serve [--port 8080] [--name NAME]
+    python3 demo_http.py get URL [--tries N]
+    python3 demo_http.py front --backend URL [--port 8080] [--name NAME]
 
 `serve` answers every GET with "NAME on HOST". `front` answers with its own name plus what it
 got from the backend, which is how the lab shows a frontend reaching a backend by name.
+
+It uses only the standard library: a contained task runs it with the host's python3 (tasks see
+the host's root file system, read-only) from this directory, bound into the task read-only
+(TASK_MOUNT), as `docker run -v DIR:DIR:ro` would. Nothing else of meshnet is visible to it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ import time
 import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+DEMO_DIR = os.path.dirname(os.path.abspath(__file__))
+# meshctl flags and command that run this file inside a task (see the module's docstring).
+TASK_MOUNT = ["--mount", f"type=bind,source={DEMO_DIR},target={DEMO_DIR},readonly"]
+TASK_ARGV = ["python3", os.path.join(DEMO_DIR, "demo_http.py")]
 
 
 def _host() -> str:

@@ -17,14 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from meshnet.lab.demo_http import TASK_ARGV as DEMO
+from meshnet.lab.demo_http import TASK_MOUNT
 from meshnet.lab.lab import Lab, LabError
 
 # lan-fast timings keep the walkthrough short; the LAN defaults are for real hosts.
 PROFILE = "lan-fast"
 CONVERGE_TIMEOUT_S = 30.0
 MESHCTL = str(Path(sys.executable).parent / "meshctl")
-# The demo workloads run with this interpreter inside the sandboxes.
-DEMO = [sys.executable, "-m", "meshnet.lab.demo_http"]
 
 
 class StepFailed(Exception):
@@ -125,19 +125,24 @@ def run(hosts: int) -> None:
                    CONVERGE_TIMEOUT_S, "appnet on every host")
         show(lab, names[-1], "network", "ls")
 
-        step(4, "docker service create --name backend --network appnet --replicas 2 web",
-             "meshctl service create backend --network appnet --replicas 2 -- demo HTTP server")
+        step(4, "docker service create --name backend --network appnet --replicas 2 "
+                "--limit-memory 128M web",
+             "meshctl service create backend --network appnet --replicas 2 --limit-memory 128M "
+             "-- demo HTTP server (contained: own namespaces, Docker's capabilities, a cgroup)")
         show(lab, names[0], "service", "create", "backend", "--network", "appnet",
-             "--replicas", "2", "--", *DEMO, "serve")
+             "--replicas", "2", "--limit-memory", "128M", "--limit-pids", "200", *TASK_MOUNT,
+             "--", *DEMO, "serve")
 
         step(5, "docker service create --name frontend --network appnet --replicas 3 front",
              "meshctl service create frontend ... -- demo frontend calling http://backend:8080/")
         show(lab, names[1], "service", "create", "frontend", "--network", "appnet",
-             "--replicas", "3", "--", *DEMO, "front", "--backend", "http://backend:8080/")
+             "--replicas", "3", *TASK_MOUNT, "--", *DEMO, "front", "--backend",
+             "http://backend:8080/")
         wait_running(lab, names, {"backend": 2, "frontend": 3})
         show(lab, names[2], "service", "ls")
         show(lab, names[0], "service", "ps", "backend")
         show(lab, names[0], "service", "ps", "frontend")
+        show(lab, names[0], "service", "inspect", "backend")
 
         step(6, "docker service scale backend=3 frontend=4",
              "meshctl service scale backend=3 frontend=4 (placement by hashing, no leader)")
@@ -155,8 +160,8 @@ def run(hosts: int) -> None:
         step(8, "docker run --rm --network appnet probe curl http://frontend:8080  (x6)",
              "meshctl run --network appnet -- GET http://frontend:8080/ (answers across hosts)")
         script = "; ".join([" ".join([*DEMO, "get", "http://frontend:8080/"])] * 6)
-        r = lab.ctl(names[0], ["run", "--network", "appnet", "--name", "probe", "--", "sh",
-                               "-c", script], capture_output=True, timeout=120)
+        r = lab.ctl(names[0], ["run", "--network", "appnet", "--name", "probe", *TASK_MOUNT,
+                               "--", "sh", "-c", script], capture_output=True, timeout=120)
         say(f"\n[{names[0]}] $ meshctl run --network appnet -- GET http://frontend:8080/ (x6)")
         say((r.stdout + r.stderr).rstrip())
         lines = [ln for ln in r.stdout.splitlines() if ln.startswith("frontend.")]
@@ -173,7 +178,12 @@ def run(hosts: int) -> None:
         show(lab, names[0], "service", "rm", "backend")
         wait_until(lambda: not ctl_json(lab, names[0], "network", "inspect", "appnet")[
             "endpoints"], CONVERGE_TIMEOUT_S, "every task to stop")
-        show(lab, names[0], "network", "rm", "appnet")
+        # A task that was still starting somewhere (its address claimed, not yet published)
+        # holds the network until its agent has torn it down, as a container does in Docker.
+        wait_until(lambda: lab.ctl(names[0], ["network", "rm", "appnet"], capture_output=True,
+                                   timeout=20).returncode == 0,
+                   CONVERGE_TIMEOUT_S, "appnet to be free of tasks")
+        say(f"\n[{names[0]}] $ meshctl network rm appnet\nremoved: appnet")
         say("\nlab: every step passed")
     finally:
         for p in procs:

@@ -331,7 +331,7 @@ class Cgroups:
 
     def leftovers(self) -> list[TaskCgroup]:
         """Task cgroups under our parents (a previous run's, after a crash)."""
-        return list(_children(self.parents.values()).values())
+        return list(task_cgroups(self.parents.values()).values())
 
     def close(self) -> None:
         """Remove our (empty) parents."""
@@ -345,7 +345,8 @@ class Cgroups:
                 "problems": list(self.problems)}
 
 
-def _children(parents: Iterable[Path]) -> dict[str, TaskCgroup]:
+def task_cgroups(parents: Iterable[Path]) -> dict[str, TaskCgroup]:
+    """The task cgroups under PARENTS, by name (one TaskCgroup spans every hierarchy)."""
     by_name: dict[str, list[Path]] = {}
     for parent in parents:
         with contextlib.suppress(OSError):
@@ -380,7 +381,7 @@ def find_parents(name_prefix: str, max_depth: int = FIND_DEPTH) -> list[Path]:
 def sweep(parents: list[Path]) -> list[str]:
     """Kill and remove every task cgroup under PARENTS, then PARENTS; the ones left over."""
     helper = Cgroups([], "")
-    stuck = [cg.name for cg in _children(parents).values() if not helper.destroy(cg)]
+    stuck = [cg.name for cg in task_cgroups(parents).values() if not helper.destroy(cg)]
     for p in parents:
         with contextlib.suppress(OSError):
             p.rmdir()

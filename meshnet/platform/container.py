@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshnet.containment import Containment, Mount, overlaps
+from meshnet.containment import CAP_NUMBERS, Containment, Mount, overlaps
 from meshnet.platform.nsfd import PlatformError
 
 LAUNCHER = Path(__file__).with_name("launch.py")
@@ -145,6 +145,7 @@ def build_plan(*, netns_path: str, hostname: str, etc_files: Mapping[str, str],
         "mounts": [m.to_value() for m in containment.mounts],
         "hidden": list(hidden),
         "caps": sorted(containment.caps),
+        "cap_bits": {c: CAP_NUMBERS[c] for c in sorted(containment.caps)},
         "user": user,
         "env": dict(env),
         "argv": list(argv),

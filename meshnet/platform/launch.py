@@ -202,7 +202,21 @@ def _etc_file(target: str, source: str) -> None:
     _setattr(real, MOUNT_ATTR_RDONLY, recursive=False)
 
 
+def _open_sources(plan: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """Hold each bind source open (O_PATH) before /tmp and /run are replaced: a source may lie
+    there on the host, and is bound later through /proc/self/fd."""
+    opened = []
+    for m in plan.get("mounts", []):
+        try:
+            fd = os.open(m["source"], os.O_PATH | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise LaunchError(f"mount source {m['source']} does not exist on this host") from None
+        opened.append((fd, m))
+    return opened
+
+
 def build_filesystem(plan: dict[str, Any]) -> None:
+    sources = _open_sources(plan)
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we do leaks back to the host
     # nosuid: no set-user-ID bit or file capability grants anything (no_new_privs says the
     # same), and a binary with file capabilities still runs when the task lacks them.
@@ -216,12 +230,10 @@ def build_filesystem(plan: dict[str, Any]) -> None:
     _tmpfs("/run", MS_NOSUID | MS_NODEV, "size=64m,mode=755")
     for target, source in plan.get("etc", {}).items():
         _etc_file(target, source)
-    for m in plan.get("mounts", []):
-        source, target = m["source"], m["target"]
-        if not os.path.exists(source):
-            raise LaunchError(f"mount source {source} does not exist on this host")
-        _make_mountpoint(target, os.path.isdir(source))
-        _bind(source, target, bool(m.get("readonly")))
+    for fd, m in sources:
+        _make_mountpoint(m["target"], stat.S_ISDIR(os.fstat(fd).st_mode))
+        _bind(f"/proc/self/fd/{fd}", m["target"], bool(m.get("readonly")))
+        os.close(fd)
     for path in (*MASKED, *plan.get("hidden", [])):
         _mask(path)
     for path in READONLY:
@@ -259,7 +271,21 @@ def child(plan: dict[str, Any]) -> None:
     os.execve(argv[0], argv, plan["env"])
 
 
+def check_ceiling(plan: dict[str, Any]) -> None:
+    """Every capability the task is to have must be in our bounding set (under systemd, the
+    unit's CapabilityBoundingSet): setpriv can only drop, so say which one is out of reach
+    instead of starting the task without it."""
+    with open("/proc/self/status") as f:
+        bounding = next(int(line.split()[1], 16) for line in f if line.startswith("CapBnd:"))
+    missing = [name for name, bit in sorted(plan["cap_bits"].items())
+               if not bounding >> bit & 1]
+    if missing:
+        raise LaunchError(f"capabilities {', '.join(missing)} are outside the agent's "
+                          "bounding set (its systemd unit's CapabilityBoundingSet)")
+
+
 def parent(plan: dict[str, Any]) -> int:
+    check_ceiling(plan)
     fd = os.open(plan["netns"], os.O_RDONLY | os.O_CLOEXEC)
     try:
         _check(_libc.setns(fd, CLONE_NEWNET), f"join network namespace {plan['netns']}")

@@ -23,7 +23,7 @@ import pytest
 
 from meshnet.lab import Lab
 from meshnet.lab.lab import RUN_BASE
-from meshnet.platform import nsfd
+from meshnet.platform import cgroups, nsfd
 
 _counter = itertools.count(1)
 
@@ -81,8 +81,16 @@ def lab_factory() -> Iterator[LabFactory]:
 MESHCTL = str(Path(sys.executable).parent / "meshctl")
 
 
-PY = sys.executable
+# Tasks see the host's root file system read-only and nothing of the agent, the lab or the
+# tests' temporary files: they run Debian's python3 (a venv may live where tasks can't see it),
+# and a test that shares files with a task binds them in (ro_mount).
+PY = "python3"
 SERVE = [PY, "-m", "http.server", "8080", "--bind", "0.0.0.0", "--directory", "/"]
+
+
+def ro_mount(path: str | os.PathLike[str]) -> list[str]:
+    """meshctl flags that show the host's PATH to a task, read-only, at the same path."""
+    return ["--mount", f"type=bind,source={path},target={path},readonly"]
 
 
 def wait(cond: Callable[[], Any], timeout: float, what: str | Callable[[], str]) -> Any:
@@ -126,9 +134,11 @@ class Cluster:
         self.procs.append(p)
         return p
 
-    def serve(self, host: str, network: str, name: str) -> str:
-        """A long-running HTTP server sandbox; returns its IP once it is published."""
-        self.background(host, "run", "--network", network, "--name", name, "--", *SERVE)
+    def serve(self, host: str, network: str, name: str, *flags: str) -> str:
+        """A long-running HTTP server sandbox (FLAGS go to `run`); returns its IP once it is
+        published."""
+        self.background(host, "run", "--network", network, "--name", name, *flags, "--",
+                        *SERVE)
         return str(wait(lambda: self.endpoint_ip(host, network, name), 20, f"{name} up"))
 
     def endpoint_ip(self, host: str, network: str, name: str) -> str | None:
@@ -140,9 +150,9 @@ class Cluster:
                 return str(ep["ip"])
         return None
 
-    def probe(self, host: str, network: str, script: str,
+    def probe(self, host: str, network: str, script: str, *flags: str,
               timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return self.ctl(host, "run", "--network", network, "--", "sh", "-c", script,
+        return self.ctl(host, "run", "--network", network, *flags, "--", "sh", "-c", script,
                         timeout=timeout)
 
     def close(self) -> None:
@@ -183,6 +193,13 @@ def cluster(lab_factory: LabFactory) -> Iterator[Callable[[int], Cluster]]:
     yield make
     for c in made:
         c.close()
+
+
+def task_trees(lab: Lab, host: str) -> dict[str, set[int]]:
+    """HOST's agent's task cgroups (named <task>-<hex>) and the processes in each, found the
+    way the agent and `lab down` find them."""
+    parents = cgroups.find_parents(f"{lab.cgroup_prefix}{host}")
+    return {name: cg.pids() for name, cg in cgroups.task_cgroups(parents).items()}
 
 
 def send_udp_from(ns: str, data: bytes, dst: tuple[str, int]) -> None:

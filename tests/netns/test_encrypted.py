@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Cluster, UnderlayCapture, send_udp_from, wait
+from conftest import PY, Cluster, UnderlayCapture, ro_mount, send_udp_from, wait
 
 from meshnet.agent.encdp import encrypted_overlay_mtu, frame_gso_max
 from meshnet.lab import Lab
@@ -24,7 +23,6 @@ from meshnet.platform import netns
 
 pytestmark = pytest.mark.netns
 
-PY = sys.executable
 PORT = 4790
 UNDERLAY_MTU = 1500
 MTU = encrypted_overlay_mtu(UNDERLAY_MTU)  # a sandbox's on an encrypted network
@@ -86,14 +84,14 @@ def test_encrypted_network_end_to_end(cluster, tmp_path: Path) -> None:  # type:
     net = c.network("sec", "--encrypted")
     assert net["encrypted"] is True
     marker = f"MESHNET-ENC-{os.urandom(6).hex()}-".encode()
-    www = Path(f"/tmp/{lab.prefix}-www")
+    www = tmp_path / "www"
     www.mkdir(exist_ok=True)
     try:
         (www / "m.txt").write_bytes(marker * 8000)  # ~200 KB: GSO super-frames, many records
         path = f"{www}/m.txt"
         cap = Capture(lab, tmp_path / "underlay.pcap")
         try:
-            ips = {h: c.serve(h, "sec", f"srv{h[1:]}") for h in hosts}
+            ips = {h: c.serve(h, "sec", f"srv{h[1:]}", *ro_mount(www)) for h in hosts}
             for src in hosts:
                 # MTU, and the GSO cap that keeps a super-frame to one UDP_SEGMENT send.
                 checks = [f"ip -o link show eth0 | grep -q 'mtu {MTU} '",
@@ -215,14 +213,13 @@ print("sent", n, "got", c.recv(100).decode(), flush=True)
 def test_tcp_stream_crosses_rekeys(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     c: Cluster = cluster(2, ("--rekey-after", "3", "--reject-after", "6"))
     c.network("rk", "--encrypted")
-    stop = Path(f"/tmp/{c.lab.prefix}-stop")
-    stop.unlink(missing_ok=True)
+    stop = tmp_path / "stop"
     try:
         server = c.background("h2", "run", "--network", "rk", "--name", "sink", "--",
                               PY, "-c", STREAM_SERVER)
         wait(lambda: c.endpoint_ip("h1", "rk", "sink"), 20, "sink published")
-        client = c.background("h1", "run", "--network", "rk", "--", PY, "-c", STREAM_CLIENT,
-                              "sink", str(stop))
+        client = c.background("h1", "run", "--network", "rk", *ro_mount(tmp_path), "--", PY,
+                              "-c", STREAM_CLIENT, "sink", str(stop))
         assert client.stdout is not None
         assert client.stdout.readline().strip() == "connected"
         start = peer(c, "h1", "rk", "h2")["rekeys"]

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import Cluster, wait
+from conftest import PY, Cluster, ro_mount, wait
 
 pytestmark = pytest.mark.netns
-
-PY = sys.executable
 
 
 def http_get(target: str) -> str:
@@ -68,16 +65,16 @@ def test_isolation_between_networks(cluster) -> None:  # type: ignore[no-untyped
     assert re.search(r"\b0 packets captured", err), err
 
 
-def test_ipam_race_200_sandboxes_on_one_24(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_ipam_race_200_sandboxes_on_one_24(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     c: Cluster = cluster(5)
     assert c.ctl("h1", "network", "create", "race", "--subnet", "10.50.0.0/24").returncode == 0
     wait(lambda: all(c.ctl(h, "network", "inspect", "race").returncode == 0
                      for h in ("h1", "h2", "h3", "h4", "h5")), 10, "network everywhere")
-    barrier = Path(f"/tmp/{c.lab.prefix}-go")  # all 200 hold their address until it exists
-    barrier.unlink(missing_ok=True)
+    barrier = tmp_path / "go"  # all 200 hold their address until it exists
     script = (f"ip -4 -o addr show eth0 | awk '{{print $4}}'; "
               f"while [ ! -e {barrier} ]; do sleep 0.2; done")
-    procs = [c.background(h, "run", "--network", "race", "--", "sh", "-c", script)
+    procs = [c.background(h, "run", "--network", "race", *ro_mount(tmp_path), "--", "sh",
+                          "-c", script)
              for _ in range(40) for h in ("h1", "h2", "h3", "h4", "h5")]
     try:
         outs = []

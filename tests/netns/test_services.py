@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import json
-import sys
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import Cluster, wait
+from conftest import Cluster, task_trees, wait
 
+from meshnet.lab.demo_http import TASK_ARGV as DEMO
+from meshnet.lab.demo_http import TASK_MOUNT
 from meshnet.lab.lab import LAB_ENV
+from meshnet.platform import netns
 from meshnet.platform.sandbox import processes_with_env
 
 pytestmark = pytest.mark.netns
-
-DEMO = [sys.executable, "-m", "meshnet.lab.demo_http"]
 
 
 def ps(c: Cluster, host: str, service: str) -> list[dict[str, Any]]:
@@ -31,7 +32,7 @@ def running(c: Cluster, host: str, service: str) -> dict[int, str]:
 
 
 def create(c: Cluster, host: str, name: str, *args: str) -> None:
-    r = c.ctl(host, "service", "create", name, *args)
+    r = c.ctl(host, "service", "create", name, *TASK_MOUNT, *args)
     assert r.returncode == 0, r.stderr
 
 
@@ -51,7 +52,7 @@ def test_practice_exercise_frontend_reaches_backend_by_name(
     assert len(nodes) >= 2
     answers = Counter()
     for _ in range(6):
-        r = c.probe("h1", "appnet", " ".join(DEMO) + " get http://frontend:8080/")
+        r = c.probe("h1", "appnet", " ".join(DEMO) + " get http://frontend:8080/", *TASK_MOUNT)
         assert r.returncode == 0, r.stdout + r.stderr
         line = r.stdout.strip()
         assert line.startswith("frontend.") and " -> backend." in line, line
@@ -124,7 +125,7 @@ def test_failover_and_return(cluster: Callable[[int], Cluster]) -> None:
     # only the victim's tasks moved
     assert all(after[s] == before[s] for s in before if s not in lost)
     for _ in range(4):  # the frontend's calls to backend keep succeeding
-        r = c.probe("h1", "fo", " ".join(DEMO) + " get http://frontend:8080/")
+        r = c.probe("h1", "fo", " ".join(DEMO) + " get http://frontend:8080/", *TASK_MOUNT)
         assert r.returncode == 0 and " -> backend." in r.stdout, r.stdout + r.stderr
         assert "backend error" not in r.stdout
 
@@ -152,26 +153,42 @@ def wait_listeners_match_tasks(c: Cluster, host: str) -> None:
 
 def test_tasks_never_outlive_a_killed_agent(cluster: Callable[[int], Cluster]) -> None:
     """A kill -9'd agent leaves its tasks running, in namespaces whose names died with the
-    agent's mount namespace (as under systemd). The restarted agent kills them; so does
-    `lab down` when the agent never comes back."""
+    agent's mount namespace (as under systemd). The restarted agent finds them through their
+    cgroups and kills them, leaving one process tree per slot and no cgroup or namespace of
+    theirs; so does `lab down` when the agent never comes back."""
     c = cluster(2)
     c.network("orphans")
-
-    def task_pids(name: str) -> list[int]:
-        return processes_with_env(f"MESHNET_TASK={name}")
-
+    create(c, "h1", "keep", "--network", "orphans", "--replicas", "2", "--constraint",
+           "node.name==h2", "--", "sleep", "1000")
+    wait(lambda: len(running(c, "h1", "keep")) == 2, 30, "two tasks on h2")
     c.serve("h2", "orphans", "old")
-    (old,) = task_pids("old")
+    before = wait(lambda: (t := task_trees(c.lab, "h2")) and len(t) == 3 and
+                  all(len(p) == 2 for p in t.values()) and t, 10,
+                  lambda: f"keep.1, keep.2, old: a cgroup each holding tini and its command: "
+                          f"{task_trees(c.lab, 'h2')}")
+    old_pids = set().union(*before.values())
+
     c.lab.kill("h2")
     time.sleep(0.5)
-    assert task_pids("old") == [old], "an orphaned task is still running before the restart"
+    assert task_trees(c.lab, "h2") == before, "orphaned tasks still run before the restart"
     c.lab.start("h2")
-    wait(lambda: not task_pids("old"), 20, "the restarted agent kills its old task")
+    wait(lambda: not old_pids & set().union(*task_trees(c.lab, "h2").values()), 20,
+         "the restarted agent kills its old tasks")
+    wait(lambda: sorted(running(c, "h1", "keep")) == [1, 2], 30, "tasks restarted")
+    # one tree per slot (tini and its command; the command runs a moment after the launcher
+    # starts), and nothing else left
+    after = wait(lambda: (t := task_trees(c.lab, "h2")) and all(len(p) == 2 for p in t.values())
+                 and t, 10, lambda: f"one tree per slot: {task_trees(c.lab, 'h2')}")
+    assert sorted(n.rsplit("-", 1)[0] for n in after) == ["keep.1", "keep.2"], after
+    sandboxes = [n for n in netns.list_netns() if n.startswith(f"{c.lab.sandbox_prefix}-h2-")]
+    assert sorted(sandboxes) == [f"{c.lab.sandbox_prefix}-h2-keep.{i}" for i in (1, 2)]
 
     c.serve("h2", "orphans", "orphan")
-    assert len(task_pids("orphan")) == 1
+    orphan = set().union(*task_trees(c.lab, "h2").values())
     c.lab.kill("h2")
     c.close()
     c.lab.down()
-    assert not task_pids("orphan")
+    assert not task_trees(c.lab, "h2")
+    for pid in orphan:
+        assert not os.path.exists(f"/proc/{pid}"), f"task process {pid} outlived lab down"
     assert not processes_with_env(f"{LAB_ENV}={c.lab.prefix}")

@@ -16,11 +16,16 @@ from pathlib import Path
 
 import pytest
 
+from meshnet.containment import DEFAULT_CAPS
+
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "meshnet.service"
 EXAMPLE_CONFIG = ROOT / "deploy" / "meshnet.toml.example"
 EXEC_START = "/usr/local/bin/meshnetd --config /etc/meshnet/meshnet.toml"
-CAPS = {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN", "CAP_NET_BIND_SERVICE", "CAP_KILL"}
+# The agent's own, the launcher's (SETPCAP SETUID SETGID MKNOD) and Docker's default set for tasks.
+AGENT_CAPS = {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN", "CAP_NET_BIND_SERVICE", "CAP_KILL"}
+LAUNCHER_CAPS = {"CAP_SETPCAP", "CAP_SETUID", "CAP_SETGID", "CAP_MKNOD"}
+CAPS = AGENT_CAPS | LAUNCHER_CAPS | {f"CAP_{c}" for c in DEFAULT_CAPS}
 
 # What systemd prints about a unit it does not fully accept.
 BAD_OUTPUT = re.compile(
@@ -128,6 +133,7 @@ def test_required_directives() -> None:
     assert one("RestartSec") == "2s"
     assert one("TimeoutStopSec") == "10s"
     assert one("KillMode") == "mixed"
+    assert one("Delegate") == "yes"  # task cgroups below the unit's
     assert one("StateDirectory") == "meshnet"
     assert one("StateDirectoryMode") == "0700"
     assert one("RuntimeDirectory") == "meshnet"
