@@ -291,6 +291,10 @@ class Services:
             # The spec came through the store: check it here, where it would run.
             task.containment = containment_from_value(spec.get("containment"))
             env = parse_env([f"{k}={v}" for k, v in dict(spec.get("env") or {}).items()])
+            command = spec.get("command")
+            if not isinstance(command, list) or not command or \
+                    not all(isinstance(a, str) and "\0" not in a for a in command):
+                raise ContainmentError("the service's command is not a list of strings")
         except (ContainmentError, TypeError, ValueError) as e:
             return self._start_failed(task, logf, str(e))
         network = spec["networks"][0]
@@ -301,7 +305,7 @@ class Services:
         try:
             try:
                 task.proc = await self.sandboxes.launch(
-                    handle, list(spec["command"]), task.containment, spec_env=env,
+                    handle, command, task.containment, spec_env=env,
                     meta={"MESHNET_SERVICE": task.service, "MESHNET_SLOT": str(task.slot)},
                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
             except LaunchFailure as e:

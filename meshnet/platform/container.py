@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import hashlib
 import json
 import os
 import pwd
@@ -50,6 +51,8 @@ class Tools:
     python: str
     setpriv: str
     init: str
+    # The launcher as it was when the agent started; it refuses to run a plan of another one.
+    launcher_sha256: str = ""
 
 
 def find_tools() -> Tools:
@@ -63,7 +66,8 @@ def find_tools() -> Tools:
         found[name] = path or ""
     if missing:
         raise ContainerError(f"cannot contain tasks: {', '.join(missing)} not installed")
-    return Tools(python=sys.executable, setpriv=found["setpriv"], init=found["tini"])
+    return Tools(python=sys.executable, setpriv=found["setpriv"], init=found["tini"],
+                 launcher_sha256=hashlib.sha256(LAUNCHER.read_bytes()).hexdigest())
 
 
 def hidden_paths(dirs: Sequence[str], files: Sequence[str]) -> list[str]:
@@ -152,6 +156,7 @@ def build_plan(*, netns_path: str, hostname: str, etc_files: Mapping[str, str],
         "cgroup_procs": list(cgroup_procs),
         "setpriv": tools.setpriv,
         "init": tools.init,
+        "launcher_sha256": tools.launcher_sha256,
         "cwd": "/",
     }
 

@@ -36,6 +36,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -284,7 +285,18 @@ def check_ceiling(plan: dict[str, Any]) -> None:
                           "bounding set (its systemd unit's CapabilityBoundingSet)")
 
 
+def check_version(plan: dict[str, Any]) -> None:
+    """This file is read from disk for every task while the agent that wrote the plan runs
+    from memory: after an upgrade without a restart the two may no longer agree."""
+    with open(__file__, "rb") as f:
+        mine = hashlib.sha256(f.read()).hexdigest()
+    if plan.get("launcher_sha256") != mine:
+        raise LaunchError("the launcher on disk differs from the one the agent started with "
+                          "(meshnet upgraded while meshnetd runs?): restart meshnetd")
+
+
 def parent(plan: dict[str, Any]) -> int:
+    check_version(plan)
     check_ceiling(plan)
     fd = os.open(plan["netns"], os.O_RDONLY | os.O_CLOEXEC)
     try:
