@@ -46,10 +46,12 @@ MAX_CAP_ITEMS = len(CAP_NUMBERS) + 1
 MAX_HOSTNAME = 63
 HOSTNAME_HASH = 8
 
-_MEMORY_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([kmgtp]?)b?$", re.IGNORECASE)
+# ASCII digits only (\d and float() take any script's), and short: no 400-digit sizes.
+_MEMORY_RE = re.compile(r"([0-9]{1,20}(?:\.[0-9]{1,9})?)\s*([kmgtp]?)b?", re.IGNORECASE)
+_CPUS_RE = re.compile(r"[0-9]{1,5}(?:\.[0-9]{1,6})?")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-_NAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$")
-_ASCII_DIGITS = re.compile(r"^[0-9]{1,10}$")
+_NAME_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}\$?")
+_ASCII_DIGITS = re.compile(r"[0-9]{1,10}")
 MAX_ID = (1 << 32) - 2  # (uid_t)-1 means "unchanged" to the kernel
 
 
@@ -94,9 +96,10 @@ def parse_memory(text: object) -> int:
     if isinstance(text, int) and not isinstance(text, bool):
         value = text
     elif isinstance(text, str):
-        m = _MEMORY_RE.match(text.strip())
+        m = _MEMORY_RE.fullmatch(text.strip()) if len(text) <= 32 else None
         if not m or not m.group(1).isascii():
-            raise ContainmentError(f"--limit-memory: {text!r} is not a size like 256M or 1g")
+            raise ContainmentError(f"--limit-memory: {text[:40]!r} is not a size like 256M "
+                                   "or 1g")
         value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     else:
         raise ContainmentError("--limit-memory: give a size like 256M")
@@ -107,21 +110,21 @@ def parse_memory(text: object) -> int:
 
 
 def parse_cpus(text: object) -> float:
-    try:
-        if isinstance(text, bool):
-            raise ValueError
-        value = float(text) if isinstance(text, (int, float, str)) else float("nan")
-    except ValueError:
-        value = float("nan")
+    value = float("nan")
+    if isinstance(text, str) and _CPUS_RE.fullmatch(text.strip()):
+        value = float(text)
+    elif isinstance(text, float) or (isinstance(text, int) and not isinstance(text, bool)):
+        value = float(text) if abs(text) <= MAX_CPUS else float("inf")
     if not 0.01 <= value <= MAX_CPUS:  # NaN fails too
-        raise ContainmentError(f"--limit-cpu: {text!r} must be a number of CPUs, 0.01..1024")
+        raise ContainmentError(f"--limit-cpu: {str(text)[:40]!r} must be a number of CPUs, "
+                               "0.01..1024")
     return round(value, 3)
 
 
 def parse_pids(text: object) -> int:
     if isinstance(text, bool):
         raise ContainmentError("--limit-pids: must be a whole number")
-    if isinstance(text, str) and _ASCII_DIGITS.match(text.strip()):
+    if isinstance(text, str) and _ASCII_DIGITS.fullmatch(text.strip()):
         text = int(text.strip())
     if not isinstance(text, int) or not 1 <= text <= MAX_PIDS:
         raise ContainmentError(f"--limit-pids: {text!r} must be 1..{MAX_PIDS}")
@@ -129,12 +132,12 @@ def parse_pids(text: object) -> int:
 
 
 def _id_or_name(text: str, what: str) -> int | str:
-    if _ASCII_DIGITS.match(text):
+    if _ASCII_DIGITS.fullmatch(text):
         n = int(text)
         if n > MAX_ID:
             raise ContainmentError(f"--user: {what} {text} is out of range")
         return n
-    if _NAME_RE.match(text):
+    if _NAME_RE.fullmatch(text):
         return text
     raise ContainmentError(f"--user: {text!r} is not a {what} number or name")
 
@@ -179,6 +182,9 @@ def _abs_path(text: object, what: str) -> str:
 def parse_mount(text: object) -> Mount:
     """type=bind,source=/a,target=/b[,readonly] (also src=, dst=/destination=, ro)."""
     if isinstance(text, Mapping):
+        unknown = set(text) - {"source", "target", "readonly"}
+        if unknown:
+            raise ContainmentError(f"--mount: unknown key {sorted(map(str, unknown))[0]!r}")
         return Mount(_abs_path(text.get("source"), "source"),
                      _check_target(_abs_path(text.get("target"), "target")),
                      _flag(text.get("readonly", False)))

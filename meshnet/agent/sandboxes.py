@@ -34,7 +34,14 @@ from meshnet.containment import from_args as containment_from_args
 from meshnet.crypto.keyring import KeyringError
 from meshnet.membership import Addr, Member
 from meshnet.platform import container, nsfd
-from meshnet.platform.cgroups import CgroupError, Cgroups, TaskCgroup
+from meshnet.platform.cgroups import (
+    CgroupError,
+    Cgroups,
+    TaskCgroup,
+    find_parents,
+    sweep,
+    task_cgroups,
+)
 from meshnet.platform.container import ContainerError, Tools
 from meshnet.platform.sandbox import (
     create_sandbox,
@@ -128,6 +135,13 @@ class Sandboxes:
             leftovers = self.cgroups.leftovers()
             for cg in leftovers:
                 await asyncio.to_thread(self.cgroups.destroy, cg)
+            # A previous run started from another cgroup (by hand, then by systemd) left its
+            # parent elsewhere: the same name anywhere in the hierarchies is ours too.
+            ours = set(self.cgroups.parents.values())
+            elsewhere = [p for p in await asyncio.to_thread(find_parents, self.cgroup_parent())
+                         if p.name == self.cgroup_parent() and p not in ours]
+            leftovers += [cg for p in elsewhere for cg in task_cgroups([p]).values()]
+            await asyncio.to_thread(sweep, elsewhere)
             if leftovers:
                 log.info("killed %d tasks left by a previous run", len(leftovers))
         for ns in list_sandboxes(self.ns_prefix()):

@@ -80,7 +80,7 @@ class Hierarchy:
     def dir(self, cgroup: str) -> Path | None:
         """The directory of CGROUP (a path in the hierarchy), None if this mount can't see it."""
         root = self.mount_root.rstrip("/")
-        if cgroup != root and not cgroup.startswith(root + "/"):
+        if (cgroup != root and not cgroup.startswith(root + "/")) or ".." in cgroup.split("/"):
             return None
         return self.mountpoint / cgroup[len(root):].lstrip("/")
 
@@ -89,7 +89,8 @@ def _unescape(text: str) -> str:
     """mountinfo escapes space, tab, newline and backslash as \\ooo."""
     out, i = [], 0
     while i < len(text):
-        if text[i] == "\\" and i + 4 <= len(text) and text[i + 1:i + 4].isdigit():
+        if text[i] == "\\" and i + 4 <= len(text) and all(c in "01234567"
+                                                            for c in text[i + 1:i + 4]):
             out.append(chr(int(text[i + 1:i + 4], 8)))
             i += 4
         else:
@@ -253,10 +254,12 @@ class Cgroups:
             cg = TaskCgroup(name, tuple(dirs))
             self._limit(cg, memory, cpus, pids)
             return cg
-        except OSError as e:
+        except (OSError, PlatformError) as e:
             self.destroy(TaskCgroup(name, tuple(dirs)))
-            raise CgroupError(f"task cgroup {name}: {e.strerror or e}"
-                              + (f" ({e.filename})" if e.filename else "")) from e
+            if isinstance(e, OSError):
+                raise CgroupError(f"task cgroup {name}: {e.strerror or e}"
+                                  + (f" ({e.filename})" if e.filename else "")) from e
+            raise CgroupError(f"task cgroup {name}: {e}") from e
 
     def _dir(self, cg: TaskCgroup, res: str) -> Path | None:
         h = self.carriers.get(res)

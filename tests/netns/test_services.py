@@ -15,7 +15,7 @@ from conftest import Cluster, task_trees, wait
 from meshnet.lab.demo_http import TASK_ARGV as DEMO
 from meshnet.lab.demo_http import TASK_MOUNT
 from meshnet.lab.lab import LAB_ENV
-from meshnet.platform import netns
+from meshnet.platform import cgroups, netns
 from meshnet.platform.sandbox import processes_with_env
 
 pytestmark = pytest.mark.netns
@@ -189,6 +189,7 @@ def test_tasks_never_outlive_a_killed_agent(cluster: Callable[[int], Cluster]) -
     c.close()
     c.lab.down()
     assert not task_trees(c.lab, "h2")
+    assert not cgroups.find_parents(c.lab.cgroup_prefix), "a task cgroup outlived lab down"
     for pid in orphan:
         assert not os.path.exists(f"/proc/{pid}"), f"task process {pid} outlived lab down"
     assert not processes_with_env(f"{LAB_ENV}={c.lab.prefix}")

@@ -289,7 +289,7 @@ class FakeCgroupfs(PosixPath):
 
 def fake_cgroupfs(root: Path, files: tuple[str, ...]) -> Path:
     """ROOT as the mount point of a fake hierarchy whose cgroups hold FILES."""
-    cls = type("FakeHierarchy", (FakeCgroupfs,), {"FILES": files})
+    cls: type[FakeCgroupfs] = type("FakeHierarchy", (FakeCgroupfs,), {"FILES": files})
     mountpoint = cls(root)
     mountpoint.mkdir(parents=True)
     return mountpoint
@@ -432,7 +432,7 @@ def test_create_refuses_a_limit_no_hierarchy_carries(tmp_path: Path) -> None:
                                         "no cgroup hierarchy carries devices"]
     for limits in ({"memory": 64 * MiB}, {"cpus": 1.0}, {"memory": 64 * MiB, "pids": 5}):
         with pytest.raises(CgroupError, match="cannot limit"):
-            cgs.create("t", **limits)  # type: ignore[arg-type]
+            cgs.create("t", **limits)
     assert cgs.leftovers() == []
     cg = cgs.create("t", pids=5)
     (d,) = cg.dirs
