@@ -186,7 +186,7 @@ def measure_containment(prefix: str, rounds: int) -> dict[str, list[float]]:
         containment=Containment(), hidden=container.hidden_paths([], []),
         env=container.task_env({"MESHNET_TASK": "taskbench"}, {}, hostname, "/root"),
         argv=["true"], cgroup_procs=[], tools=tools, user=None)
-    stdin = json.dumps(plan).encode()
+    stdin = container.encode_plan(plan)
     variants: dict[str, tuple[list[str], bytes | None, dict[str, Any]]] = {
         # as container.spawn starts it
         "launcher": ([tools.python, "-I", "-S", str(container.LAUNCHER)], stdin,

@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
-import hashlib
-import json
+import marshal
 import os
 import pwd
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from meshnet.containment import CAP_NUMBERS, Containment, Mount, overlaps
+from meshnet.platform import launch
 from meshnet.platform.nsfd import PlatformError
 
 LAUNCHER = Path(__file__).with_name("launch.py")
@@ -52,7 +52,7 @@ class Tools:
     setpriv: str
     init: str
     # The launcher as it was when the agent started; it refuses to run a plan of another one.
-    launcher_sha256: str = ""
+    launcher_id: str = ""
 
 
 def find_tools() -> Tools:
@@ -67,7 +67,7 @@ def find_tools() -> Tools:
     if missing:
         raise ContainerError(f"cannot contain tasks: {', '.join(missing)} not installed")
     return Tools(python=sys.executable, setpriv=found["setpriv"], init=found["tini"],
-                 launcher_sha256=hashlib.sha256(LAUNCHER.read_bytes()).hexdigest())
+                 launcher_id=launch.launcher_id(str(LAUNCHER)))
 
 
 def hidden_paths(dirs: Sequence[str], files: Sequence[str]) -> list[str]:
@@ -156,9 +156,15 @@ def build_plan(*, netns_path: str, hostname: str, etc_files: Mapping[str, str],
         "cgroup_procs": list(cgroup_procs),
         "setpriv": tools.setpriv,
         "init": tools.init,
-        "launcher_sha256": tools.launcher_sha256,
+        "launcher_id": tools.launcher_id,
         "cwd": "/",
     }
+
+
+def encode_plan(plan: Mapping[str, Any]) -> bytes:
+    """The plan as the launcher reads it (marshal: built in, so the launcher imports nothing to
+    read it; it runs our own interpreter, tools.python)."""
+    return marshal.dumps(dict(plan))
 
 
 async def spawn(plan: Mapping[str, Any], tools: Tools, *, stdout: int,
@@ -169,7 +175,7 @@ async def spawn(plan: Mapping[str, Any], tools: Tools, *, stdout: int,
         tools.python, "-I", "-S", str(LAUNCHER), stdin=asyncio.subprocess.PIPE,
         stdout=stdout, stderr=stderr, start_new_session=True, env={"PATH": TASK_PATH})
     assert proc.stdin is not None
-    proc.stdin.write(json.dumps(plan).encode())
+    proc.stdin.write(encode_plan(plan))
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         await proc.stdin.drain()  # if it died at once, its exit status says why
     proc.stdin.close()

@@ -267,10 +267,12 @@ def launch_as_unit(ns: str, argv: list[str], containment: Containment,
             containment=containment, hidden=[], env=container.task_env({}, {}, "unit.1", "/"),
             argv=argv, cgroup_procs=cg.procs_files(), tools=tools, user=user)
         bounding = ",".join(["-all", *(f"+{c}" for c in unit_caps())])
-        return subprocess.run(
+        r = subprocess.run(
             [tools.setpriv, f"--bounding-set={bounding}", "--no-new-privs", "--",
              sys.executable, "-I", "-S", str(container.LAUNCHER)],
-            input=json.dumps(plan), capture_output=True, text=True, timeout=30, check=False)
+            input=container.encode_plan(plan), capture_output=True, timeout=30, check=False)
+        return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(),
+                                           r.stderr.decode())
     finally:
         cgroups.destroy(cg)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ from meshnet.platform import container, launch
 def plan(**over: object) -> dict[str, object]:
     tools = container.Tools(python=sys.executable, setpriv="/usr/bin/setpriv",
                             init="/usr/bin/tini",
-                            launcher_sha256=container.find_tools().launcher_sha256)
+                            launcher_id=container.find_tools().launcher_id)
     p = container.build_plan(netns_path="/nonexistent", hostname="t.1", etc_files={},
                              containment=Containment(), hidden=[], env={"PATH": "/bin"},
                              argv=["true"], cgroup_procs=[], tools=tools, user=None)
@@ -23,24 +22,25 @@ def plan(**over: object) -> dict[str, object]:
     return p
 
 
-def run_launcher(p: dict[str, object]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-I", "-S", str(container.LAUNCHER)],
-                          input=json.dumps(p), capture_output=True, text=True, timeout=30,
-                          check=False)
+def run_launcher(stdin: bytes) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([sys.executable, "-I", "-S", str(container.LAUNCHER)], input=stdin,
+                       capture_output=True, timeout=30, check=False)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(),
+                                       r.stderr.decode())
 
 
 def test_a_launcher_that_changed_under_the_agent_refuses_its_plan() -> None:
-    r = run_launcher(plan(launcher_sha256="0" * 64))
+    r = run_launcher(container.encode_plan(plan(launcher_id="0:0:0:0")))
     assert r.returncode == launch.START_FAILED
     assert "restart meshnetd" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_garbage_on_stdin_is_one_line_and_125() -> None:
-    r = subprocess.run([sys.executable, "-I", "-S", str(container.LAUNCHER)], input="{not json",
-                       capture_output=True, text=True, timeout=30, check=False)
-    assert r.returncode == launch.START_FAILED
-    assert r.stderr.startswith("meshnet: task could not be started:") and \
-        r.stderr.count("\n") == 1, r.stderr
+    for garbage in (b"{not a plan", b"", container.encode_plan({}) + b"x", b"\xff" * 64):
+        r = run_launcher(garbage)
+        assert r.returncode == launch.START_FAILED, garbage
+        assert r.stderr.startswith("meshnet: task could not be started:") and \
+            r.stderr.count("\n") == 1, r.stderr
 
 
 def test_a_capability_past_the_bounding_set_is_named() -> None:
