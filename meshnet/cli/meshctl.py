@@ -273,7 +273,7 @@ def render(name: str, result: Any) -> str:
         return "\n".join(out)
     if name == "dns lookup" and isinstance(result, dict):
         return "\n".join(map(str, result.get("answers", [])))
-    if name == "service inspect" and isinstance(result, dict):
+    if name in ("service inspect", "service create") and isinstance(result, dict):
         lines = [f"{k}: {_cell(v)}" for k, v in result.items()
                  if k not in ("containment", "tasks", "command")]
         lines.append("command: " + " ".join(map(str, result.get("command") or [])))
@@ -285,8 +285,10 @@ def render(name: str, result: Any) -> str:
                       f"mounts: {_cell(c.get('mounts'))}"]
         elif c is not None:
             lines.append(f"containment: {c}")
-        lines += ["tasks:", table(_containment_rows(result.get("tasks") or []),
-                                  ["task", "node", "state", "ip", "user", "caps", "limits"])]
+        if "tasks" in result:
+            lines += ["tasks:", table(_containment_rows(result.get("tasks") or []),
+                                      ["task", "node", "state", "ip", "user", "caps",
+                                       "limits"])]
         return "\n".join(lines)
     if name == "network inspect" and isinstance(result, dict):
         head = [f"{k}: {_cell(result.get(k))}" for k in ("name", "vni", "subnet", "encrypted")]

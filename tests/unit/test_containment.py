@@ -498,3 +498,51 @@ def test_task_hostname_long_names() -> None:
 ])
 def test_overlaps(path: str, others: list[str], found: str | None) -> None:
     assert overlaps(path, others) == found
+
+
+# --- display: meshctl's short forms and what a peer's published summary may carry -------------
+
+
+def test_describe_caps_is_a_difference_from_dockers_set() -> None:
+    from meshnet.containment import describe_caps
+
+    assert describe_caps(DEFAULT_CAPS) == "default"
+    assert describe_caps(DEFAULT_CAPS | {"NET_ADMIN"}) == "default+NET_ADMIN"
+    assert describe_caps(DEFAULT_CAPS - {"NET_RAW"}) == "default-NET_RAW"
+    assert describe_caps(set()) == "none"
+
+
+def test_describe_limits() -> None:
+    from meshnet.containment import describe_limits
+
+    assert describe_limits({}) == "-"
+    assert describe_limits({"memory": 64 << 20, "cpus": 0.5, "pids": 64}) == \
+        "memory=64M cpus=0.5 pids=64"
+    assert describe_limits({"memory": (1 << 30) + 1}) == f"memory={(1 << 30) + 1}"
+    assert describe_limits({"memory": 3 << 30}) == "memory=3G"
+
+
+def test_summary_view_keeps_only_well_typed_fields() -> None:
+    from meshnet.containment import summary_view
+
+    good = Containment(user="65534", memory=64 << 20).summary()
+    assert summary_view(good) == {"user": "65534", "capabilities": good["capabilities"],
+                                  "limits": {"memory": 64 << 20}}
+    assert summary_view({"user": b"x", "capabilities": ["A", 1], "limits": {"memory": True}}) \
+        == {}
+    assert summary_view("nonsense") == {}
+
+
+def test_meshctl_renders_service_inspect_with_short_forms() -> None:
+    from meshnet.cli.meshctl import render
+
+    doc = {"name": "web", "command": ["sleep", "1"],
+           "containment": Containment(cap_drop=("NET_RAW",), pids=50).summary(),
+           "tasks": [{"task": "web.1", "node": "h1", "state": "running", "ip": "10.0.0.2",
+                      "user": "0", "capabilities": sorted(DEFAULT_CAPS), "limits": {}}]}
+    out = render("service inspect", doc)
+    assert "capabilities: default-NET_RAW" in out and "limits: pids=50" in out, out
+    assert "command: sleep 1" in out
+    assert any(line.startswith("web.1") and "default" in line for line in out.splitlines())
+    assert "tasks:" not in render("service create", {k: v for k, v in doc.items()
+                                                     if k != "tasks"})
