@@ -1,17 +1,30 @@
 """The node's record in the state dir: who it is and how many times it has started.
 
 The incarnation is stored so a restarted node announces itself above anything the cluster
-may still believe about its previous life.
+may still believe about its previous life. A record that cannot be used (unparseable, or an
+incarnation membership would refuse) is set aside under a new name, with one log line, and the
+node starts afresh: the first push-pull tells it the incarnation the cluster holds for it, and
+it comes back above that. Failing instead would make `Restart=on-failure` loop for good.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 import secrets
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from meshnet.fsutil import atomic_write, remove_stale_temporaries
+from meshnet.membership import MAX_CLAIM_INCARNATION
+
+log = logging.getLogger("meshnet.agent")
+# node.json is a few dozen bytes; anything much bigger is not ours.
+MAX_NODE_FILE_BYTES = 4096
+_NODE_ID_RE = re.compile(r"[0-9a-f]{32}")
 
 NODE_FILE = "node.json"
 
@@ -40,20 +53,37 @@ def load_or_create(state_dir: str, name: str) -> NodeRecord:
     record = NodeRecord(node_id=secrets.token_hex(16), name=name, boots=0, incarnation=0)
     if path.exists():
         try:
-            data = json.loads(path.read_bytes())
-            record = NodeRecord(
-                node_id=str(data["node_id"]),
-                name=str(data.get("name", name)),
-                boots=int(data["boots"]),
-                incarnation=int(data["incarnation"]),
-            )
+            record = _parse(path, name)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise StateDirError(f"{path}: unreadable node record ({e})") from None
+            aside = path.with_name(f"{NODE_FILE}.bad-{int(time.time())}")
+            try:
+                os.replace(path, aside)
+            except OSError as e2:
+                raise StateDirError(f"{path}: unusable ({e}) and cannot be set aside: "
+                                    f"{e2.strerror}") from None
+            log.warning("%s is unusable (%s); set aside as %s, starting with a new node record",
+                        path, e, aside.name)
     record.name = name
     record.boots += 1
     record.incarnation += 1
     save(state_dir, record)
     return record
+
+
+def _parse(path: Path, name: str) -> NodeRecord:
+    """node.json, checked: ValueError (or KeyError/TypeError) says what is wrong."""
+    if path.stat().st_size > MAX_NODE_FILE_BYTES:
+        raise ValueError("larger than any node record")
+    data = json.loads(path.read_bytes())
+    node_id, boots, incarnation = data["node_id"], data["boots"], data["incarnation"]
+    if type(node_id) is not str or not _NODE_ID_RE.fullmatch(node_id):
+        raise ValueError("node_id is not 32 hex digits")
+    if type(boots) is not int or boots < 0:
+        raise ValueError("boots is not a count")
+    # One below the bound: this boot adds one, and a refutation may add one more.
+    if type(incarnation) is not int or not 0 <= incarnation < MAX_CLAIM_INCARNATION - 1:
+        raise ValueError(f"incarnation {incarnation!r} is out of range")
+    return NodeRecord(node_id=node_id, name=name, boots=boots, incarnation=incarnation)
 
 
 def save(state_dir: str, record: NodeRecord) -> None:

@@ -8,7 +8,7 @@ from meshnet.membership.core import (
     MAX_TOMBSTONES,
     Membership,
 )
-from meshnet.membership.messages import MAX_PUSH_PULL_MEMBERS, MsgType
+from meshnet.membership.messages import MAX_CLAIM_INCARNATION, MAX_PUSH_PULL_MEMBERS, MsgType
 from meshnet.membership.types import (
     MAX_META_BYTES,
     Addr,
@@ -32,6 +32,7 @@ MAX_PUSH_PULL_BYTES = MAX_STREAM_BYTES
 
 __all__ = [
     "ENCRYPTION_OVERHEAD",
+    "MAX_CLAIM_INCARNATION",
     "MAX_MEMBERS",
     "MAX_META_BYTES",
     "MAX_PENDING_EVENTS",

@@ -50,6 +50,7 @@ from meshnet.membership.lifeguard import (
 from meshnet.membership.messages import (
     COMPOUND_OVERHEAD,
     COMPOUND_PART_OVERHEAD,
+    MAX_CLAIM_INCARNATION,
     MAX_COMPOUND_PARTS,
     MAX_PUSH_PULL_MEMBERS,
     SEQ_MOD,
@@ -156,6 +157,7 @@ _STAT_KEYS = (
     "user_dropped",
     "events_dropped",
     "members_refused",
+    "claims_out_of_bound",
 )
 
 
@@ -282,6 +284,8 @@ class Membership:
         decode_cache: DecodeCache | None = None,
     ) -> None:
         """``decode_cache``: memo of decoded broadcasts; a simulator shares one between cores."""
+        if not 0 <= incarnation <= MAX_CLAIM_INCARNATION:
+            raise ValueError(f"incarnation {incarnation} outside 0..{MAX_CLAIM_INCARNATION}")
         self.config = config
         self._rng = rng
         self._delegate = delegate
@@ -842,6 +846,9 @@ class Membership:
         self._push_refutation(msg)
 
     def _on_alive(self, a: Alive, now: float, quiet: bool = False) -> None:
+        if a.incarnation > MAX_CLAIM_INCARNATION:
+            self.stats["claims_out_of_bound"] += 1
+            return
         name = a.meta.name
         node = self._nodes.get(name)
         if node is self._me:
@@ -927,6 +934,9 @@ class Membership:
 
     def _on_suspect(self, s: Suspect, now: float, src: Addr | None = None) -> None:
         """``src``: the datagram's source, when the claim came in one (not a merge)."""
+        if s.incarnation > MAX_CLAIM_INCARNATION:
+            self.stats["claims_out_of_bound"] += 1
+            return
         node = self._nodes.get(s.node)
         if node is None:
             return
@@ -973,6 +983,9 @@ class Membership:
 
     def _on_dead(self, d: Dead, now: float, src: Addr | None = None) -> None:
         """``src``: the datagram's source, when the claim came in one (not a merge)."""
+        if d.incarnation > MAX_CLAIM_INCARNATION:
+            self.stats["claims_out_of_bound"] += 1
+            return
         node = self._nodes.get(d.node)
         if node is None:
             return
@@ -1026,6 +1039,9 @@ class Membership:
 
     def _merge(self, pp: PushPull, now: float, quiet_new: bool = False) -> None:
         for st in pp.states:
+            if st.incarnation > MAX_CLAIM_INCARNATION:
+                self.stats["claims_out_of_bound"] += 1
+                continue
             if st.name == self.name:
                 me = self._me
                 if self._leaving:

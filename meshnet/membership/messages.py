@@ -28,6 +28,7 @@ __all__ = [
     "COMPOUND_OVERHEAD",
     "COMPOUND_PART_OVERHEAD",
     "DECODE_CACHE_ENTRIES",
+    "MAX_CLAIM_INCARNATION",
     "MAX_COMPOUND_PARTS",
     "MAX_INCARNATION",
     "MAX_PUSH_PULL_MEMBERS",
@@ -73,8 +74,14 @@ class MsgType(IntEnum):
 MAX_COMPOUND_PARTS = 255
 COMPOUND_OVERHEAD = 2  # type byte + count byte
 COMPOUND_PART_OVERHEAD = 2  # u16 length per part
-# memberlist's incarnation is a uint32; we allow 64 bits (a restarted node may seed from a clock).
+# memberlist's incarnation is a uint32; the wire carries 64 bits (a restarted node may seed from a
+# clock).
 MAX_INCARNATION = (1 << 64) - 1
+# The core refuses (and counts) any claim above this. A refutation goes one above the claim, so a
+# claim at the wire's maximum could never be refuted (and 2^64 does not encode: the refuting node
+# crashed). An honest node's incarnation grows by one per restart or refutation and never comes
+# near 2^63; only a forged claim can, and signed claims (crypto/certs.py) bound those further.
+MAX_CLAIM_INCARNATION = (1 << 63) - 1
 # Sequence numbers wrap at 32 bits like memberlist's.
 SEQ_MOD = 1 << 32
 # Members in one push-pull: bounded by what fits MAX_STREAM_BYTES at the smallest entry (~20 B);
