@@ -39,6 +39,7 @@ from collections import deque
 from collections.abc import Callable
 
 from meshnet import wire
+from meshnet.crypto.trust import ALIVE_DOMAIN, LEFT_DOMAIN, Trust
 from meshnet.membership.broadcast import BroadcastQueue
 from meshnet.membership.config import MembershipConfig
 from meshnet.membership.lifeguard import (
@@ -53,6 +54,7 @@ from meshnet.membership.messages import (
     MAX_CLAIM_INCARNATION,
     MAX_COMPOUND_PARTS,
     MAX_PUSH_PULL_MEMBERS,
+    MAX_WANT,
     SEQ_MOD,
     Ack,
     Alive,
@@ -66,8 +68,10 @@ from meshnet.membership.messages import (
     PushPull,
     Suspect,
     User,
+    alive_payload,
     decode_push_pull,
     encode_push_pull_raw,
+    left_payload,
     make_compound,
 )
 from meshnet.membership.types import (
@@ -158,18 +162,31 @@ _STAT_KEYS = (
     "events_dropped",
     "members_refused",
     "claims_out_of_bound",
+    "claims_unsigned",
+    "claims_above_signed",
+    "alives_held",
+    "alives_held_dropped",
+    "cert_fetches",
+    "members_dropped",
 )
+# Alive messages held until their sender's certificate arrives (by name, newest kept).
+MAX_HELD = 1024
+# A held alive asks its sender for the certificate at most this often (seconds).
+CERT_FETCH_INTERVAL = 5.0
 
 
 class _Node:
     __slots__ = (
         "addr",
+        "alive_sig",
         "heard_at",
         "incarnation",
+        "left_sig",
         "meta",
         "meta_bytes",
         "meta_inc",
         "name",
+        "signed_inc",
         "state",
         "state_changed_at",
         "suspicion",
@@ -188,6 +205,11 @@ class _Node:
         self.state_changed_at = now
         self.suspicion: Suspicion | None = None
         self.heard_at = -1.0  # last ack from it to a probe of ours (direct, late or relayed)
+        # With identity: the highest incarnation the node itself has signed (no claim about it
+        # above that counts), and its signatures of the alive that carried meta and of a leave.
+        self.signed_inc = incarnation
+        self.alive_sig = b""
+        self.left_sig = b""
 
     def snapshot(self) -> Member:
         return Member(
@@ -240,11 +262,13 @@ class Membership:
         "_decode_cache",
         "_delegate",
         "_events",
+        "_fetched",
         "_gossip_at",
         "_grace",
         "_heap",
         "_heap_ok",
         "_heap_seq",
+        "_held",
         "_inflight",
         "_joining",
         "_leaving",
@@ -268,6 +292,8 @@ class Membership:
         "_seq",
         "_streams",
         "_tombstones",
+        "_trust",
+        "_want",
         "config",
         "name",
         "stats",
@@ -282,13 +308,22 @@ class Membership:
         delegate: Delegate | None = None,
         incarnation: int = 0,
         decode_cache: DecodeCache | None = None,
+        trust: Trust | None = None,
     ) -> None:
-        """``decode_cache``: memo of decoded broadcasts; a simulator shares one between cores."""
+        """``decode_cache``: memo of decoded broadcasts; a simulator shares one between cores.
+        ``trust``: identity (crypto/trust.py): our claims are signed and only members with good
+        certificates count; None runs without identity (tests, the cluster key alone)."""
+        if trust is not None and trust.name != meta.name:
+            raise ValueError(f"trust is {trust.name}'s, not {meta.name}'s")
         if not 0 <= incarnation <= MAX_CLAIM_INCARNATION:
             raise ValueError(f"incarnation {incarnation} outside 0..{MAX_CLAIM_INCARNATION}")
         self.config = config
         self._rng = rng
         self._delegate = delegate
+        self._trust = trust
+        self._held: dict[str, Alive] = {}  # alives waiting for their sender's certificate
+        self._want: set[str] = set()  # names whose certificates we lack
+        self._fetched: dict[str, float] = {}  # name -> when we last asked for its certificate
         meta_bytes = meta.encode()  # ValueError if over MAX_META_BYTES
         self._me = _Node(meta, meta_bytes, incarnation, ALIVE, now)
         self.name = meta.name
@@ -328,7 +363,7 @@ class Membership:
         self._push_pull_at = now + config.push_pull_interval * rng.random()
         self._reconnect_at = now + config.reconnect_interval * (0.5 + rng.random())
         # Announce ourselves (memberlist's setAlive).
-        self._broadcast(self.name, Alive(incarnation, meta, meta_bytes).encode(), now)
+        self._broadcast(self.name, self._alive_msg(), now)
 
     # ------------------------------------------------------------------ queries
 
@@ -375,7 +410,7 @@ class Membership:
             self._me.state_changed_at = now
             self._n_live += 1
             self._broadcast(self.name, self._alive_msg(), now)
-        payload = self._encode_state(join=True)
+        payload = self._encode_state(join=True, now=now)
         for addr in seeds:
             if addr == self._me.addr:
                 continue
@@ -398,7 +433,11 @@ class Membership:
         self._n_live -= 1
         self._probe = None
         self._grace.clear()
-        self._broadcast(self.name, Dead(me.incarnation, self.name, self.name).encode(), now)
+        sig = b""
+        if self._trust is not None:
+            sig = self._trust.sign(LEFT_DOMAIN, left_payload(me.incarnation, self.name))
+            me.left_sig, me.signed_inc = sig, me.incarnation
+        self._broadcast(self.name, Dead(me.incarnation, self.name, self.name, sig).encode(), now)
 
     def update_meta(self, meta: NodeMeta, now: float) -> None:
         """Re-announce ourselves alive at incarnation + 1 with new metadata."""
@@ -411,6 +450,32 @@ class Membership:
         me.addr = meta.addr
         me.incarnation += 1
         self._broadcast(self.name, self._alive_msg(), now)
+
+    def drop(self, name: str, now: float) -> bool:
+        """Forget member NAME at once: its certificate was revoked or expired (the agent
+        learns revocations from the store). It is dead, then reaped, on this node; others do
+        the same when they learn it. True if it was a member."""
+        node = self._nodes.get(name)
+        self._held.pop(name, None)
+        self._want.discard(name)
+        if node is None or node is self._me:
+            return False
+        self.stats["members_dropped"] += 1
+        if node.state is not DEAD and node.state is not LEFT:
+            self._set_state(node, DEAD, now)
+            self._emit(MemberDead, node)
+        self._reap(node, now)
+        return True
+
+    def _check_certs(self, now: float) -> None:
+        """Drop members whose certificates expired or were revoked (checked every
+        reconnect_interval: expiry is rare and a scan of the members is cheap)."""
+        trust = self._trust
+        if trust is None:
+            return
+        for node in list(self._nodes.values()):
+            if node is not self._me and trust.current(node.name, now) is None:
+                self.drop(node.name, now)
 
     # ------------------------------------------------------------------ UDP
 
@@ -500,7 +565,7 @@ class Membership:
             return None
         self.stats["push_pulls_served"] += 1
         self._merge(pp, now)
-        return self._encode_state(join=False)
+        return self._encode_state(join=False, now=now, peer=pp)
 
     def receive_stream_reply(self, data: bytes, addr: Addr, now: float) -> None:
         self._inflight.pop(addr, None)
@@ -829,7 +894,12 @@ class Membership:
 
     def _alive_msg(self) -> bytes:
         me = self._me
-        return Alive(me.incarnation, me.meta, me.meta_bytes).encode()
+        sig = b""
+        if self._trust is not None:
+            sig = self._trust.sign(ALIVE_DOMAIN, alive_payload(me.incarnation, me.meta_bytes))
+            me.alive_sig, me.meta_inc = sig, me.incarnation
+            me.signed_inc = max(me.signed_inc, me.incarnation)
+        return Alive(me.incarnation, me.meta, me.meta_bytes, sig).encode()
 
     def _refute(self, claimed: int, accuser: str | None, now: float) -> None:
         """Someone says we are not alive at ``claimed``: come back above it."""
@@ -845,6 +915,47 @@ class Membership:
                 self._send([msg], acc.addr)
         self._push_refutation(msg)
 
+    def _signed_alive(self, a: Alive, now: float) -> bool:
+        """With identity: did the node itself sign this alive? Without its certificate the
+        alive is held (bounded) and the certificate asked for; it is never applied unverified."""
+        trust = self._trust
+        if trust is None:
+            return True
+        name = a.meta.name
+        ok = trust.verify(name, ALIVE_DOMAIN, alive_payload(a.incarnation, a.meta_bytes),
+                          a.sig, now)
+        if ok is None:
+            self._hold(a, now)
+            return False
+        if not ok:
+            self.stats["claims_unsigned"] += 1
+        return ok
+
+    def _hold(self, a: Alive, now: float) -> None:
+        name = a.meta.name
+        held = self._held.get(name)
+        if held is None and len(self._held) >= MAX_HELD:
+            self.stats["alives_held_dropped"] += 1
+            return
+        if held is None or a.incarnation > held.incarnation:
+            self._held[name] = a
+            self.stats["alives_held"] += 1
+        self._want.add(name)
+        last = self._fetched.get(name)
+        # The node itself surely has its certificate: ask it (any member would do).
+        if (last is None or now - last >= CERT_FETCH_INTERVAL) and \
+                self._start_push_pull_to(a.meta.addr, now):
+            self._fetched[name] = now
+            self.stats["cert_fetches"] += 1
+
+    def _release_held(self, name: str, now: float) -> None:
+        """NAME's certificate arrived: apply what we held for it."""
+        self._want.discard(name)
+        self._fetched.pop(name, None)
+        held = self._held.pop(name, None)
+        if held is not None:
+            self._on_alive(held, now)
+
     def _on_alive(self, a: Alive, now: float, quiet: bool = False) -> None:
         if a.incarnation > MAX_CLAIM_INCARNATION:
             self.stats["claims_out_of_bound"] += 1
@@ -854,9 +965,10 @@ class Membership:
         if node is self._me:
             if self._leaving:
                 return
-            if a.incarnation > self._me.incarnation or (
+            # Only our own signature (a previous life of ours) may push us up.
+            if (a.incarnation > self._me.incarnation or (
                 a.incarnation == self._me.incarnation and a.meta_bytes != self._me.meta_bytes
-            ):
+            )) and self._signed_alive(a, now):
                 self._refute(a.incarnation, None, now)
             return
         if node is None:
@@ -866,8 +978,11 @@ class Membership:
             if len(self._nodes) >= MAX_MEMBERS:
                 self.stats["members_refused"] += 1
                 return
+            if not self._signed_alive(a, now):
+                return
             self._tombstones.pop(name, None)
             node = _Node(a.meta, a.meta_bytes, a.incarnation, ALIVE, now)
+            node.alive_sig = a.sig
             self._nodes[name] = node
             self._n_live += 1
             ring = self._ring
@@ -881,11 +996,15 @@ class Membership:
             self._emit(MemberJoined, node)
             return
         if a.incarnation <= node.incarnation:
-            if a.incarnation > node.meta_inc:
+            if a.incarnation > node.meta_inc and self._signed_alive(a, now):
                 # Metadata travels only in alive messages: keep the newest even when a newer
                 # suspicion already overtook it, so views converge whatever the order.
                 node.meta, node.meta_bytes, node.addr = a.meta, a.meta_bytes, a.meta.addr
                 node.meta_inc = a.incarnation
+                node.alive_sig = a.sig
+                node.signed_inc = max(node.signed_inc, a.incarnation)
+            return
+        if not self._signed_alive(a, now):
             return
         old = node.state
         meta_changed = a.meta_bytes != node.meta_bytes
@@ -893,6 +1012,8 @@ class Membership:
         node.meta = a.meta
         node.meta_bytes = a.meta_bytes
         node.meta_inc = a.incarnation
+        node.alive_sig = a.sig
+        node.signed_inc = max(node.signed_inc, a.incarnation)
         node.addr = a.meta.addr
         self._broadcast(name, a.encode(), now)
         if old is not ALIVE:
@@ -939,6 +1060,11 @@ class Membership:
             return
         node = self._nodes.get(s.node)
         if node is None:
+            return
+        if self._trust is not None and s.incarnation > node.signed_inc:
+            # Nobody can suspect a life the node never announced: a forgery (or a claim from
+            # before we heard the node's own alive, which gossip brings again).
+            self.stats["claims_above_signed"] += 1
             return
         if node is self._me:
             if self._leaving:
@@ -989,6 +1115,20 @@ class Membership:
         node = self._nodes.get(d.node)
         if node is None:
             return
+        trust = self._trust
+        if trust is not None:
+            if d.sender == d.node:
+                # Only the node itself can leave: its signature, or nothing.
+                if trust.verify(d.node, LEFT_DOMAIN, left_payload(d.incarnation, d.node),
+                                d.sig, now) is not True:
+                    self.stats["claims_unsigned"] += 1
+                    return
+                if node is not self._me:
+                    node.signed_inc = max(node.signed_inc, d.incarnation)
+                    node.left_sig = d.sig
+            elif d.incarnation > node.signed_inc:
+                self.stats["claims_above_signed"] += 1
+                return
         if node is self._me:
             if self._leaving:
                 return
@@ -1026,18 +1166,40 @@ class Membership:
 
     # ------------------------------------------------------------------ internals: push-pull
 
-    def _encode_state(self, join: bool) -> bytes:
+    def _encode_state(self, join: bool, now: float = 0.0, peer: PushPull | None = None) -> bytes:
+        """Our push-pull state. With identity each row carries the node's own signature of its
+        metadata (and of its leave), our certificate always goes along, and so do those the
+        peer asked for (all of them when it is joining)."""
         code = _STATE_CODE
-        rows = [
-            [n.name, n.incarnation, code[n.state], n.meta_bytes]
-            for n in self._nodes.values()
-        ]
         user = b""
         if self._delegate is not None:
             user = self._delegate.local_state(join)
-        return encode_push_pull_raw(join, rows, user)
+        trust = self._trust
+        if trust is None:
+            rows = [
+                [n.name, n.incarnation, code[n.state], n.meta_bytes]
+                for n in self._nodes.values()
+            ]
+            return encode_push_pull_raw(join, rows, user)
+        rows = [
+            [n.name, n.incarnation, code[n.state], n.meta_bytes, n.meta_inc, n.alive_sig,
+             n.left_sig]
+            for n in self._nodes.values()
+        ]
+        certs = [trust.cert.raw]
+        if peer is not None:
+            names = list(self._nodes) if peer.join else peer.want
+            for name in names:
+                raw = trust.raw_cert(name, now)
+                if raw is not None and raw not in certs:
+                    certs.append(raw)
+        want = sorted(self._want)[:MAX_WANT]
+        return encode_push_pull_raw(join, rows, user, certs, want)
 
     def _merge(self, pp: PushPull, now: float, quiet_new: bool = False) -> None:
+        if self._trust is not None:
+            self._merge_signed(pp, now, quiet_new)
+            return
         for st in pp.states:
             if st.incarnation > MAX_CLAIM_INCARNATION:
                 self.stats["claims_out_of_bound"] += 1
@@ -1068,16 +1230,54 @@ class Membership:
         if self._delegate is not None:
             self._delegate.merge_remote_state(pp.user_state, pp.join)
 
+    def _merge_signed(self, pp: PushPull, now: float, quiet_new: bool) -> None:
+        """_merge with identity: certificates first, then each row as the claims it stands for
+        (the node's signed alive, then the state), each checked like a gossiped one."""
+        trust = self._trust
+        assert trust is not None
+        for raw in pp.certs:
+            cert = trust.learn_cert(raw, now)
+            if cert is not None and cert.name in self._held:
+                self._release_held(cert.name, now)
+            elif cert is not None:
+                self._want.discard(cert.name)
+        for st in pp.states:
+            if st.incarnation > MAX_CLAIM_INCARNATION:
+                self.stats["claims_out_of_bound"] += 1
+                continue
+            if st.meta_inc is None or not st.alive_sig:
+                self.stats["claims_unsigned"] += 1
+                continue
+            node = self._nodes.get(st.name)
+            if node is not None and node is not self._me and node.state is st.state and \
+                    node.incarnation == st.incarnation and node.meta_inc >= st.meta_inc:
+                continue  # nothing new: no signature to check
+            if node is None and st.state is not ALIVE:
+                continue  # as unsigned: a member we never saw alive is not taken on hearsay
+            if st.name != self.name or st.meta_inc > self._me.incarnation:
+                self._on_alive(Alive(st.meta_inc, st.meta, st.meta_bytes, st.alive_sig), now,
+                               quiet=quiet_new)
+            if st.state is LEFT:
+                self._on_dead(Dead(st.incarnation, st.name, st.name, st.left_sig), now)
+            elif st.state is not ALIVE:
+                # memberlist: a remote "dead" only makes us suspect (see _merge).
+                self._on_suspect(Suspect(st.incarnation, st.name, self.name), now)
+        if self._delegate is not None:
+            self._delegate.merge_remote_state(pp.user_state, pp.join)
+
     def _start_push_pull(self, node: _Node, now: float) -> bool:
+        return self._start_push_pull_to(node.addr, now)
+
+    def _start_push_pull_to(self, addr: Addr, now: float) -> bool:
         if len(self._inflight) >= self.config.max_push_pull_concurrent or (
-            node.addr in self._inflight
-        ):
+            addr in self._inflight
+        ) or addr == self._me.addr:
             self.stats["push_pulls_skipped"] += 1
             return False
-        self._streams.append((self._encode_state(join=False), node.addr))
+        self._streams.append((self._encode_state(join=False, now=now), addr))
         expires = now + self.config.stream_timeout
-        self._inflight[node.addr] = expires
-        self._push_timer(expires, _T_STREAM, node.addr)
+        self._inflight[addr] = expires
+        self._push_timer(expires, _T_STREAM, addr)
         self.stats["push_pulls_started"] += 1
         return True
 
@@ -1097,6 +1297,7 @@ class Membership:
     def _reconnect(self, now: float) -> None:
         """serf's reconnect: push-pull with a random dead member, with probability dead/alive."""
         self._reconnect_at = now + self.config.reconnect_interval
+        self._check_certs(now)
         if self._leaving:
             return
         if not self._n_dead:

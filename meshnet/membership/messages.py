@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
@@ -91,6 +91,13 @@ MAX_PUSH_PULL_MEMBERS = 100_000
 PUSH_PULL_VERSION = 1
 # A user (delegate) message must fit in one packet alongside a ping.
 MAX_USER_BYTES = wire.DEFAULT_UDP_PAYLOAD
+# An Ed25519 signature (crypto/certs.py).
+SIG_BYTES = 64
+# A node certificate is at most this (crypto/certs.py MAX_CERT_BYTES).
+MAX_CERT_BYTES = 2048
+# Names a push-pull may ask certificates for: what one exchange can answer in MAX_STREAM_BYTES
+# (1,024 x 2 KB = 2 MB).
+MAX_WANT = 1024
 
 
 def _err(msg: str) -> MembershipProtocolError:
@@ -100,6 +107,13 @@ def _err(msg: str) -> MembershipProtocolError:
 def _uint(value: object, what: str, limit: int = MAX_INCARNATION) -> int:
     if type(value) is not int or value < 0 or value > limit:
         raise _err(f"{what}: expected unsigned int")
+    return value
+
+
+def _sig(value: object) -> bytes:
+    """A signature field: empty (unsigned) or one Ed25519 signature."""
+    if type(value) is not bytes or len(value) not in (0, SIG_BYTES):
+        raise _err("signature: expected 64 bytes")
     return value
 
 
@@ -161,28 +175,53 @@ class Suspect:
 
 @dataclass(frozen=True, slots=True)
 class Dead:
-    """``sender == node`` means the node left gracefully (memberlist's convention)."""
+    """``sender == node`` means the node left gracefully (memberlist's convention); with
+    identity, a leave carries the node's own signature (``sig``, see left_payload)."""
 
     incarnation: int
     node: str
     sender: str
+    sig: bytes = b""
 
     def encode(self) -> bytes:
-        return wire.frame(MsgType.DEAD, [self.incarnation, self.node, self.sender])
+        body: list[Any] = [self.incarnation, self.node, self.sender]
+        if self.sig:
+            body.append(self.sig)
+        return wire.frame(MsgType.DEAD, body)
 
 
 @dataclass(frozen=True, slots=True)
 class Alive:
+    """With identity, ``sig`` is the node's own signature over alive_payload (only the node
+    can say it is alive, or refute a suspicion)."""
+
     incarnation: int
     meta: NodeMeta
     meta_bytes: bytes
+    sig: bytes = b""
 
     @property
     def node(self) -> str:
         return self.meta.name
 
     def encode(self) -> bytes:
-        return wire.frame(MsgType.ALIVE, [self.incarnation, self.meta_bytes])
+        body: list[Any] = [self.incarnation, self.meta_bytes]
+        if self.sig:
+            body.append(self.sig)
+        return wire.frame(MsgType.ALIVE, body)
+
+
+def alive_payload(incarnation: int, meta_bytes: bytes) -> bytes:
+    """What a node signs to say "alive at INCARNATION with META" (meta holds its name)."""
+    return _U64.pack(incarnation) + meta_bytes
+
+
+def left_payload(incarnation: int, name: str) -> bytes:
+    """What a node signs to say "I left at INCARNATION"."""
+    return _U64.pack(incarnation) + name.encode()
+
+
+_U64 = struct.Struct(">Q")
 
 
 @dataclass(slots=True)
@@ -200,6 +239,11 @@ class PushPullState:
     state: MemberState
     meta: NodeMeta
     meta_bytes: bytes
+    # With identity: the incarnation of the alive that carried meta, the node's signature of
+    # it, and (state left) its signature of the leave.
+    meta_inc: int | None = None
+    alive_sig: bytes = b""
+    left_sig: bytes = b""
 
 
 @dataclass(slots=True)
@@ -207,30 +251,34 @@ class PushPull:
     join: bool
     states: list[PushPullState]
     user_state: bytes
+    # With identity: node certificates (the sender's own always; on a join reply, or when
+    # asked, the others'), and the names whose certificates the sender lacks.
+    certs: list[bytes] = field(default_factory=list)
+    want: list[str] = field(default_factory=list)
 
     def encode(self) -> bytes:
-        return wire.frame(
-            MsgType.PUSH_PULL,
-            [
-                PUSH_PULL_VERSION,
-                self.join,
-                [
-                    [s.name, s.incarnation, STATE_CODES.index(s.state), s.meta_bytes]
-                    for s in self.states
-                ],
-                self.user_state,
-            ],
-        )
+        rows = []
+        for s in self.states:
+            row: list[Any] = [s.name, s.incarnation, STATE_CODES.index(s.state), s.meta_bytes]
+            if s.meta_inc is not None:
+                row += [s.meta_inc, s.alive_sig, s.left_sig]
+            rows.append(row)
+        return encode_push_pull_raw(self.join, rows, self.user_state, self.certs, self.want)
 
 
 Message = Ping | IndirectPing | Ack | Nack | Suspect | Dead | Alive | User
 
 
 def encode_push_pull_raw(
-    join: bool, entries: list[list[Any]], user_state: bytes
+    join: bool, entries: list[list[Any]], user_state: bytes,
+    certs: list[bytes] | None = None, want: list[str] | None = None,
 ) -> bytes:
-    """Encode from prebuilt ``[name, inc, state_code, meta_bytes]`` rows (the hot path)."""
-    return wire.frame(MsgType.PUSH_PULL, [PUSH_PULL_VERSION, join, entries, user_state])
+    """Encode from prebuilt ``[name, inc, state_code, meta_bytes(, meta_inc, alive_sig,
+    left_sig)]`` rows (the hot path)."""
+    body: list[Any] = [PUSH_PULL_VERSION, join, entries, user_state]
+    if certs or want:
+        body += [certs or [], want or []]
+    return wire.frame(MsgType.PUSH_PULL, body)
 
 
 MetaCache = dict[bytes, NodeMeta]
@@ -326,11 +374,12 @@ def _decode_one(t: int, view: memoryview, cache: MetaCache | None) -> Message | 
         return Suspect(_uint(b[0], "incarnation"), check_name(b[1]), check_name(b[2]))
     if t == MsgType.DEAD:
         b = _body(view, 3, "dead")
-        return Dead(_uint(b[0], "incarnation"), check_name(b[1]), check_name(b[2]))
+        return Dead(_uint(b[0], "incarnation"), check_name(b[1]), check_name(b[2]),
+                    _sig(b[3]) if len(b) > 3 else b"")
     if t == MsgType.ALIVE:
         b = _body(view, 2, "alive")
         meta, raw = _decode_meta(b[1], cache)
-        return Alive(_uint(b[0], "incarnation"), meta, raw)
+        return Alive(_uint(b[0], "incarnation"), meta, raw, _sig(b[2]) if len(b) > 2 else b"")
     if t == MsgType.INDIRECT_PING:
         b = _body(view, 5, "indirect ping")
         host = b[2]
@@ -452,6 +501,16 @@ def decode_push_pull(
         raise _err("push-pull: bad member list")
     if type(user_state) is not bytes:
         raise _err("push-pull: user state must be bytes")
+    certs: list[bytes] = []
+    want: list[str] = []
+    if len(b) >= 6:
+        certs, want = b[4], b[5]
+        if type(certs) is not list or len(certs) > MAX_PUSH_PULL_MEMBERS or not all(
+                type(c) is bytes and 0 < len(c) <= MAX_CERT_BYTES for c in certs):
+            raise _err("push-pull: bad certificate list")
+        if type(want) is not list or len(want) > MAX_WANT:
+            raise _err("push-pull: bad want list")
+        want = [check_name(w) for w in want]
     states: list[PushPullState] = []
     append = states.append
     n_codes = len(STATE_CODES)
@@ -472,5 +531,9 @@ def decode_push_pull(
         inc = row[1]
         if type(inc) is not int or inc < 0 or inc > MAX_INCARNATION:
             raise _err("incarnation: expected unsigned int")
-        append(PushPullState(name, inc, STATE_CODES[code], meta, raw))
-    return PushPull(join, states, user_state)
+        if len(row) >= 7:
+            append(PushPullState(name, inc, STATE_CODES[code], meta, raw,
+                                 _uint(row[4], "meta incarnation"), _sig(row[5]), _sig(row[6])))
+        else:
+            append(PushPullState(name, inc, STATE_CODES[code], meta, raw))
+    return PushPull(join, states, user_state, certs, want)
