@@ -40,8 +40,6 @@ from meshnet.membership import (
     MemberSuspect,
 )
 from meshnet.membership.lifeguard import suspicion_bounds
-from meshnet.membership.messages import PushPull, PushPullState
-from meshnet.membership.types import MemberState
 from meshnet.sim import Simulator
 
 
@@ -58,21 +56,6 @@ def serf_convergence_s(n: int, cfg: MembershipConfig, loss: float, target: float
     c_n = cfg.gossip_nodes * (1 - loss) * 0.5
     rounds = math.log((n + 1) / (1 / target - 1)) / c_n
     return rounds * cfg.gossip_interval
-
-
-def bootstrap(sim: Simulator) -> None:
-    """Give every node the full alive view at t=0, as if each had pulled it from a seed."""
-    states = [
-        PushPullState(n.name, 0, MemberState.ALIVE, n.meta, n.meta.encode()) for n in sim.nodes
-    ]
-    blob = PushPull(False, states, b"").encode()
-    seed_addr = sim.nodes[0].addr
-    for node in sim.nodes:
-        if node.addr != seed_addr:
-            node.core.join([seed_addr], sim.now)
-            node.core.streams_to_open()  # answered below, in memory
-        node.core.receive_stream_reply(blob, seed_addr, sim.now)
-        sim._after(node)
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
@@ -125,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         elif t is MemberSuspect and name_to_idx[ev.member.name] not in crashed_at:
             false_suspect_events += 1
 
-    bootstrap(sim)
+    sim.bootstrap()
     warmup = args.warmup
     sim.run_until(warmup)
     # Every core's view (~N^2 objects) lives for the whole run: keep the cyclic collector from

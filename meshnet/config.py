@@ -61,6 +61,13 @@ class Config:
     socket: str = DEFAULT_SOCKET
     cluster_key_file: str = ""
     insecure_no_encryption: bool = False
+    # Identity (#13): the cluster CA's certificate, this node's certificate and its keys
+    # (`meshctl ca init` / `meshctl ca sign`). Without them the agent refuses to start unless
+    # insecure_no_identity says otherwise.
+    ca_cert: str = ""
+    node_cert: str = ""
+    node_key: str = ""
+    insecure_no_identity: bool = False
     labels: dict[str, str] = field(default_factory=dict)
     dns_listen: tuple[tuple[str, int], ...] = ()
     log_format: str = "text"
@@ -190,12 +197,14 @@ def _parse_key(cfg: dict[str, Any], key: str, value: object) -> None:
         items = _expect(key, value, list)
         port = DEFAULT_PORT if key == "join" else 53
         cfg[key] = tuple(parse_hostport(f"{key}[{i}]", v, port) for i, v in enumerate(items))
-    elif key in ("state_dir", "socket", "cluster_key_file"):
+    elif key in ("state_dir", "socket", "cluster_key_file", "ca_cert", "node_cert", "node_key"):
         text = _expect(key, value, str)
-        if key != "cluster_key_file" and not text:
+        if key in ("state_dir", "socket") and not text:
             raise ConfigError(f"{key}: must not be empty")
+        if "\0" in text or "\n" in text:
+            raise ConfigError(f"{key}: not a file path")
         cfg[key] = text
-    elif key == "insecure_no_encryption":
+    elif key in ("insecure_no_encryption", "insecure_no_identity"):
         cfg[key] = _expect(key, value, bool)
     elif key == "labels":
         table = _expect(key, value, dict)
@@ -250,6 +259,10 @@ def from_mapping(data: dict[str, Any], base: Config | None = None) -> Config:
     for key, value in data.items():
         _parse_key(parsed, key, value)
     config = replace(base or Config(), **parsed)
+    given = [k for k in ("ca_cert", "node_cert", "node_key") if getattr(config, k)]
+    if given and len(given) < 3:
+        missing = sorted({"ca_cert", "node_cert", "node_key"} - set(given))
+        raise ConfigError(f"{missing[0]}: identity needs ca_cert, node_cert and node_key together")
     if config.reject_after_s <= config.rekey_after_s:
         raise ConfigError(f"reject_after_s: {config.reject_after_s:g} must be greater than "
                           f"rekey_after_s ({config.rekey_after_s:g})")

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 import meshnet
 from meshnet import config as configmod
 from meshnet.agent import identity, logs, systemd
+from meshnet.agent.certificates import load_trust
 from meshnet.agent.cluster_ops import ClusterOps
 from meshnet.agent.control import ControlServer, Handler, OpError, SendEvent
 from meshnet.agent.dns_server import DnsServer, read_resolv_conf
@@ -30,8 +31,10 @@ from meshnet.agent.sandboxes import Sandboxes
 from meshnet.agent.services import TASKS, Services
 from meshnet.agent.state_service import StateService
 from meshnet.config import DEFAULT_CONFIG_PATH, Config
+from meshnet.crypto.certs import CertError, iso_time
 from meshnet.crypto.identity import IdentityError, load_or_create_identity, public_bytes
 from meshnet.crypto.keyring import Keyring, KeyringError
+from meshnet.crypto.trust import Trust
 from meshnet.dns import Resolver
 from meshnet.fsutil import atomic_write
 from meshnet.membership import (
@@ -63,6 +66,8 @@ JOIN_RETRY_MAX_S = 10.0
 # Key operations fan out to every member; this many at once keeps a big cluster from a storm.
 KEY_OP_CONCURRENCY = 32
 KEY_OPS = ("install", "use", "remove", "list")
+# How often the loop-clock-to-Unix-time offset for certificate expiry is refreshed.
+WALL_CLOCK_CHECK_S = 30.0
 
 
 class StartError(Exception):
@@ -103,6 +108,7 @@ class Agent:
         self.overlay: Overlay | None = None
         self.encrypted: EncryptedOverlay | None = None
         self.datapath_key: X25519PrivateKey | None = None
+        self.trust: Trust | None = None
         self.sandboxes: Sandboxes | None = None
         self.services: Services | None = None
         self.gossip: GossipTransport | None = None
@@ -134,6 +140,25 @@ class Agent:
         raise StartError("no cluster key: set cluster_key_file (--cluster-key-file) or, "
                          "for a throwaway test only, --insecure-no-encryption")
 
+    def _load_trust(self, loop_now: float) -> Trust | None:
+        cfg = self.config
+        if not cfg.ca_cert:
+            if not cfg.insecure_no_identity:
+                raise StartError("no identity: set ca_cert, node_cert and node_key (--ca-cert, "
+                                 "--node-cert, --node-key; `meshctl ca init` and `meshctl ca "
+                                 "sign` make them) or, for a throwaway test only, "
+                                 "--insecure-no-identity")
+            log.warning("NO IDENTITY: --insecure-no-identity is set; any holder of the cluster "
+                        "key can speak for any node and define services")
+            return None
+        try:
+            trust = load_trust(cfg, loop_now, time.time())
+        except CertError as e:
+            raise StartError(f"identity: {e}") from None
+        log.info("identity: certificate for %s, roles %s, valid until %s", trust.cert.name,
+                 ",".join(trust.cert.roles), iso_time(trust.cert.not_after))
+        return trust
+
     def _meta(self) -> NodeMeta:
         return NodeMeta(
             name=self.config.name,
@@ -150,11 +175,16 @@ class Agent:
         except identity.StateDirError as e:
             raise StartError(str(e)) from None
         self.keyring = self._load_keyring()
-        try:
-            self.datapath_key = load_or_create_identity(
-                Path(self.config.state_dir) / DATAPATH_KEY_FILE)
-        except (IdentityError, OSError, ValueError) as e:
-            raise StartError(f"datapath key: {e}") from None
+        self.trust = self._load_trust(loop.time())
+        if self.trust is not None:
+            # The certificate binds the datapath key: peers check it against the certificate.
+            self.datapath_key = self.trust.keys.dp
+        else:
+            try:
+                self.datapath_key = load_or_create_identity(
+                    Path(self.config.state_dir) / DATAPATH_KEY_FILE)
+            except (IdentityError, OSError, ValueError) as e:
+                raise StartError(f"datapath key: {e}") from None
         mcfg = membership_config(self.config)
         store = Store(self.config.name, StoreConfig(
             tombstone_ttl=tombstone_ttl_for(mcfg.reap_after, mcfg.push_pull_interval),
@@ -168,6 +198,7 @@ class Agent:
             self.membership = Membership(
                 mcfg, self._meta(), random.Random(),
                 loop.time(), delegate=self.state, incarnation=self.record.incarnation,
+                trust=self.trust,
             )
         except ValueError as e:
             raise StartError(f"membership: {e}") from None
@@ -202,6 +233,8 @@ class Agent:
         interval = systemd.watchdog_interval()
         if interval is not None:
             self._spawn(self._watchdog(interval))
+        if self.trust is not None:
+            self._spawn(self._track_wall_clock())
         log.info("meshnetd %s serving", meshnet.__version__, extra={"fields": {
             "name": self.config.name, "bind": f"{self.config.bind[0]}:{self.config.bind[1]}",
             "socket": self.config.socket, "incarnation": self.record.incarnation}})
@@ -256,12 +289,13 @@ class Agent:
         await self.services.start()
 
     def _hidden_from_tasks(self) -> list[str]:
-        """The agent's state, socket, config and key (and their directories): never visible
-        to a task (platform/container.py covers them in every task's file system)."""
+        """The agent's state, socket, config, cluster key and identity (and their directories):
+        never visible to a task (platform/container.py covers them in every task's file system)."""
         cfg = self.config
         config_file = self.config_path or (DEFAULT_CONFIG_PATH if Path(DEFAULT_CONFIG_PATH)
                                            .exists() else None)
-        files = [f for f in (cfg.socket, cfg.cluster_key_file, config_file) if f]
+        files = [f for f in (cfg.socket, cfg.cluster_key_file, config_file, cfg.node_key,
+                             cfg.node_cert, cfg.ca_cert) if f]
         dirs = [cfg.state_dir, *(os.path.dirname(os.path.abspath(f)) for f in files),
                 *cfg.task_hidden_paths]
         return hidden_paths(dirs, files)
@@ -279,8 +313,20 @@ class Agent:
         return out
 
     def _all_members(self) -> list[Member]:
+        """Members for the encrypted datapath: with identity, only those whose advertised
+        datapath key is the one their certificate binds."""
         assert self.membership is not None
-        return list(self.membership.members())
+        members = list(self.membership.members())
+        trust = self.trust
+        if trust is None:
+            return members
+        now = asyncio.get_running_loop().time()
+        out = []
+        for m in members:
+            cert = trust.current(m.name, now)
+            if cert is not None and m.meta.extra.get(DPK) == cert.dp_key:
+                out.append(m)
+        return out
 
     def _vteps(self) -> dict[str, str]:
         assert self.membership is not None
@@ -332,6 +378,15 @@ class Agent:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+
+    async def _track_wall_clock(self) -> None:
+        """Certificates expire in Unix time, membership runs on the loop's clock: keep the
+        offset between them current (the wall clock may be stepped)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.trust is not None:
+                self.trust.wall_offset = time.time() - loop.time()
+            await asyncio.sleep(WALL_CLOCK_CHECK_S)
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -452,6 +507,7 @@ class Agent:
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "profile": self.config.profile,
             "encryption": "none (INSECURE)" if self.keyring is None else "aes-256-gcm",
+            "identity": self._identity_status(),
             "members": self._member_counts(),
             "datapath": {"overlay": self.overlay.status() if self.overlay else "none",
                          "encrypted": self.encrypted.status() if self.encrypted else
@@ -462,9 +518,28 @@ class Agent:
             "dns": self.dns.stats() if self.dns else {},
         }
 
+    def _identity_status(self) -> dict[str, Any] | str:
+        trust = self.trust
+        if trust is None:
+            return "none (INSECURE: any key holder is every node)"
+        st = trust.stats
+        return {"ca": trust.ca.fingerprint_hex, "roles": list(trust.cert.roles),
+                "serial": trust.cert.serial.hex(), "expires": iso_time(trust.cert.not_after),
+                "certs_known": len(trust.names()), "certs_learned": st.certs_learned,
+                "certs_refused": st.certs_refused, "revocations": st.revocations,
+                "claims_refused": st.claims_refused, "refusals": dict(st.refusals),
+                "last_refusal": st.last_refusal}
+
     async def _op_members(self, args: dict[str, Any], send: SendEvent) -> Any:
         assert self.membership is not None
-        return [member_json(m) for m in self.membership.members()]
+        out = [member_json(m) for m in self.membership.members()]
+        if self.trust is not None:
+            now = asyncio.get_running_loop().time()
+            for doc in out:
+                cert = self.trust.current(doc["name"], now)
+                doc["roles"] = list(cert.roles) if cert else []
+                doc["cert_expires"] = iso_time(cert.not_after) if cert else None
+        return out
 
     async def _op_join(self, args: dict[str, Any], send: SendEvent) -> Any:
         assert self.gossip is not None

@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--underlay-mtu", type=int, default=UNDERLAY_MTU,
         help=f"MTU of the underlay switch and the hosts' eth0 (default {UNDERLAY_MTU})",
     )
+    up.add_argument(
+        "--workers", default="", metavar="H3,H4",
+        help="hosts whose certificates carry the worker role (default: every host is admin)",
+    )
 
     down = sub.add_parser("down", help="remove every namespace, link and process of the lab")
     down.add_argument("--keep-logs", action="store_true", help="keep RUN/hN/meshnetd.log")
@@ -119,6 +123,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             start_agents=not args.no_agents,
             timeout=args.timeout,
             underlay_mtu=args.underlay_mtu,
+            workers=[w for w in args.workers.split(",") if w],
         )
         rows = lab.status()
         print(

@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("name")
     lk.add_argument("--network")
     lk.add_argument("--type", default="A", choices=("A", "SRV", "PTR"))
+    add_ca_parser(sub)
     return p
 
 
@@ -329,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         words, tail = words[:cut], words[cut + 1:]
     ns = parser.parse_args(words)
     ns.command = tail
+    if ns.cmd == "ca":  # local files, no agent needed (revoke submits if one answers)
+        return ca_main(ns)
     try:
         name, op, args = to_request(ns)
     except UsageError as e:
@@ -385,6 +388,191 @@ def _print_event(event: dict[str, Any]) -> None:
     elif data is not None:
         stream.write(str(data))
         stream.flush()
+
+
+# --- ca: the cluster CA and node certificates (local files; revoke also submits) ----------------
+
+def add_ca_parser(sub: argparse._SubParsersAction[Parser]) -> None:
+    ca = sub.add_parser("ca", help="the offline cluster CA: node certificates").add_subparsers(
+        dest="ca_cmd", required=True, parser_class=Parser)
+    i = ca.add_parser("init", help="make a new CA (ca.key, ca.crt) in a new 0700 directory")
+    i.add_argument("--out", required=True, metavar="DIR")
+    i.add_argument("--name", default="meshnet-ca")
+    i.add_argument("--days", type=int, default=3650)
+    s = ca.add_parser("sign", help="make a node's keys and certificate (node.key, node.crt)")
+    s.add_argument("name")
+    s.add_argument("--role", required=True, action="append", choices=("admin", "worker"))
+    s.add_argument("--label", action="append", default=[], metavar="K=V")
+    s.add_argument("--days", type=int, default=365)
+    s.add_argument("--ca", required=True, metavar="DIR")
+    s.add_argument("--out", required=True, metavar="DIR")
+    s.add_argument("--force", action="store_true", help="overwrite an existing node.key")
+    sh = ca.add_parser("show", help="print a certificate or revocation")
+    sh.add_argument("file")
+    sh.add_argument("--ca", metavar="DIR|CA.CRT", help="also check it against this CA")
+    r = ca.add_parser("revoke", help="revoke a node's certificate(s)")
+    r.add_argument("name")
+    r.add_argument("--serial", metavar="HEX", help="only this certificate (default: every "
+                   "certificate of NAME issued until now)")
+    r.add_argument("--ca", required=True, metavar="DIR")
+    r.add_argument("--out", metavar="FILE", help="also write the revocation here")
+
+
+def ca_main(ns: argparse.Namespace) -> int:
+    """`meshctl ca ...`: prints one document (or its text form) and returns the exit code."""
+    from meshnet.crypto.certs import CertError
+    verb = ns.ca_cmd
+    try:
+        code, doc, text = {"init": _ca_init, "sign": _ca_sign, "show": _ca_show,
+                           "revoke": _ca_revoke}[verb](ns)
+    except UsageError as e:
+        print(f"meshctl: ca {verb}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CertError, OSError) as e:
+        print(f"meshctl: ca {verb}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(doc, indent=2, sort_keys=True) if ns.json else text)
+    return code
+
+
+CaResult = tuple[int, dict[str, Any], str]
+
+
+def _now() -> int:
+    import time
+    return int(time.time())
+
+
+def _iso(t: int) -> str:
+    from meshnet.crypto.certs import iso_time
+    return iso_time(t)
+
+
+def _lines(doc: dict[str, Any]) -> str:
+    return "\n".join(f"{k}: {_cell(v)}" for k, v in doc.items())
+
+
+def _cert_doc(obj: Any) -> dict[str, Any]:
+    """A CaCert, NodeCert or Revocation as JSON-ready fields (bytes as hex, times ISO UTC)."""
+    from meshnet.crypto.certs import CaCert, NodeCert
+    if isinstance(obj, CaCert):
+        return {"kind": "ca certificate", "name": obj.name, "fingerprint": obj.fingerprint_hex,
+                "public_key": obj.public_key.hex(), "not_before": _iso(obj.not_before),
+                "not_after": _iso(obj.not_after)}
+    if isinstance(obj, NodeCert):
+        return {"kind": "node certificate", "name": obj.name, "roles": list(obj.roles),
+                "labels": obj.labels, "serial": obj.serial.hex(),
+                "not_before": _iso(obj.not_before), "not_after": _iso(obj.not_after),
+                "ca": obj.issuer.hex(), "sign_key": obj.sign_key.hex(),
+                "dp_key": obj.dp_key.hex()}
+    scope = (f"certificate {obj.serial.hex()}" if obj.serial is not None else
+             f"every certificate of {obj.name} issued before {_iso(obj.issued_at)}")
+    return {"kind": "revocation", "name": obj.name, "revokes": scope,
+            "serial": obj.serial.hex() if obj.serial is not None else None,
+            "issued_at": _iso(obj.issued_at), "ca": obj.issuer.hex()}
+
+
+def _ca_init(ns: argparse.Namespace) -> CaResult:
+    from meshnet.crypto import certs
+    key, ca = certs.make_ca(ns.name, _now(), ns.days)
+    certs.save_ca(ns.out, key, ca)
+    doc = {**_cert_doc(ca), "dir": ns.out}
+    return EXIT_OK, doc, f"created CA {ca.name} in {ns.out} (keep ca.key offline)\n" + _lines(doc)
+
+
+def _ca_sign(ns: argparse.Namespace) -> CaResult:
+    from meshnet.crypto import certs
+    labels: dict[str, str] = {}
+    for item in ns.label:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise UsageError(f"--label {item!r} is not K=V")
+        labels[k] = v
+    ca_key, ca = certs.load_ca(ns.ca)
+    keys = certs.generate_node_keys()
+    now = _now()
+    cert = certs.sign_node(ca_key, ca, ns.name, ns.role, labels, keys.sign_pub, keys.dp_pub,
+                           now, ns.days)
+    certs.save_node(ns.out, keys, cert, overwrite=ns.force)
+    clamped = cert.not_after < now + ns.days * certs.DAY  # the CA expires first
+    doc = {**_cert_doc(cert), "dir": ns.out, "clamped_to_ca_expiry": clamped}
+    return EXIT_OK, doc, f"signed {cert.name} into {ns.out}\n" + _lines(doc)
+
+
+def _ca_show(ns: argparse.Namespace) -> CaResult:
+    from pathlib import Path
+
+    from meshnet.crypto import certs
+    kind, raw = certs.read_armored(ns.file)
+    obj: Any = {certs.ARMOR_CA: certs.decode_ca, certs.ARMOR_NODE: certs.peek_node_cert,
+                certs.ARMOR_REVOCATION: certs.peek_revocation}[kind](raw)
+    doc = _cert_doc(obj)
+    if ns.ca is None:
+        return EXIT_OK, doc, _lines(doc)
+    ca_path = Path(ns.ca) / certs.CA_CERT_FILE if Path(ns.ca).is_dir() else Path(ns.ca)
+    ca = certs.load_ca_cert(ca_path)
+    try:
+        if kind == certs.ARMOR_CA:
+            if obj.fingerprint != ca.fingerprint:
+                raise certs.CertError("another CA")
+        elif kind == certs.ARMOR_NODE:
+            certs.check_node_cert(certs.decode_node_cert(raw, ca), ca, _now())
+        else:
+            certs.decode_revocation(raw, ca)
+        doc["verified"] = "yes"
+        code = EXIT_OK
+    except certs.CertError as e:
+        doc["verified"] = f"no: {e}"
+        print(f"meshctl: ca show: {ns.file} does not verify against {ca_path}: {e}",
+              file=sys.stderr)
+        code = EXIT_FAILED
+    return code, doc, _lines(doc)
+
+
+def _ca_revoke(ns: argparse.Namespace) -> CaResult:
+    from meshnet.crypto import certs
+    from meshnet.fsutil import atomic_write
+    serial = None
+    if ns.serial is not None:
+        try:
+            serial = bytes.fromhex(ns.serial)
+        except ValueError:
+            serial = b""
+        if len(serial) != certs.SERIAL_BYTES:
+            raise UsageError(f"--serial must be {certs.SERIAL_BYTES * 2} hex digits")
+    ca_key, ca = certs.load_ca(ns.ca)
+    rev = certs.sign_revocation(ca_key, ca, ns.name, serial, _now())
+    armored = certs.armor(certs.ARMOR_REVOCATION, rev.raw)
+    if ns.out:
+        atomic_write(ns.out, armored.encode(), mode=certs.CERT_MODE)
+    doc = {**_cert_doc(rev), "out": ns.out, "submitted": False, "revocation": armored}
+    code, why = _submit_revocation(ns.socket, armored)
+    if code == EXIT_OK:
+        doc["submitted"] = True
+        return EXIT_OK, doc, _lines({k: v for k, v in doc.items() if k != "revocation"})
+    where = f"; written to {ns.out}" if ns.out else ""
+    print(f"meshctl: ca revoke: not submitted ({why}){where}", file=sys.stderr)
+    if code == EXIT_NO_AGENT and ns.out:
+        code = EXIT_OK  # the revocation is safe in --out; the operator distributes it
+    return code, doc, armored.rstrip("\n")
+
+
+def _submit_revocation(path: str, armored: str) -> tuple[int, str]:
+    """Hand a revocation to the local agent: (exit code, why it was not submitted)."""
+    try:
+        for frame in Client(path).call("ca.revoke", {"revocation": armored}, PLAIN_TIMEOUT_S):
+            if "event" in frame:
+                continue
+            if frame.get("ok"):
+                return EXIT_OK, ""
+            if frame.get("code") == "unknown_op":
+                return EXIT_FAILED, "this agent does not accept revocations yet (no op ca.revoke)"
+            return EXIT_FAILED, f"the agent refused it: {frame.get('error', 'failed')}"
+    except NoAgent:
+        return EXIT_NO_AGENT, f"cannot reach the agent at {path}"
+    except (ConnectionError, TimeoutError, api.ApiError) as e:
+        return EXIT_NO_AGENT, f"lost the agent mid-answer: {e}"
+    return EXIT_FAILED, "the agent sent no reply"
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -25,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", metavar="DIR")
     p.add_argument("--socket", metavar="PATH", help="control socket path")
     p.add_argument("--cluster-key-file", metavar="FILE", help="file holding the base64 gossip key")
+    p.add_argument("--ca-cert", metavar="FILE", help="the cluster CA's certificate (ca.crt)")
+    p.add_argument("--node-cert", metavar="FILE", help="this node's certificate (node.crt)")
+    p.add_argument("--node-key", metavar="FILE", help="this node's keys (node.key, mode 0600)")
+    p.add_argument("--insecure-no-identity", action="store_true", default=None,
+                   help="DANGER: no certificates; any holder of the cluster key is every node")
     p.add_argument("--label", metavar="K=V", action="append", help="node label (repeatable)")
     p.add_argument("--dns-listen", metavar="IP:PORT", action="append",
                    help="extra DNS listener that sees every network (repeatable)")
@@ -59,6 +65,7 @@ def flag_overrides(ns: argparse.Namespace) -> dict[str, Any]:
     """Flags in the same raw shape as the TOML file, so one validator checks both."""
     out: dict[str, Any] = {}
     for key in ("name", "bind", "advertise", "state_dir", "socket", "cluster_key_file",
+                "ca_cert", "node_cert", "node_key", "insecure_no_identity",
                 "profile", "log_format", "log_level", "insecure_no_encryption", "dns_ttl",
                 "datapath", "sandbox_prefix", "rekey_after_s", "reject_after_s",
                 "overlay_cipher"):
@@ -93,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
                 Keyring.from_key_file(cfg.cluster_key_file)
             except (KeyringError, OSError) as e:
                 raise configmod.ConfigError(f"cluster_key_file: {e}") from None
+        if cfg.ca_cert:
+            from meshnet.agent.certificates import load_trust
+            from meshnet.crypto.certs import CertError
+            try:
+                load_trust(cfg, 0.0, time.time())
+            except CertError as e:
+                raise configmod.ConfigError(f"identity: {e}") from None
     except configmod.ConfigError as e:
         print(f"meshnetd: {e}", file=sys.stderr)
         return 1

@@ -73,8 +73,12 @@ class Trust:
     """See the module docstring. ``keys``/``cert`` are this node's own."""
 
     def __init__(self, ca: CaCert, name: str, keys: NodeKeys, cert: NodeCert, now: float,
-                 cache: VerifyCache | None = None, wall_offset: float = 0.0) -> None:
+                 cache: VerifyCache | None = None, wall_offset: float = 0.0,
+                 cert_memo: dict[bytes, NodeCert] | None = None) -> None:
+        """``cache`` and ``cert_memo`` (certificates whose CA signature was checked, by
+        encoding) may be shared by many Trusts of one CA: the simulator's nodes share them."""
         self.wall_offset = wall_offset
+        self.cert_memo = cert_memo
         check_node_cert(cert, ca, self.wall(now), name=name)
         if cert.sign_key != keys.sign_pub:
             raise CertError("the node certificate is for another signing key than node.key's")
@@ -104,8 +108,16 @@ class Trust:
         digest = hashlib.blake2b(raw, digest_size=16).digest()
         if digest in self._known or digest in self._refused:
             return None
+        self.stats.verifications += 1  # what checking the CA's signature costs this node
         try:
-            cert = decode_node_cert(raw, self.ca)
+            memo = self.cert_memo
+            cert = memo.get(raw) if memo is not None else None
+            if cert is None:
+                cert = decode_node_cert(raw, self.ca)
+                if memo is not None:
+                    if len(memo) >= MAX_NAMES:
+                        memo.clear()
+                    memo[raw] = cert
             check_node_cert(cert, self.ca, self.wall(now),
                             revocations=self._revocations.get(cert.name, ()))
         except CertError as e:

@@ -10,6 +10,9 @@ Files under the run directory RUN (default /run/meshnet-lab/P, or $MESHNET_LAB_R
 
     RUN/manifest.json    what the lab made (written atomically BEFORE making it) and agent pids
     RUN/cluster.key      32 random bytes, standard base64, 0600
+    RUN/ca/              the lab's cluster CA (ca.key 0600, ca.crt)
+    RUN/hI/id/           the host's certificate and keys (node.crt, node.key 0600): every host
+                         is an admin unless `up --workers` makes it a worker
     RUN/hI/state/        the agent's --state-dir
     RUN/hI/meshnet.sock  the agent's control socket
     RUN/hI/meshnetd.log  the agent's stdout and stderr
@@ -38,6 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from meshnet.crypto import certs
 from meshnet.fsutil import atomic_write
 from meshnet.platform import cgroups, netns
 from meshnet.platform.netns import NetnsError
@@ -65,6 +69,8 @@ KILL_WAIT_S = 3.0
 # An agent that has no control socket after this long is not coming up.
 AGENT_START_TIMEOUT_S = 20.0
 POLL_S = 0.05
+# The lab's CA and host certificates live a year: longer than any lab, short of forever.
+CERT_DAYS = 365
 # A process as (pid, start time in ticks since boot or None when unknown).
 ProcRef = tuple[int, int | None]
 # Namespace names are file names under /run/netns; keep them short and shell-safe.
@@ -249,6 +255,10 @@ class Lab:
     def key_path(self) -> Path:
         return self.run_dir / "cluster.key"
 
+    @property
+    def ca_dir(self) -> Path:
+        return self.run_dir / "ca"
+
     def host_ns(self, host: str) -> str:
         return f"{self.prefix}-{host}"
 
@@ -322,11 +332,13 @@ class Lab:
         timeout: float = AGENT_START_TIMEOUT_S,
         agent_args: Sequence[str] = (),
         underlay_mtu: int = UNDERLAY_MTU,
+        workers: Sequence[str] = (),
     ) -> None:
         """Create the underlay and N hosts; with start_agents, start meshnetd on each (with
         AGENT_ARGS added to its flags) and wait for every control socket. On any failure
         everything made so far is removed again. UNDERLAY_MTU is the MTU of the switch and
-        of every host's eth0 (1500 by default; 9000 models a jumbo-frame network)."""
+        of every host's eth0 (1500 by default; 9000 models a jumbo-frame network). WORKERS
+        (host names) get certificates with the worker role; the others are admins."""
         self._require_root()
         if not 1 <= hosts <= MAX_HOSTS:
             raise LabError(f"--hosts must be between 1 and {MAX_HOSTS}, not {hosts}")
@@ -337,6 +349,9 @@ class Lab:
                 f"lab '{self.prefix}' is already up (run dir {self.run_dir}); "
                 "run 'meshnet-lab down' first"
             )
+        unknown = sorted(set(workers) - {f"h{i}" for i in range(1, hosts + 1)})
+        if unknown:
+            raise LabError(f"--workers: no host {unknown[0]} in a lab of {hosts}")
         meshnetd = _venv_tool("meshnetd") if start_agents else None
         if start_agents and meshnetd is None:
             raise LabError("meshnetd not found next to the Python interpreter or on PATH")
@@ -382,6 +397,9 @@ class Lab:
                 "--state-dir", str(self.host_dir(h) / "state"),
                 "--socket", str(self.socket_path(h)),
                 "--cluster-key-file", str(self.key_path),
+                "--ca-cert", str(self.ca_dir / "ca.crt"),
+                "--node-cert", str(self.host_dir(h) / "id" / "node.crt"),
+                "--node-key", str(self.host_dir(h) / "id" / "node.key"),
             ]  # fmt: skip
             if join:
                 args += ["--join", ",".join(join)]
@@ -394,6 +412,7 @@ class Lab:
             m["hosts"][h] = {
                 "namespace": self.host_ns(h),
                 "underlay_ip": ip,
+                "role": "worker" if h in workers else "admin",
                 "agent_args": args,
                 "pid": None,
                 "starttime": None,
@@ -406,6 +425,7 @@ class Lab:
             for h in names:
                 self.host_dir(h).mkdir(mode=0o700, exist_ok=True)
                 (self.host_dir(h) / "state").mkdir(mode=0o700, exist_ok=True)
+            self._make_certificates(m, names)
             if start_agents:
                 assert meshnetd is not None
                 for h in names:
@@ -421,6 +441,18 @@ class Lab:
             if isinstance(e, NetnsError):
                 raise LabError(str(e)) from e
             raise
+
+    def _make_certificates(self, m: dict[str, Any], names: list[str]) -> None:
+        """The lab's CA, and a certificate and keys for every host, as an operator would make
+        them with `meshctl ca init` and `meshctl ca sign`."""
+        now = int(time.time())
+        ca_key, ca = certs.make_ca(f"{self.prefix}-ca", now - 60, CERT_DAYS)
+        certs.save_ca(self.ca_dir, ca_key, ca, overwrite=True)
+        for h in names:
+            keys = certs.generate_node_keys()
+            cert = certs.sign_node(ca_key, ca, h, [m["hosts"][h]["role"]], {}, keys.sign_pub,
+                                   keys.dp_pub, now - 60, CERT_DAYS)
+            certs.save_node(self.host_dir(h) / "id", keys, cert, overwrite=True)
 
     def _build(self, m: dict[str, Any], names: list[str]) -> None:
         u = self.underlay_ns
@@ -635,6 +667,7 @@ class Lab:
         for name in (MANIFEST, "cluster.key"):
             with contextlib.suppress(FileNotFoundError):
                 (d / name).unlink()
+        shutil.rmtree(d / "ca", ignore_errors=True)
         for p in d.glob(f".{MANIFEST}.*.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()

@@ -10,6 +10,13 @@ partitions (groups), crashes (no delivery, no timers), restarts (a fresh core at
 address), slow nodes (everything addressed to the node is handled ``delay`` seconds late), and
 push-pull streams in memory with latency. Bytes are counted per node including the encryption
 framing the shell would add (``ENCRYPTION_OVERHEAD`` per datagram and per stream message).
+
+Identity (on by default, as in the agent): one CA, a certificate and a ``Trust`` per node, so the
+cores sign and verify their claims with the code that ships. Ed25519 verification is too slow to
+do for real 1000 x 1000 times, so the nodes share one VerifyCache keyed by the signed bytes (each
+distinct signature is checked once, for real), and each node is charged VERIFY_COST_S of virtual
+time per verification it asks for: what it sends while handling that input leaves that much
+later, so detection figures include the cost.
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshnet.crypto.certs import NodeCert, VerifyCache, generate_node_keys, make_ca, sign_node
+from meshnet.crypto.trust import ALIVE_DOMAIN, Trust
 from meshnet.membership import MemberEvent, Membership, MembershipConfig, MemberState, NodeMeta
-from meshnet.membership.messages import DecodeCache
+from meshnet.membership.messages import DecodeCache, PushPull, PushPullState, alive_payload
 from meshnet.wire import ENCRYPTION_OVERHEAD
 
 Addr = tuple[str, int]
@@ -35,6 +44,11 @@ _STREAM_FAIL = 4
 
 # How long a stream to an unreachable (partitioned) peer takes to fail: a TCP connect timeout.
 STREAM_CONNECT_TIMEOUT = 1.0
+# Virtual seconds one Ed25519 verification costs its node: measured on the lab machine (Intel
+# Xeon, 2 vCPUs) through VerifyCache.verify on a miss, ~90 us (the issue's figure, confirmed).
+VERIFY_COST_S = 90e-6
+# Unix time virtual time 0 stands for; the simulated CA and certificates are valid around it.
+SIM_EPOCH = 1_800_000_000
 
 __all__ = ["STREAM_CONNECT_TIMEOUT", "SimNode", "Simulator"]
 
@@ -55,6 +69,8 @@ class SimNode:
     packets_sent: int = 0
     bytes_received: int = 0
     labels: dict[str, str] = field(default_factory=dict)
+    trust: Trust | None = None
+    verifications: int = 0  # charged so far (see VERIFY_COST_S)
 
 
 class Simulator:
@@ -65,6 +81,7 @@ class Simulator:
         *,
         latency: tuple[float, float] = (0.0005, 0.002),
         loss: float = 0.0,
+        identity: bool = True,
     ) -> None:
         self.config = config
         self.rng = random.Random(seed)
@@ -83,6 +100,10 @@ class Simulator:
         # One memo of decoded broadcasts for all cores: the same update bytes reach every node
         # ~RetransmitMult x log10(n) times. Decoding is pure, so this changes no outcome.
         self.decode_cache = DecodeCache()
+        self.identity = identity
+        self.verify_cache = VerifyCache()
+        self.cert_memo: dict[bytes, NodeCert] = {}
+        self.ca_key, self.ca = make_ca("sim-ca", SIM_EPOCH - 86_400, 3650)
 
     # ------------------------------------------------------------------ topology
 
@@ -97,11 +118,12 @@ class Simulator:
         name = name or f"n{i:05d}"
         addr = (f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}", 7946)
         meta = NodeMeta(name, addr, labels or {}, {})
+        trust = self._trust(name) if self.identity else None
         core = Membership(
             self.config, meta, random.Random(self.rng.getrandbits(64)), self.now,
-            incarnation=incarnation, decode_cache=self.decode_cache,
+            incarnation=incarnation, decode_cache=self.decode_cache, trust=trust,
         )
-        node = SimNode(i, name, addr, core, meta)
+        node = SimNode(i, name, addr, core, meta, trust=trust)
         self.nodes.append(node)
         self._by_addr[addr] = i
         self._after(node)
@@ -131,7 +153,7 @@ class Simulator:
         node.armed = None
         node.core = Membership(
             self.config, node.meta, random.Random(self.rng.getrandbits(64)), self.now,
-            incarnation=incarnation, decode_cache=self.decode_cache,
+            incarnation=incarnation, decode_cache=self.decode_cache, trust=node.trust,
         )
         self.join(i, seeds)
         return node
@@ -189,7 +211,8 @@ class Simulator:
                 else:
                     node.bytes_sent += len(reply) + ENCRYPTION_OVERHEAD
                     if self.reachable(i, src):
-                        at2 = at + self._latency(i, src) + nodes[src].slow_delay
+                        busy = self._busy(node)  # the merge's signature checks
+                        at2 = at + busy + self._latency(i, src) + nodes[src].slow_delay
                         self._push(at2, _STREAM_REPLY, src, (src_epoch, node.addr, reply))
                     else:
                         self._push(at + STREAM_CONNECT_TIMEOUT, _STREAM_FAIL, src,
@@ -221,6 +244,28 @@ class Simulator:
                 return True
             self.run_until(min(end, self.now + check_every))
         return pred()
+
+    def bootstrap(self) -> None:
+        """Give every node the full alive view now, as if each had joined one seed and pulled
+        it: one push-pull reply holding every node alive at its incarnation 0 (signed by the
+        node itself, with every certificate, when identity is on)."""
+        states = []
+        for n in self.nodes:
+            raw = n.meta.encode()
+            if n.trust is None:
+                states.append(PushPullState(n.name, 0, MemberState.ALIVE, n.meta, raw))
+            else:
+                sig = n.trust.sign(ALIVE_DOMAIN, alive_payload(0, raw))
+                states.append(PushPullState(n.name, 0, MemberState.ALIVE, n.meta, raw, 0, sig))
+        certs = [n.trust.cert.raw for n in self.nodes if n.trust is not None]
+        blob = PushPull(False, states, b"", certs).encode()
+        seed_addr = self.nodes[0].addr
+        for node in self.nodes:
+            if node.addr != seed_addr:
+                node.core.join([seed_addr], self.now)
+                node.core.streams_to_open()  # answered just below, in memory
+            node.core.receive_stream_reply(blob, seed_addr, self.now)
+            self._after(node)
 
     # ------------------------------------------------------------------ views
 
@@ -255,6 +300,25 @@ class Simulator:
 
     # ------------------------------------------------------------------ internals
 
+    def _trust(self, name: str) -> Trust:
+        """A node's keys and certificate from the simulated CA (its Trust survives restarts,
+        as its key files would)."""
+        keys = generate_node_keys()
+        cert = sign_node(self.ca_key, self.ca, name, ["admin"], {}, keys.sign_pub, keys.dp_pub,
+                         SIM_EPOCH - 3600, 3000)
+        return Trust(self.ca, name, keys, cert, self.now, cache=self.verify_cache,
+                     wall_offset=SIM_EPOCH, cert_memo=self.cert_memo)
+
+    def _busy(self, node: SimNode) -> float:
+        """Virtual time the node spent verifying signatures since last asked."""
+        trust = node.trust
+        if trust is None:
+            return 0.0
+        n = trust.stats.verifications
+        spent = (n - node.verifications) * VERIFY_COST_S
+        node.verifications = n
+        return spent
+
     def _push(self, at: float, kind: int, i: int, payload: Any) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (at, self._seq, kind, i, payload))
@@ -273,7 +337,7 @@ class Simulator:
             p = max(p, self.link_loss.get((a, b), 0.0), self.link_loss.get((b, a), 0.0))
         return p > 0.0 and self.rng.random() < p
 
-    def _deliver_simple(self, i: int, out: list[tuple[bytes, Addr]]) -> None:
+    def _deliver_simple(self, i: int, out: list[tuple[bytes, Addr]], busy: float) -> None:
         """Queue deliveries with no per-link overrides and no partition (the common case):
         the same rng draws, in the same order, as _lost() then _latency() in _after."""
         by_addr = self._by_addr
@@ -282,7 +346,7 @@ class Simulator:
         loss = self.loss
         lo, hi = self.latency
         span = hi - lo
-        now = self.now
+        now = self.now + busy
         heap = self._heap
         push = heapq.heappush
         seq = self._seq
@@ -302,14 +366,15 @@ class Simulator:
     def _after(self, node: SimNode) -> None:
         """Collect what ``node`` wants to send, its events and its next timer."""
         core = node.core
-        now = self.now
         i = node.index
-        out = core.datagrams_to_send(now)
+        out = core.datagrams_to_send(self.now)
+        # What the node sends leaves once it is done verifying what it received.
+        now = self.now + self._busy(node)
         if out:
             node.packets_sent += len(out)
             node.bytes_sent += sum(map(len, (d for d, _ in out))) + ENCRYPTION_OVERHEAD * len(out)
             if not self.link_loss and not self.link_latency and not self.partitioned:
-                self._deliver_simple(i, out)
+                self._deliver_simple(i, out, now - self.now)
             else:
                 for data, addr in out:
                     j = self._by_addr.get(addr)
@@ -339,9 +404,9 @@ class Simulator:
         ev = core.next_event()
         while ev is not None:
             if hook is not None:
-                hook(now, i, ev)
+                hook(self.now, i, ev)
             ev = core.next_event()
         t = core.get_timer()
         if t is not None and t != node.armed:
             node.armed = t
-            self._push(max(t, now), _TIMER, i, (node.epoch, t))
+            self._push(max(t, self.now), _TIMER, i, (node.epoch, t))

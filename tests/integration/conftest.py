@@ -45,9 +45,36 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+class TestCa:
+    """A cluster CA for one test session; node certificates for any agent name (#13)."""
+
+    def __init__(self, root: Path) -> None:
+        from meshnet.crypto.certs import make_ca, save_ca
+        self.root = root
+        self.key, self.ca = make_ca("test-ca", int(time.time()) - 3600, 30)
+        save_ca(root / "ca", self.key, self.ca)
+        self.ca_cert = root / "ca" / "ca.crt"
+
+    def node_files(self, name: str, out: Path, roles: tuple[str, ...] = ("admin",),
+                   days: int = 7) -> list[str]:
+        """meshnetd flags naming a fresh certificate and keys for NAME, written to OUT."""
+        from meshnet.crypto.certs import generate_node_keys, save_node, sign_node
+        keys = generate_node_keys()
+        cert = sign_node(self.key, self.ca, name, list(roles), {}, keys.sign_pub, keys.dp_pub,
+                         int(time.time()) - 60, days)
+        save_node(out, keys, cert, overwrite=True)
+        return ["--ca-cert", str(self.ca_cert), "--node-cert", str(out / "node.crt"),
+                "--node-key", str(out / "node.key")]
+
+
+@pytest.fixture(scope="session")
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCa:
+    return TestCa(tmp_path_factory.mktemp("pki"))
+
+
 class AgentProc:
     def __init__(self, root: Path, name: str, ip: str, key_file: Path | None,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, ca: TestCa | None = None) -> None:
         self.name = name
         self.ip = ip
         self.port = free_port(ip)
@@ -59,6 +86,9 @@ class AgentProc:
         self.key_file = key_file
         self.extra = extra or []
         self.proc: subprocess.Popen[bytes] | None = None
+        # Its certificate and keys (made once; a restart keeps them, as a real node's would).
+        self.identity = ca.node_files(name, self.dir / "id") if ca is not None else [
+            "--insecure-no-identity"]
 
     @property
     def addr(self) -> str:
@@ -73,7 +103,7 @@ class AgentProc:
             "--insecure-no-encryption"]
         for j in join or []:
             a += ["--join", j]
-        return a + self.extra
+        return a + self.identity + self.extra
 
     def start(self, join: list[str] | None = None, wait: bool = True,
               env: dict[str, str] | None = None) -> AgentProc:
@@ -126,15 +156,17 @@ def key_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def agents(tmp_path: Path) -> Iterator[Callable[..., AgentProc]]:
-    """Factory for agents; every process is killed at teardown, pass or fail."""
+def agents(tmp_path: Path, test_ca: TestCa) -> Iterator[Callable[..., AgentProc]]:
+    """Factory for agents, each with a certificate from the session's CA (identity=False: none,
+    with --insecure-no-identity); every process is killed at teardown, pass or fail."""
     made: list[AgentProc] = []
     counter = iter(range(2, 250))
 
     def make(name: str | None = None, key: Path | None = None, extra: list[str] | None = None,
-             ip: str | None = None) -> AgentProc:
+             ip: str | None = None, identity: bool = True) -> AgentProc:
         n = next(counter)
-        agent = AgentProc(tmp_path, name or f"n{n}", ip or f"127.0.0.{n}", key, extra)
+        agent = AgentProc(tmp_path, name or f"n{n}", ip or f"127.0.0.{n}", key, extra,
+                          test_ca if identity else None)
         made.append(agent)
         return agent
 

@@ -58,9 +58,13 @@ def test_bad_value_and_missing_file_are_refused(tmp_path: Path) -> None:
     assert r.returncode == 1 and "membership.probe_interval: must be positive" in r.stderr
 
 
-def test_check_config_accepts_the_example(tmp_path: Path) -> None:
+def test_check_config_accepts_the_example(tmp_path: Path, test_ca) -> None:  # type: ignore[no-untyped-def]
     example = Path(__file__).parents[2] / "deploy" / "meshnet.toml.example"
+    test_ca.node_files("node1", tmp_path)
     text = example.read_text().replace("/etc/meshnet/cluster.key", str(tmp_path / "k"))
+    text = text.replace("/etc/meshnet/ca.crt", str(test_ca.ca_cert))
+    for f in ("node.crt", "node.key"):
+        text = text.replace(f"/etc/meshnet/{f}", str(tmp_path / f))
     (tmp_path / "k").write_text(subprocess.run([MESHCTL, "keys", "generate"],
                                                capture_output=True, text=True).stdout)
     cfg = tmp_path / "meshnet.toml"
@@ -219,7 +223,8 @@ def test_kill9_during_state_writes_leaves_a_readable_state_dir(agents, key_file)
 def test_second_agent_on_same_socket_path_is_clear(agents, key_file, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     a: AgentProc = agents(key=key_file).start()
     b = subprocess.run([MESHNETD, "--state-dir", str(tmp_path / "x"), "--socket", a.socket,
-                        "--bind", a.addr, "--cluster-key-file", str(key_file)],
+                        "--bind", a.addr, "--cluster-key-file", str(key_file),
+                        "--insecure-no-identity"],
                        capture_output=True, text=True, timeout=20)
     assert b.returncode == 1
     last = b.stderr.strip().splitlines()[-1]

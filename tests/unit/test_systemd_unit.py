@@ -167,5 +167,8 @@ def test_example_config_parses_and_matches_the_unit() -> None:
     assert config["state_dir"] == "/var/lib/meshnet"  # StateDirectory=meshnet
     assert config["socket"].startswith("/run/meshnet/")  # RuntimeDirectory=meshnet
     assert config["cluster_key_file"].startswith("/etc/meshnet/")  # ConfigurationDirectory
+    assert config["insecure_no_identity"] is False
+    for key in ("ca_cert", "node_cert", "node_key"):
+        assert config[key].startswith("/etc/meshnet/")
     assert config["profile"] in {"lan", "lan-fast", "wan"}
     assert isinstance(config["membership"], dict)
