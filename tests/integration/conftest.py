@@ -45,13 +45,13 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
-class TestCa:
+class SessionCa:
     """A cluster CA for one test session; node certificates for any agent name (#13)."""
 
     def __init__(self, root: Path) -> None:
         from meshnet.crypto.certs import make_ca, save_ca
         self.root = root
-        self.key, self.ca = make_ca("test-ca", int(time.time()) - 3600, 30)
+        self.key, self.ca = make_ca("test-ca", int(time.time()) - 3 * 86_400, 30)
         save_ca(root / "ca", self.key, self.ca)
         self.ca_cert = root / "ca" / "ca.crt"
 
@@ -68,13 +68,13 @@ class TestCa:
 
 
 @pytest.fixture(scope="session")
-def test_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCa:
-    return TestCa(tmp_path_factory.mktemp("pki"))
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> SessionCa:
+    return SessionCa(tmp_path_factory.mktemp("pki"))
 
 
 class AgentProc:
     def __init__(self, root: Path, name: str, ip: str, key_file: Path | None,
-                 extra: list[str] | None = None, ca: TestCa | None = None) -> None:
+                 extra: list[str] | None = None, ca: SessionCa | None = None) -> None:
         self.name = name
         self.ip = ip
         self.port = free_port(ip)
@@ -156,7 +156,7 @@ def key_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def agents(tmp_path: Path, test_ca: TestCa) -> Iterator[Callable[..., AgentProc]]:
+def agents(tmp_path: Path, test_ca: SessionCa) -> Iterator[Callable[..., AgentProc]]:
     """Factory for agents, each with a certificate from the session's CA (identity=False: none,
     with --insecure-no-identity); every process is killed at teardown, pass or fail."""
     made: list[AgentProc] = []
