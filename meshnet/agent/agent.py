@@ -422,11 +422,47 @@ class Agent:
         if changed:
             log.warning("reload: %s change only on restart", ", ".join(changed))
         labels_changed = fresh.labels != self.config.labels
+        renewed = self._reload_identity(fresh)
         self.config = replace(self.config, log_level=fresh.log_level, labels=fresh.labels)
-        if labels_changed and self.membership is not None and self.gossip is not None:
+        if self.trust is not None and renewed:
+            self.config = replace(self.config, ca_cert=fresh.ca_cert, node_cert=fresh.node_cert,
+                                  node_key=fresh.node_key)
+        if (labels_changed or renewed) and self.membership is not None and \
+                self.gossip is not None:
+            # Re-announced, signed with the (possibly new) key; push-pulls carry the new
+            # certificate.
             self.membership.update_meta(self._meta(), self.gossip.now())
             self.gossip.pump()
         log.info("configuration reloaded")
+
+    def _reload_identity(self, fresh: Config) -> bool:
+        """SIGHUP re-reads the certificates (a renewal); True if ours changed. A new
+        certificate must be for the same node and datapath key (the encrypted datapath keeps
+        its key until a restart)."""
+        trust = self.trust
+        if trust is None or not fresh.ca_cert:
+            if fresh.ca_cert and trust is None:
+                log.warning("reload: identity can only be turned on by a restart")
+            return False
+        loop = asyncio.get_running_loop()
+        try:
+            new = load_trust(replace(fresh, name=self.config.name), loop.time(), time.time())
+        except CertError as e:
+            log.error("reload: identity unchanged: %s", e)
+            return False
+        if new.ca.raw != trust.ca.raw:
+            log.error("reload: identity unchanged: a new CA needs a restart of every node")
+            return False
+        if new.cert.raw == trust.cert.raw:
+            return False
+        if new.keys.dp_pub != trust.keys.dp_pub:
+            log.error("reload: identity unchanged: the new certificate is for another datapath "
+                      "key; restart meshnetd to change it")
+            return False
+        trust.renew(new.keys, new.cert, loop.time())
+        log.info("identity renewed: serial %s, valid until %s", new.cert.serial.hex(),
+                 iso_time(new.cert.not_after))
+        return True
 
     def _remembered_peers(self) -> list[tuple[str, int]]:
         try:

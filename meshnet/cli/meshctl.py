@@ -259,10 +259,19 @@ def render(name: str, result: Any) -> str:
         lines = [f"{k}: {_cell(result.get(k))}" for k in
                  ("name", "version", "addr", "incarnation", "encryption", "profile", "uptime_s")]
         lines.append("members: " + ", ".join(f"{v} {k}" for k, v in members.items()))
+        ident = result.get("identity")
+        if isinstance(ident, dict):
+            lines.append(f"identity: roles {_cell(ident.get('roles'))}, certificate expires "
+                         f"{ident.get('expires')}, CA {ident.get('ca')}")
+        elif ident is not None:
+            lines.append(f"identity: {ident}")
         lines.append("datapath: " + _cell(result.get("datapath")))
         return "\n".join(lines)
     if name == "members" and isinstance(result, list):
-        return table(result, ["name", "addr", "state", "incarnation", "labels"])
+        cols = ["name", "addr", "state", "incarnation", "labels"]
+        if result and isinstance(result[0], dict) and "roles" in result[0]:
+            cols += ["roles", "cert_expires"]
+        return table(result, cols)
     if name.startswith("keys") and isinstance(result, dict):
         out = []
         if "key" in result:
@@ -407,6 +416,9 @@ def add_ca_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     s.add_argument("--ca", required=True, metavar="DIR")
     s.add_argument("--out", required=True, metavar="DIR")
     s.add_argument("--force", action="store_true", help="overwrite an existing node.key")
+    s.add_argument("--renew", action="store_true",
+                   help="keep the keys in --out/node.key and write a new node.crt for them "
+                        "(a running agent takes it on SIGHUP)")
     sh = ca.add_parser("show", help="print a certificate or revocation")
     sh.add_argument("file")
     sh.add_argument("--ca", metavar="DIR|CA.CRT", help="also check it against this CA")
@@ -489,11 +501,15 @@ def _ca_sign(ns: argparse.Namespace) -> CaResult:
             raise UsageError(f"--label {item!r} is not K=V")
         labels[k] = v
     ca_key, ca = certs.load_ca(ns.ca)
-    keys = certs.generate_node_keys()
+    if ns.renew:
+        from pathlib import Path
+        keys = certs.load_node_keys(Path(ns.out) / certs.NODE_KEY_FILE)
+    else:
+        keys = certs.generate_node_keys()
     now = _now()
     cert = certs.sign_node(ca_key, ca, ns.name, ns.role, labels, keys.sign_pub, keys.dp_pub,
                            now, ns.days)
-    certs.save_node(ns.out, keys, cert, overwrite=ns.force)
+    certs.save_node(ns.out, keys, cert, overwrite=ns.force or ns.renew)
     clamped = cert.not_after < now + ns.days * certs.DAY  # the CA expires first
     doc = {**_cert_doc(cert), "dir": ns.out, "clamped_to_ca_expiry": clamped}
     return EXIT_OK, doc, f"signed {cert.name} into {ns.out}\n" + _lines(doc)

@@ -100,6 +100,16 @@ class Trust:
         """The caller's NOW as Unix seconds."""
         return int(now + self.wall_offset)
 
+    def renew(self, keys: NodeKeys, cert: NodeCert, now: float) -> None:
+        """Our own certificate (and signing key) renewed: sign with the new ones from now on.
+        Older certificates of ours stay known, so what we signed before still verifies."""
+        check_node_cert(cert, self.ca, self.wall(now), name=self.name)
+        if cert.sign_key != keys.sign_pub:
+            raise CertError("the node certificate is for another signing key than node.key's")
+        self.keys, self.cert = keys, cert
+        self._signed.clear()
+        self.learn_cert(cert.raw, now)
+
     # ---- certificates ------------------------------------------------------------------------
 
     def learn_cert(self, raw: bytes, now: float) -> NodeCert | None:

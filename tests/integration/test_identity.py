@@ -179,3 +179,25 @@ def test_a_bad_node_record_is_set_aside_and_the_node_comes_back(agents, key_file
              b.members().get("n1", {}).get("state") == "alive", 15, "n2 back alive")
     assert len(list(b.state_dir.glob("node.json.bad-*"))) == 1
     assert "set aside" in b.log.read_text()
+
+
+def test_a_renewed_certificate_is_taken_on_sighup(agents, key_file, test_ca) -> None:  # type: ignore[no-untyped-def]
+    import signal
+    import subprocess
+
+    from conftest import MESHCTL
+    a: AgentProc = agents("n1", key=key_file).start()
+    b: AgentProc = agents("n2", key=key_file).start(join=[a.addr])
+    wait_for(lambda: names(a) == {"n1", "n2"}, 15, "two members")
+    old = b.ctl_json("status")["identity"]["serial"]
+    inc = a.members()["n2"]["incarnation"]
+    ca_dir = test_ca.ca_cert.parent
+    r = subprocess.run([MESHCTL, "ca", "sign", "n2", "--role", "admin", "--renew", "--ca",
+                        str(ca_dir), "--out", str(b.dir / "id")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert b.proc is not None
+    b.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: b.ctl_json("status")["identity"]["serial"] != old, 10, "the new serial")
+    # re-announced, signed with the renewed certificate, and believed
+    wait_for(lambda: a.members()["n2"]["incarnation"] > inc and
+             a.members()["n2"]["state"] == "alive", 10, "n2 re-announced")

@@ -250,3 +250,21 @@ def test_revoke_unknown_op_is_one_line_exit_1(agent: Any, ca_dir: Path, tmp_path
     assert code == 1 and err.count("\n") == 1
     assert "does not accept revocations yet" in err and "written to" in err
     assert "BEGIN MESHNET REVOCATION" in out and (tmp_path / "r").exists()
+
+
+def test_sign_renew_keeps_the_keys(ca_dir: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "n1"
+    assert run(capsys, "ca", "sign", "n1", "--role", "admin", "--ca", str(ca_dir), "--out",
+               str(out))[0] == 0
+    _, ca = certs.load_ca(ca_dir)
+    keys = certs.load_node_keys(out / "node.key")
+    first = certs.load_node_cert(out / "node.crt", ca)
+    code, _, err = run(capsys, "ca", "sign", "n1", "--role", "worker", "--renew", "--ca",
+                       str(ca_dir), "--out", str(out))
+    assert (code, err) == (0, "")
+    again = certs.load_node_keys(out / "node.key")
+    renewed = certs.load_node_cert(out / "node.crt", ca)
+    assert (again.sign_pub, again.dp_pub) == (keys.sign_pub, keys.dp_pub)
+    assert renewed.serial != first.serial and renewed.roles == ("worker",)
+    assert renewed.sign_key == keys.sign_pub
