@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,9 @@ from meshnet.state.networks import (
     vni_hash,
 )
 from meshnet.state.tables import ENDPOINTS, NETWORKS, Endpoint, endpoint_key
+from meshnet.state.validate import ValidationError, check_ipv4
+
+log = logging.getLogger("meshnet.cluster")
 
 
 def endpoint_json(ep: Endpoint) -> dict[str, Any]:
@@ -30,6 +34,18 @@ def endpoint_json(ep: Endpoint) -> dict[str, Any]:
     # A task's user, capabilities and limits, as the node running it published them.
     doc.update(summary_view(ep.extra.get("containment")))
     return doc
+
+
+def _subnets(nets: Any) -> dict[str, ipaddress.IPv4Network]:
+    """Existing networks' subnets; one that does not parse (the schema keeps such values out of
+    the store) is left out rather than failing every `network create` for good."""
+    out = {}
+    for n in nets:
+        try:
+            out[n.name] = ipaddress.IPv4Network(n.subnet)
+        except (ValueError, TypeError):
+            continue
+    return out
 
 
 class ClusterOps:
@@ -41,6 +57,10 @@ class ClusterOps:
         self.node = node
         self.address_pool = address_pool
         self.dns_version = 0
+        # DNS records left out because a value would not serve (the store's schema keeps them
+        # out already; this is the second line), and rebuilds that failed outright.
+        self.counters = {"dns_records_skipped": 0, "dns_refresh_errors": 0}
+        self._dns_error_logged = False
         # () -> per-peer datapath numbers, for `network inspect` of encrypted networks (set by
         # the agent when it runs an encrypted datapath).
         self.encrypted_peers: Callable[[], list[dict[str, Any]]] | None = None
@@ -73,14 +93,29 @@ class ClusterOps:
                 "encrypted": net.encrypted}
 
     def refresh_dns(self) -> None:
-        """Rebuild the resolver's records from the store (called after every change)."""
-        records = [
-            TaskRecord(service=ep.service or "", slot=ep.slot, task=ep.name, network=ep.network,
-                       ip=ep.ip)
-            for ep in self.store.endpoints() if not ep.extra.get("pending")
-        ]
-        self.dns_version += 1
-        self.resolver.set_records(records, self.dns_version, networks=self.store.networks())
+        """Rebuild the resolver's records from the store (called after every change). Never
+        raises: an endpoint whose values would not serve is left out and counted, and a rebuild
+        that fails keeps the previous records (logged once) until the next change."""
+        try:
+            records = []
+            for ep in self.store.endpoints():
+                if ep.extra.get("pending"):
+                    continue
+                try:
+                    check_ipv4(ep.ip)
+                    records.append(TaskRecord(service=ep.service or "", slot=ep.slot,
+                                              task=ep.name, network=ep.network, ip=ep.ip))
+                except (ValidationError, TypeError):
+                    self.counters["dns_records_skipped"] += 1
+            self.dns_version += 1
+            self.resolver.set_records(records, self.dns_version,
+                                      networks=list(self.store.networks()))
+        except Exception:
+            self.counters["dns_refresh_errors"] += 1
+            if not self._dns_error_logged:
+                self._dns_error_logged = True
+                log.exception("DNS records could not be rebuilt (logged once; counted in "
+                              "dns_refresh_errors)")
 
     # --- networks -----------------------------------------------------------------------------
 
@@ -90,7 +125,7 @@ class ClusterOps:
             nets = self.store.networks()
             if name in nets:
                 raise OpError(f"network {name} already exists")
-            existing = {n.name: ipaddress.IPv4Network(n.subnet) for n in nets.values()}
+            existing = _subnets(nets.values())
             subnet_arg = args.get("subnet")
             if subnet_arg:
                 subnet = parse_subnet(str(subnet_arg))
@@ -151,6 +186,11 @@ class ClusterOps:
             if other.ip == str(ip) and other.name != name:
                 raise OpError(f"{ip} is already used by {other.name} on {other.node}")
         service = args.get("service") or None
+        if service is not None:
+            try:
+                service = check_name("service", service)
+            except NetworkError as e:
+                raise OpError(str(e)) from None
         ep = Endpoint(name=name, network=net.name, ip=str(ip), mac=mac_for_ip(str(ip)),
                       node=self.node, service=str(service) if service else None)
         await self.state.put(ENDPOINTS, ep.key, ep.to_value())

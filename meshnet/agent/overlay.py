@@ -9,6 +9,12 @@ deleted by hand is back within one period, and a restart adopts what the last ru
 Encrypted networks get no VXLAN device, ever: their bridge and TAP are the EncryptedOverlay's
 (encrypted.py), reconciled from here on every pass; without one (no cluster key) they carry no
 traffic at all, and never fall back to cleartext.
+
+Nothing in the store can stop this loop: the store's schema refuses bad values before they are
+stored, and here, the second line, an endpoint whose MAC or IP the kernel would not take is left
+out (counted once in `bad_endpoints`), one network's failure does not keep the others from
+being reconciled, and any exception a pass raises is counted (`errors`) and logged once per kind
+while the next pass runs as usual.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from meshnet.agent.cluster_ops import ClusterOps
-from meshnet.platform.links import NetDevices, OverlayKernel
+from meshnet.platform.links import NetDevices, OverlayKernel, norm_ip, norm_mac
 from meshnet.platform.loopthread import LoopThread
 from meshnet.platform.nsfd import PlatformError
 
@@ -31,6 +37,8 @@ log = logging.getLogger("meshnet.overlay")
 
 # How often the loop re-reads the kernel even when nothing changed (repairs manual damage).
 RECONCILE_PERIOD_S = 2.0
+# Distinct bad endpoints / error kinds remembered (to count and log each once).
+MAX_REMEMBERED_BAD = 1024
 
 
 class Overlay:
@@ -47,7 +55,9 @@ class Overlay:
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.devices: dict[int, NetDevices] = {}
-        self.counters = {"passes": 0, "errors": 0}
+        self.counters = {"passes": 0, "errors": 0, "bad_endpoints": 0}
+        self._bad_endpoints: set[tuple[str, str, str, str]] = set()
+        self._logged: set[str] = set()
         self.encrypted: EncryptedOverlay | None = None
 
     def attach_encrypted(self, encrypted: EncryptedOverlay) -> None:
@@ -73,6 +83,12 @@ class Overlay:
     def kick(self) -> None:
         self.wake.set()
 
+    def _log_once(self, what: str, e: BaseException) -> None:
+        kind = f"{what}: {type(e).__name__}: {str(e)[:200]}"
+        if kind not in self._logged and len(self._logged) < MAX_REMEMBERED_BAD:
+            self._logged.add(kind)
+            log.error("%s failed (logged once; counted in errors)", what, exc_info=e)
+
     async def _loop(self) -> None:
         while True:
             self.wake.clear()
@@ -81,12 +97,18 @@ class Overlay:
             except (PlatformError, OSError) as e:
                 self.counters["errors"] += 1
                 log.warning("overlay reconcile failed: %s", e)
+            except Exception as e:  # anything else is a bug: it must not stop the loop for good
+                self.counters["errors"] += 1
+                self._log_once("overlay reconcile", e)
             if self.encrypted is not None:  # on its own: a plain network's trouble is not its
                 try:
                     await self.encrypted.reconcile()
                 except (PlatformError, OSError, ValueError) as e:
                     self.encrypted.counters["errors"] += 1
                     log.warning("encrypted overlay reconcile failed: %s", e)
+                except Exception as e:
+                    self.encrypted.counters["errors"] += 1
+                    self._log_once("encrypted overlay reconcile", e)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), self.period)
 
@@ -115,19 +137,43 @@ class Overlay:
             await self.nl.run(self.kernel.remove_network(vni))
             self.devices.pop(vni, None)
         vteps = self.vteps()
-        me = self.ops.node
+        first_error: Exception | None = None
         for name, vni in sorted(desired.items()):
-            self.devices[vni] = await self.nl.run(
-                self.kernel.ensure_network(vni, self.local_ip, self.mtu))
-            fdb: dict[str, str] = {}
-            neigh: dict[str, str] = {}
-            for ep in self.store.endpoints(name):
-                if ep.node == me or ep.extra.get("pending") or ep.node not in vteps:
-                    continue
-                fdb[ep.mac] = vteps[ep.node]
-                neigh[ep.ip] = ep.mac
-            await self.nl.run(self.kernel.sync_fdb(vni, fdb))
-            await self.nl.run(self.kernel.sync_neighbors(vni, neigh))
+            try:  # one network's trouble is not the others'
+                await self._reconcile_network(name, vni, vteps)
+            except Exception as e:
+                first_error = first_error or e
+        if first_error is not None:
+            raise first_error
+
+    async def _reconcile_network(self, name: str, vni: int, vteps: dict[str, str]) -> None:
+        self.devices[vni] = await self.nl.run(
+            self.kernel.ensure_network(vni, self.local_ip, self.mtu))
+        fdb: dict[str, str] = {}
+        neigh: dict[str, str] = {}
+        me = self.ops.node
+        for ep in self.store.endpoints(name):
+            if ep.node == me or ep.extra.get("pending") or ep.node not in vteps:
+                continue
+            try:
+                mac, ip, vtep = norm_mac(ep.mac), norm_ip(ep.ip), norm_ip(vteps[ep.node])
+            except (ValueError, TypeError, AttributeError) as e:
+                self._bad_endpoint(ep.network, ep.name, ep.node, e)
+                continue
+            fdb[mac] = vtep
+            neigh[ip] = mac
+        await self.nl.run(self.kernel.sync_fdb(vni, fdb))
+        await self.nl.run(self.kernel.sync_neighbors(vni, neigh))
+
+    def _bad_endpoint(self, network: str, name: str, node: str, e: Exception) -> None:
+        """An endpoint the kernel would not take: left out, counted and logged once."""
+        key = (network, name, node, str(e)[:200])
+        if key in self._bad_endpoints or len(self._bad_endpoints) >= MAX_REMEMBERED_BAD:
+            return
+        self._bad_endpoints.add(key)
+        self.counters["bad_endpoints"] += 1
+        log.warning("endpoint %s on %s (node %s) left out of the overlay: %s",
+                    name[:80], network[:80], node[:80], e)
 
     def status(self) -> dict[str, object]:
         return {"kind": "vxlan", "mtu": self.mtu, "local_ip": self.local_ip,

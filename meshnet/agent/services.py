@@ -45,12 +45,25 @@ from meshnet.placement import (
     parse_constraint,
     place,
 )
+from meshnet.placement.spec import MAX_REPLICAS
 from meshnet.state import SERVICES, Service
 from meshnet.state.networks import NetworkError, check_name
+from meshnet.state.validate import (
+    RESTART_CONDITIONS,
+    TASKS,
+    ValidationError,
+    check_command,
+    check_value,
+    restart_policy,
+)
+
+# MAX_REPLICAS (placement/spec.py, the bound ServiceSpec enforces), RESTART_CONDITIONS and TASKS
+# (state/validate.py) are the replicated schema's: `service create` applies the same rules.
+__all__ = ["MAX_REPLICAS", "RESTART_CONDITIONS", "TASKS", "Restart", "Services", "Task",
+           "parse_spec", "to_placement"]
 
 log = logging.getLogger("meshnet.services")
 
-TASKS = "tasks"
 # Each task's output is kept to this much (plus one rotated file of the same size).
 LOG_CAP_BYTES = 1 << 20
 # `service logs` returns at most this much of each task's log.
@@ -59,8 +72,6 @@ LOG_TAIL_BYTES = 64 << 10
 STOP_GRACE_S = 5.0
 # The scheduler re-checks even with no change, so a lost wake-up never leaves a slot empty.
 RECONCILE_PERIOD_S = 2.0
-MAX_REPLICAS = 10_000
-RESTART_CONDITIONS = ("none", "on-failure", "any")
 # Exit code recorded when the sandbox or process could not be set up (as Docker's 125).
 START_FAILED = 125
 
@@ -96,7 +107,11 @@ class Task:
 
 
 def parse_spec(args: dict[str, Any], networks: set[str]) -> Service:
-    """Validate a `service create` request into a Service; OpError with one clear line."""
+    """Validate a `service create` request into a Service; OpError with one clear line.
+
+    The flags get messages in their own words; the value built from them is then checked whole
+    by the replicated schema (state/validate.py check_value), the same check every agent makes
+    when the value reaches it, so a service accepted here is never refused elsewhere."""
     try:
         name = check_name("service", args.get("name"))
     except NetworkError as e:
@@ -112,36 +127,45 @@ def parse_spec(args: dict[str, Any], networks: set[str]) -> Service:
         raise OpError(f"unknown mode {mode!r}")
     replicas = args.get("replicas")
     replicas = 1 if replicas is None else replicas
-    if not isinstance(replicas, int) or not 0 <= replicas <= MAX_REPLICAS:
+    if type(replicas) is not int or not 0 <= replicas <= MAX_REPLICAS:
         raise OpError(f"--replicas must be 0..{MAX_REPLICAS}")
     constraints = args.get("constraints") or []
+    if not isinstance(constraints, list):
+        raise OpError("bad constraint: give KEY==VALUE or KEY!=VALUE")
+    constraints = [str(c) for c in constraints]
     try:
         for c in constraints:
-            parse_constraint(str(c))
+            parse_constraint(c)
     except PlacementError as e:
         raise OpError(f"bad constraint: {e}") from None
     mpn = args.get("max_per_node")
-    if mpn is not None and (not isinstance(mpn, int) or mpn < 1):
-        raise OpError("--max-per-node must be 1 or more")
+    if mpn is not None and (type(mpn) is not int or not 1 <= mpn <= MAX_REPLICAS):
+        raise OpError(f"--max-per-node must be 1..{MAX_REPLICAS}")
     cond = args.get("restart_condition") or "any"
     if cond not in RESTART_CONDITIONS:
         raise OpError(f"--restart-condition must be one of {', '.join(RESTART_CONDITIONS)}")
+    attempts = args.get("max_attempts") or 0
     try:
         env = parse_env(args.get("env"))
         containment = containment_from_args(args)
+        restart = restart_policy({"condition": cond, "delay": 1.0, "max_attempts": attempts,
+                                  "backoff": 2.0})
+        command = check_command(args.get("command"))
+    except ValidationError as e:
+        if "command" in str(e):
+            raise OpError(f"service create needs a command after -- ({e})") from None
+        raise OpError(str(e)) from None
     except ContainmentError as e:
         raise OpError(str(e)) from None
-    command = args.get("command")
-    if not isinstance(command, list) or not command or \
-            not all(isinstance(c, str) for c in command):
-        raise OpError("service create needs a command after --")
-    spec = {"networks": nets, "command": command, "env": env, "constraints": list(constraints),
-            "containment": containment.to_value(),
-            "max_per_node": mpn, "restart": {"condition": cond, "delay": 1.0,
-                                               "max_attempts": int(args.get("max_attempts") or 0),
-                                               "backoff": 2.0}}
-    return Service(name=name, network=nets[0], mode=mode,
-                   replicas=replicas if mode == "replicated" else 0, spec=spec)
+    restart.pop("max_delay")  # the default: older agents' policies do not carry it
+    spec = {"networks": nets, "command": command, "env": env, "constraints": constraints,
+            "containment": containment.to_value(), "max_per_node": mpn, "restart": restart}
+    svc = Service(name=name, network=nets[0], mode=mode,
+                  replicas=replicas if mode == "replicated" else 0, spec=spec)
+    problem = check_value(SERVICES, name, svc.to_value())
+    if problem is not None:
+        raise OpError(problem)
+    return svc
 
 
 def to_placement(svc: Service) -> ServiceSpec:
@@ -170,6 +194,9 @@ class Services:
         self.wake = asyncio.Event()
         self.loop_task: asyncio.Task[None] | None = None
         self.closing = False
+        self.counters = {"scheduler_errors": 0, "services_unplaceable": 0}
+        self._unplaceable_logged: set[str] = set()
+        self._errors_logged: set[str] = set()
         gossip.stream_handlers[STREAM_LOGS] = self._serve_logs
 
     def handlers(self) -> dict[str, Handler]:
@@ -205,20 +232,53 @@ class Services:
     # --- scheduling -------------------------------------------------------------------------
 
     def placement(self) -> dict[str, dict[int, str]]:
-        services = sorted(self.store.services().values(), key=lambda s: s.name)
+        """Slot -> node of every service that can be placed. A service whose spec placement
+        cannot take (the store's schema keeps those out; this is the second line) is left out,
+        so it can never keep every other service from being scheduled."""
         specs = []
-        for s in services:
-            with contextlib.suppress(PlacementError, ValueError, TypeError):
+        for key, s in sorted(self.store.services().items()):
+            try:
+                if s.name != key:
+                    raise PlacementError(f"service {s.name!r} is stored under {key!r}")
                 specs.append(to_placement(s))
-        return place(specs, self.nodes(), self.balance)
+            except (PlacementError, ValueError, TypeError) as e:
+                self._unplaceable(key, e)
+        nodes = self.nodes()
+        try:
+            return place(specs, nodes, self.balance)
+        except Exception as e:
+            # One spec the checks above let through broke the joint placement: find it by
+            # placing each alone, and place the others without it.
+            self._scheduler_error("placement", e)
+            good = []
+            for spec in specs:
+                try:
+                    place([spec], nodes, self.balance)
+                    good.append(spec)
+                except Exception as e1:
+                    self._unplaceable(spec.name, e1)
+            return place(good, nodes, self.balance)
+
+    def _unplaceable(self, name: str, e: Exception) -> None:
+        self.counters["services_unplaceable"] += 1
+        if name not in self._unplaceable_logged and len(self._unplaceable_logged) < 1024:
+            self._unplaceable_logged.add(name)
+            log.warning("service %s cannot be placed: %s", name[:80], e)
+
+    def _scheduler_error(self, what: str, e: BaseException) -> None:
+        self.counters["scheduler_errors"] += 1
+        kind = f"{what}: {type(e).__name__}: {str(e)[:200]}"
+        if kind not in self._errors_logged and len(self._errors_logged) < 64:
+            self._errors_logged.add(kind)
+            log.error("%s failed (logged once; counted in scheduler_errors)", what, exc_info=e)
 
     async def _loop(self) -> None:
         while True:
             self.wake.clear()
             try:
                 self.reconcile()
-            except Exception:  # a bug here must not stop scheduling for good
-                log.exception("scheduler pass failed")
+            except Exception as e:  # a bug here must not stop scheduling for good
+                self._scheduler_error("scheduler pass", e)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), RECONCILE_PERIOD_S)
 
@@ -260,7 +320,15 @@ class Services:
         return self.log_dir / f"{task_name}.log"
 
     async def _supervise(self, task: Task) -> None:
-        restart = Restart(**task.spec.get("restart", {}))
+        try:
+            restart = Restart(**restart_policy(task.spec.get("restart")))
+        except ValidationError as e:
+            # The store's schema keeps such specs out; should one get here, the task fails
+            # with the reason instead of its supervisor dying with a TypeError.
+            log.warning("task %s cannot start: %s", task.name, e)
+            task.exit_code, task.state = START_FAILED, "failed"
+            await self._publish(task)
+            return
         delay = restart.delay
         try:
             while not task.stopping:

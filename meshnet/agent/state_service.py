@@ -7,6 +7,11 @@
   durable before the control API answers.
 - Membership events drive ownership: a dead or left member's endpoints vanish from every view
   at once, with no write; they come back if it comes back.
+- Every value is checked by the schema (meshnet/state/validate.py) before the store takes it:
+  a remote write that fails is refused and counted (`status` shows the store's counters) and
+  its reason logged, at most REFUSAL_LOG_BURST lines a minute.
+- Nothing a peer sends can stop this service: a handler that fails is counted and logged once
+  per kind of failure, and the next message is handled as usual.
 
 The store's HLC needs wall-clock seconds (comparable across hosts), so this shell passes
 time.time() to the store, never the loop's monotonic clock.
@@ -15,7 +20,7 @@ time.time() to the store, never the loop's monotonic clock.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -35,6 +40,7 @@ from meshnet.membership import (
     MemberUpdated,
 )
 from meshnet.state import StateProtocolError, Store
+from meshnet.state.validate import check_value
 
 log = logging.getLogger("meshnet.state")
 
@@ -43,6 +49,10 @@ AE_DIGEST = 1
 AE_ENTRIES = 2
 # Coalesce bursts of changes (a push-pull can bring thousands) into one SQLite transaction.
 FLUSH_DELAY_S = 0.05
+# Refused writes logged per REFUSAL_LOG_WINDOW_S; the rest are only counted (a peer sending
+# thousands of bad writes must not flood the log).
+REFUSAL_LOG_BURST = 10
+REFUSAL_LOG_WINDOW_S = 60.0
 
 
 class StateService:
@@ -57,8 +67,46 @@ class StateService:
         self.flush_task: asyncio.Task[None] | None = None
         self.flush_lock = asyncio.Lock()
         self.notify_scheduled = False
-        self.counters = {"bad_deltas": 0, "bad_entries": 0, "anti_entropy": 0,
-                         "anti_entropy_failed": 0}
+        self._counts = {"bad_deltas": 0, "bad_entries": 0, "anti_entropy": 0,
+                        "anti_entropy_failed": 0, "handler_errors": 0, "listener_errors": 0,
+                        "refusals_not_logged": 0}
+        self._logged_errors: set[str] = set()
+        self._refusal_window = (0.0, 0)  # (window start, lines logged in it)
+
+    @property
+    def counters(self) -> dict[str, Any]:
+        """This service's counters and the store's (StoreStats: applied, stale, refused_*,
+        refused_by_table, ae_buckets_skipped, ...), as `status` shows them under "store"."""
+        out: dict[str, Any] = dict(self._counts)
+        for f in dataclasses.fields(self.store.stats):
+            value = getattr(self.store.stats, f.name)
+            out[f.name] = dict(value) if isinstance(value, dict) else value
+        return out
+
+    def _error_once(self, what: str, exc: BaseException) -> None:
+        """A failure that must not stop anything: counted always, logged once per kind."""
+        self._counts["handler_errors"] += 1
+        kind = f"{what}: {type(exc).__name__}"
+        if kind not in self._logged_errors and len(self._logged_errors) < 64:
+            self._logged_errors.add(kind)
+            log.error("%s failed (logged once; counted in handler_errors)", what, exc_info=exc)
+
+    def log_refusals(self) -> None:
+        """Log the store's new refusals, at most REFUSAL_LOG_BURST a window."""
+        reasons = self.store.take_refusals()
+        if not reasons:
+            return
+        now = time.monotonic()
+        start, logged = self._refusal_window
+        if now - start >= REFUSAL_LOG_WINDOW_S:
+            start, logged = now, 0
+        for reason in reasons:
+            if logged < REFUSAL_LOG_BURST:
+                logged += 1
+                log.warning("refused a replicated write: %s", reason)
+            else:
+                self._counts["refusals_not_logged"] += 1
+        self._refusal_window = (start, logged)
 
     @staticmethod
     def now() -> float:
@@ -67,6 +115,8 @@ class StateService:
     @classmethod
     async def open(cls, state_dir: str, node: str, store: Store) -> StateService:
         """Load the last-known copy from disk so it is served at once, before any peer answers."""
+        if store.validator is None:
+            store.set_validator(check_value)  # the schema, before anything is loaded
         db = await asyncio.to_thread(StoreDb.in_state_dir, state_dir)
         entries = await asyncio.to_thread(db.load)
         horizon = await asyncio.to_thread(db.load_gc_horizon)
@@ -75,6 +125,7 @@ class StateService:
             log.warning("store file was unreadable; moved aside to %s", db.quarantined)
         log.info("store loaded", extra={"fields": {"entries": loaded}})
         service = cls(store, db, node)
+        service.log_refusals()
         # What we still own gets a fresh HLC so it beats any delete made while we were away.
         store.reannounce(node, time.time())
         service.changed()
@@ -106,8 +157,13 @@ class StateService:
         self.notify_scheduled = False
         while self.store.next_event() is not None:
             pass  # listeners re-read the views; the events only tell us something changed
+        self.log_refusals()
         for listener in self.listeners:
-            listener()
+            try:  # one listener's failure must not keep the others from hearing of the change
+                listener()
+            except Exception as e:
+                self._counts["listener_errors"] += 1
+                self._error_once(f"store listener {getattr(listener, '__qualname__', '?')}", e)
 
     async def _flush_soon(self) -> None:
         await asyncio.sleep(FLUSH_DELAY_S)
@@ -172,7 +228,11 @@ class StateService:
             if self.store.apply_delta(data, time.time()):
                 self.changed()
         except StateProtocolError:
-            self.counters["bad_deltas"] += 1
+            self._counts["bad_deltas"] += 1
+        except Exception as e:  # a bug; the membership core calling us must go on regardless
+            self._counts["bad_deltas"] += 1
+            self._error_once("applying a gossiped delta", e)
+        self.log_refusals()
 
     def local_state(self, join: bool) -> bytes:
         return b""  # the full state moves by digest on the STATE stream instead
@@ -194,11 +254,14 @@ class StateService:
             self.changed()
             if reply:
                 await self.gossip.request(addr, STREAM_STATE, bytes([AE_ENTRIES]) + reply)
-            self.counters["anti_entropy"] += 1
+            self._counts["anti_entropy"] += 1
         except StateProtocolError:
-            self.counters["bad_entries"] += 1
+            self._counts["bad_entries"] += 1
         except (OSError, TimeoutError, asyncio.IncompleteReadError, StreamError, KeyringError):
-            self.counters["anti_entropy_failed"] += 1
+            self._counts["anti_entropy_failed"] += 1
+        except Exception as e:  # a bug: this exchange is lost, the next one runs as usual
+            self._counts["anti_entropy_failed"] += 1
+            self._error_once("anti-entropy", e)
 
     async def _serve_stream(self, body: bytes, addr: Addr) -> bytes | None:
         if not body:
@@ -207,10 +270,14 @@ class StateService:
             if body[0] == AE_DIGEST:
                 return self.store.diff_for(body[1:])
             if body[0] == AE_ENTRIES:
-                with contextlib.suppress(StateProtocolError):
+                try:
                     self.store.apply_entries(body[1:], time.time())
+                except StateProtocolError:
+                    self._counts["bad_entries"] += 1
                 self.changed()
                 return b""
         except StateProtocolError:
-            self.counters["bad_entries"] += 1
+            self._counts["bad_entries"] += 1
+        except Exception as e:  # a bug: answer nothing; the peer counts a failed exchange
+            self._error_once("serving anti-entropy", e)
         return None

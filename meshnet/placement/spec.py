@@ -23,6 +23,10 @@ NAME_KEY = "node.name"
 LABEL_PREFIX = "node.labels."
 _NAME_ALIASES = (NAME_KEY, "node.hostname")
 OPS = ("==", "!=")
+#: Slots one replicated service may ask for (Swarm has no bound; ours keeps one bad spec from
+#: making every agent build a placement of 10^12 slots). Placement's cost grows with the total
+#: slot count, and 10,000 slots of one service is already far beyond one cluster's hosts.
+MAX_REPLICAS = 10_000
 
 
 class PlacementError(ValueError):
@@ -106,7 +110,8 @@ class NodeInfo:
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """What to place: ``replicas`` slots (1..replicas), or one task per eligible node (global)."""
+    """What to place: ``replicas`` slots (1..replicas, at most MAX_REPLICAS), or one task per
+    eligible node (global)."""
 
     name: str
     replicas: int = 1
@@ -122,6 +127,8 @@ class ServiceSpec:
         r = self.replicas
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
             raise PlacementError(f"service {self.name}: replicas must be an int >= 0, not {r!r}")
+        if r > MAX_REPLICAS:
+            raise PlacementError(f"service {self.name}: replicas {r} > {MAX_REPLICAS}")
         m = self.max_per_node
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise PlacementError(

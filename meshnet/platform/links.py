@@ -105,11 +105,13 @@ class NetDevices:
 
 @dataclass(frozen=True)
 class SyncResult:
-    """What a sync_* call changed, counted per key (MAC or IP)."""
+    """What a sync_* call changed, counted per key (MAC or IP). ``invalid``: desired entries
+    left out because their MAC or IP does not parse (the others are still synced)."""
 
     added: int = 0
     removed: int = 0
     changed: int = 0
+    invalid: int = 0
 
     @property
     def total(self) -> int:
@@ -121,6 +123,9 @@ def vxlan_overhead(local_ip: str) -> int:
 
 
 def norm_mac(mac: str) -> str:
+    """aa:bb:cc:dd:ee:ff; ValueError for anything else (any type)."""
+    if not isinstance(mac, str) or len(mac) > 64:
+        raise ValueError(f"bad MAC address {mac!r:.80}")
     parts = mac.strip().lower().replace("-", ":").split(":")
     if len(parts) != 6 or not all(re.fullmatch(r"[0-9a-f]{1,2}", p) for p in parts):
         raise ValueError(f"bad MAC address {mac!r}")
@@ -128,7 +133,23 @@ def norm_mac(mac: str) -> str:
 
 
 def norm_ip(ip: str) -> str:
+    """An IP address's canonical text; ValueError for anything else (any type)."""
+    if not isinstance(ip, str) or len(ip) > 64:
+        raise ValueError(f"bad IP address {ip!r:.80}")
     return str(ipaddress.ip_address(ip.strip()))
+
+
+def _valid_pairs(desired: Mapping[Any, Any], key: Any, value: Any) -> tuple[dict[str, str], int]:
+    """DESIRED normalized by KEY/VALUE; pairs that do not parse are left out and counted, so one
+    bad value (a peer's MAC "zz") never keeps the good ones from being synced."""
+    out: dict[str, str] = {}
+    bad = 0
+    for k, v in desired.items():
+        try:
+            out[key(k)] = value(v)
+        except ValueError:
+            bad += 1
+    return out, bad
 
 
 def _errcode(e: NetlinkError) -> int:
@@ -432,13 +453,16 @@ class OverlayKernel:
             if not mac:
                 continue
             flags, state = int(msg.get("flags") or 0), int(msg.get("state") or 0)
-            if flags & NTF_SELF:
-                dst = msg.get("dst")
-                if dst:
-                    selfs[norm_mac(mac)] = norm_ip(dst)
-            elif msg.get("master") is not None and not state & NUD_PERMANENT:
-                # NUD_PERMANENT on a bridge entry means "local" (the port's own address): not ours.
-                masters.add(norm_mac(mac))
+            try:
+                if flags & NTF_SELF:
+                    dst = msg.get("dst")
+                    if dst:
+                        selfs[norm_mac(mac)] = norm_ip(dst)
+                elif msg.get("master") is not None and not state & NUD_PERMANENT:
+                    # NUD_PERMANENT on a bridge entry means "local" (the port's own address).
+                    masters.add(norm_mac(mac))
+            except ValueError:
+                continue  # not one of ours (an entry we never make has an odd form)
         return selfs, masters
 
     async def list_fdb(self, vni: int) -> dict[str, str]:
@@ -451,7 +475,7 @@ class OverlayKernel:
         """Make VNI's FDB hold exactly DESIRED (MAC -> remote VTEP IP): a "self" entry on the
         VXLAN device and a static "master" entry on the bridge per MAC. Entries not desired
         are removed, missing ones added, ones pointing at another VTEP replaced."""
-        want = {norm_mac(m): norm_ip(ip) for m, ip in desired.items()}
+        want, invalid = _valid_pairs(desired, norm_mac, norm_ip)
         added = removed = changed = 0
         async with self._lock:
             ipr = await self._nl()
@@ -507,7 +531,7 @@ class OverlayKernel:
                         changed += 1
                     else:
                         added += 1
-        return SyncResult(added, removed, changed)
+        return SyncResult(added, removed, changed, invalid)
 
     # ------------------------------------------------------------ neighbours
 
@@ -524,7 +548,10 @@ class OverlayKernel:
                     continue
                 ip, mac = msg.get("dst"), msg.get("lladdr")
                 if ip and mac:
-                    out[norm_ip(ip)] = norm_mac(mac)
+                    try:
+                        out[norm_ip(ip)] = norm_mac(mac)
+                    except ValueError:
+                        continue  # not one of ours
         return out
 
     async def list_neighbors(self, vni: int) -> dict[str, str]:
@@ -535,7 +562,7 @@ class OverlayKernel:
     async def sync_neighbors(self, vni: int, desired: Mapping[str, str]) -> SyncResult:
         """Make the VXLAN device's permanent neighbour entries exactly DESIRED (IP -> MAC);
         the device answers ARP from them (proxy)."""
-        want = {norm_ip(ip): norm_mac(m) for ip, m in desired.items()}
+        want, invalid = _valid_pairs(desired, norm_ip, norm_mac)
         added = removed = changed = 0
         async with self._lock:
             ipr = await self._nl()
@@ -555,7 +582,7 @@ class OverlayKernel:
                     changed += 1
                 else:
                     added += 1
-        return SyncResult(added, removed, changed)
+        return SyncResult(added, removed, changed, invalid)
 
 
 # ---------------------------------------------------------------- helpers

@@ -3,8 +3,10 @@
 Three messages:
 
 * ``DELTA``   ``[entry]`` - one recent write, piggybacked on membership gossip.
-* ``DIGEST``  ``[version, [[table, level, hashes], ...]]`` - per table, ``2**level`` bucket hashes
-  of 8 bytes each, concatenated into one bin (anti-entropy, step 1).
+* ``DIGEST``  ``[version, [[table, level, hashes(, alts)], ...]]`` - per table, ``2**level`` bucket
+  hashes of 8 bytes each, concatenated into one bin (anti-entropy, step 1); ``alts``, when
+  present, is ``[[bucket, hash], ...]``: the sender's bucket hashes *as if* it had accepted the
+  writes it refused as invalid (store.py, "Refused writes"), for the buckets where they differ.
 * ``ENTRIES`` ``[version, [entry, ...], [[table, level, [bucket, ...]], ...] | nil]`` - the
   entries of some buckets, and the buckets the receiver should answer with its own entries
   (step 2), or nil when no answer is wanted (step 3).
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from meshnet import wire
 from meshnet.state.hlc import Hlc
@@ -40,10 +42,12 @@ __all__ = [
     "BUCKET_HASH_BYTES",
     "PROTOCOL_VERSION",
     "Decoded",
+    "DigestGroup",
     "EntriesMsg",
     "MsgType",
     "decode_delta",
     "decode_digest",
+    "decode_digest_groups",
     "decode_entries",
     "encode_delta",
     "encode_digest",
@@ -168,7 +172,20 @@ def decode_delta(data: bytes | memoryview) -> Decoded:
 # ---- digest ------------------------------------------------------------------------------------
 
 
-def encode_digest(tables: list[tuple[str, int, bytes]]) -> bytes:
+MAX_HASH = (1 << 64) - 1
+
+
+class DigestGroup(NamedTuple):
+    level: int
+    hashes: bytes  # 2**level x 8 bytes
+    alts: dict[int, int]  # bucket -> the sender's hash as if it held what it refused
+
+
+DigestRow = tuple[str, int, bytes] | tuple[str, int, bytes, list[list[int]]]
+
+
+def encode_digest(tables: list[DigestRow]) -> bytes:
+    """Groups ``(table, level, hashes)``, or ``(table, level, hashes, [[bucket, hash], ...])``."""
     return wire.frame(MsgType.DIGEST, [PROTOCOL_VERSION, [list(t) for t in tables]])
 
 
@@ -180,12 +197,33 @@ def _level(value: object) -> int:
 
 def decode_digest(data: bytes | memoryview) -> dict[str, tuple[int, bytes]]:
     """table -> (level, 2**level x 8-byte bucket hashes)."""
+    return {t: (g.level, g.hashes) for t, g in decode_digest_groups(data).items()}
+
+
+def _alts(raw: object, level: int) -> dict[int, int]:
+    if type(raw) is not list or len(raw) > 1 << level:
+        raise _err("digest alternatives: expected at most 2**level pairs")
+    out: dict[int, int] = {}
+    for pair in raw:
+        if type(pair) is not list or len(pair) < 2:
+            raise _err("digest alternative: expected [bucket, hash]")
+        b, h = pair[0], pair[1]
+        if type(b) is not int or not 0 <= b < 1 << level:
+            raise _err("digest alternative: bucket out of range")
+        if type(h) is not int or not 0 <= h <= MAX_HASH:
+            raise _err("digest alternative: hash out of range")
+        out[b] = h
+    return out
+
+
+def decode_digest_groups(data: bytes | memoryview) -> dict[str, DigestGroup]:
+    """table -> DigestGroup(level, hashes, alts)."""
     body = _body(data, MsgType.DIGEST, wire.MAX_STREAM_BYTES, 2)
     _version(body[0])
     groups = body[1]
     if type(groups) is not list or len(groups) > MAX_TABLES:
         raise _err("digest: expected at most MAX_TABLES tables")
-    out: dict[str, tuple[int, bytes]] = {}
+    out: dict[str, DigestGroup] = {}
     for g in groups:
         if type(g) is not list or len(g) < 3:
             raise _err("digest table: expected array of >= 3")
@@ -196,7 +234,8 @@ def decode_digest(data: bytes | memoryview) -> dict[str, tuple[int, bytes]]:
             raise _err("digest table: hash block of the wrong size")
         if table in out:
             raise _err("digest: duplicate table")
-        out[table] = (level, hashes)
+        alts = _alts(g[3], level) if len(g) > 3 and g[3] is not None else {}
+        out[table] = DigestGroup(level, hashes, alts)
     return out
 
 

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 from collections.abc import Iterable
 
 VNI_MIN = 4096
 VNI_LIMIT = 1 << 24
 DEFAULT_POOL = "10.10.0.0/16"
 DEFAULT_PREFIX = 24
+# Overlay subnets: a /29 leaves 5 task addresses (the first host address is kept for a gateway);
+# below /8 an overlay would be larger than any address plan needs, and IPAM's probe is linear in
+# the free space it has to walk.
+MIN_SUBNET_PREFIX = 8
+MAX_SUBNET_PREFIX = 29
+# One DNS label of ASCII letters, digits, - and _ (str.isalnum() would accept any script's
+# letters and digits; fullmatch, never `$`, which also matches before a final newline).
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 # Names that would capture public DNS names inside the mesh (the resolver answers single
 # labels and `<x>.<network>` itself), so no network or service may take them.
 RESERVED_NAMES = frozenset({"com", "net", "org", "io", "arpa", "local", "localhost", "meshnet",
@@ -45,13 +54,27 @@ def assign_vnis(networks: Iterable[tuple[str, tuple[int, str]]]) -> dict[str, in
 
 
 def parse_subnet(text: str) -> ipaddress.IPv4Network:
+    """An overlay subnet as `network create --subnet` takes it (and as a replicated network
+    must carry it): an IPv4 network, host bits clear, /8../29, not loopback, multicast,
+    reserved or 0.0.0.0/8."""
+    if not isinstance(text, str) or len(text) > 64:
+        raise NetworkError("--subnet must be an IPv4 network like 10.1.0.0/24")
     try:
         net = ipaddress.IPv4Network(text, strict=True)
     except ValueError as e:
         raise NetworkError(f"--subnet {text!r}: {e}") from None
-    if net.prefixlen > 29:
-        raise NetworkError(f"--subnet {text}: too small (at most /29)")
+    if net.prefixlen > MAX_SUBNET_PREFIX:
+        raise NetworkError(f"--subnet {text}: too small (at most /{MAX_SUBNET_PREFIX})")
+    if net.prefixlen < MIN_SUBNET_PREFIX:
+        raise NetworkError(f"--subnet {text}: too large (at least /{MIN_SUBNET_PREFIX})")
+    addr = net.network_address
+    if addr.is_loopback or addr.is_multicast or addr.is_reserved or \
+            net.overlaps(_THIS_NETWORK):
+        raise NetworkError(f"--subnet {text}: not a usable unicast range")
     return net
+
+
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
 
 
 def check_overlap(subnet: ipaddress.IPv4Network,
@@ -73,11 +96,13 @@ def pick_subnet(existing: Iterable[ipaddress.IPv4Network], pool: str = DEFAULT_P
 
 
 def check_name(kind: str, name: object) -> str:
+    """A network, service, sandbox or endpoint name: one DNS label of ASCII letters, digits,
+    - and _, starting with a letter or digit, at most 63 long, not a reserved name."""
     if not isinstance(name, str) or not name:
         raise NetworkError(f"{kind} name is required")
-    if len(name) > 63 or not all(c.isalnum() or c in "-_" for c in name) or \
-            not name[0].isalnum():
-        raise NetworkError(f"{kind} name {name!r} must be a DNS label: letters, digits, - and _")
+    if not NAME_RE.fullmatch(name):
+        raise NetworkError(f"{kind} name {name[:80]!r} must be a DNS label: ASCII letters, "
+                           "digits, - and _ (at most 63)")
     if name.lower() in RESERVED_NAMES:
         raise NetworkError(f"{kind} name {name!r} is reserved (it would shadow public DNS)")
     return name

@@ -25,6 +25,46 @@ Every agent holds a full copy, any agent writes, and copies converge with no lea
   newer write of a key replacing the queued older one); received writes that were news are
   queued again (epidemic). ``digest``/``diff_for``/``apply_entries`` are the anti-entropy that
   repairs whatever gossip missed (see ``digest``).
+* **Validation.** With ``StoreConfig.validator`` set (the agent sets
+  ``meshnet.state.validate.check_value``), every value is checked before it is stored: a local
+  ``put`` that fails raises ValueError with the reason; a remote write that fails (a delta, an
+  anti-entropy entry, a row of the disk copy given to ``load``) is *refused*: counted
+  (``refused_invalid``, ``refused_by_table``), its reason queued for the shell to log
+  (``take_refusals``), and otherwise treated as if it had never arrived: not stored, not
+  re-gossiped, no event, no effect on the key's value (an older valid value stays). A tombstone
+  carries no value and is never refused. The validator is a pure function of (table, key,
+  value), so every replica refuses exactly the same writes and replicas that all validate still
+  converge on the same entries.
+
+Refused writes and anti-entropy
+-------------------------------
+A replica that holds a write we refuse (one that stored it before validation existed, an agent
+with other rules, a write forced in locally) has a different entry in that digest bucket, for
+good: two digests that differ only by it would make every exchange ship the bucket again, and we
+would refuse it again, forever. So:
+
+* We remember refused writes, the newest per key (``_refused``: order, entry hash, bucket;
+  bounded by ``max_refused``, least recently seen forgotten first). One offered again is
+  recognized by its order alone: counted in ``refused_invalid_repeats``, neither checked nor
+  counted nor logged again.
+* Our digest carries, for every bucket holding a remembered refusal, an *alternative* hash: the
+  bucket as it would be had we accepted those writes (each refused entry's hash XORed in, and
+  the hash of the older entry it would have replaced XORed out).
+* ``diff_for`` skips a bucket whose hashes differ when either side's alternative equals the
+  other side's plain hash: ``ours_plain == theirs_alt`` (they hold exactly what we hold, but for
+  writes they refuse and that beat what they hold instead) or ``ours_alt == theirs_plain`` (the
+  same, the other way round). Nothing in such a bucket could change either side: each entry one
+  side lacks is one the other refuses, or older than one it holds. Counted in
+  ``ae_buckets_skipped``. Never skipped: ``ours_alt == theirs_alt``, which would also hold for
+  two validating replicas that hold *different valid* entries under the same refused write
+  (they must still repair each other). Equal hashes of different contents are as unlikely as
+  anywhere else in the digest (2**-64 a bucket).
+
+So a replica holding a refused write and one refusing it reach a steady state with no traffic
+beyond the digests, in both directions. What remains, bounded and documented: a bucket where the
+holder holds only *some* of the writes we refuse, or whose refusal we have forgotten (more than
+``max_refused`` distinct ones), is shipped again at each exchange with that holder (one bucket,
+~16 entries); its refused entries are then recognized again (repeats), never stored.
 
 Pure: no I/O, no clock (``now`` in seconds is passed in), no global random.
 """
@@ -35,7 +75,7 @@ import hashlib
 import heapq
 import math
 import struct
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -49,6 +89,7 @@ from meshnet.state.queue import DeltaQueue
 from meshnet.state.tables import ENDPOINTS, NETWORKS, SERVICES, Endpoint, Network, Service
 from meshnet.state.types import (
     MAX_BUCKET_BITS,
+    MAX_REFUSAL_REASONS,
     MAX_TABLES,
     MAX_VALUE_BYTES,
     ChangeEvent,
@@ -58,6 +99,7 @@ from meshnet.state.types import (
     StoreConfig,
     StoreEvent,
     StoreStats,
+    Validator,
     entry_order,
 )
 
@@ -77,6 +119,11 @@ _APPLIED = 0
 _STALE = 1  # we already had it or something newer
 _REFUSED = 2  # beyond max_clock_skew, or over capacity
 _REFUSED_HORIZON = 3  # older than a tombstone we collected (see the module docstring)
+_REFUSED_INVALID = 4  # its value fails the validator (see "Refused writes" above)
+
+# Distinct table names in StoreStats.refused_by_table; refusals in further tables count as OTHER.
+MAX_REFUSED_TABLE_NAMES = 16
+OTHER_TABLES = "(other)"
 
 
 # (packed HLC, writer) of the newest tombstone collected: an absent key's write that would lose to
@@ -101,6 +148,15 @@ class Changes:
     upserts: list[Entry]
     removed: list[tuple[str, str]]  # (table, key) no longer held (collected tombstones)
     gc_horizon: Horizon  # persist and pass back to ``load``
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """A refused write, remembered (see "Refused writes and anti-entropy")."""
+
+    order: tuple[int, str, int, bytes]
+    ehash: int
+    bucket: int
 
 
 @dataclass(slots=True)
@@ -206,6 +262,79 @@ class Store:
         self._ae_cursor = 0  # where the next truncated diff starts inside an oversized bucket
         self._ttl_ms = max(1, int(self.config.tombstone_ttl * 1000))
         self._skew_ms = int(self.config.max_clock_skew * 1000)
+        self._validator: Validator | None = self.config.validator
+        self._refused: OrderedDict[tuple[str, str], _Refusal] = OrderedDict()
+        self._reasons: deque[str] = deque(maxlen=MAX_REFUSAL_REASONS)
+
+    # ---- validation ------------------------------------------------------------------------
+
+    @property
+    def validator(self) -> Validator | None:
+        return self._validator
+
+    def set_validator(self, validator: Validator | None) -> None:
+        """Set the schema (as ``StoreConfig.validator`` does) on a store that holds nothing yet,
+        i.e. before ``load``: what is held has been checked by the rules it came in under."""
+        if self._entries:
+            raise ValueError("set the validator before the store holds anything")
+        if validator is not None and not callable(validator):
+            raise ValueError("validator must be callable")
+        self._validator = validator
+
+    def take_refusals(self) -> list[str]:
+        """Reasons of the writes refused since the last call (each distinct write once; at
+        most the last MAX_REFUSAL_REASONS): for the shell to log."""
+        out = list(self._reasons)
+        self._reasons.clear()
+        return out
+
+    def _check(self, table: str, key: str, data: Mapping[str, Any]) -> str | None:
+        if self._validator is None:
+            return None
+        try:
+            return self._validator(table, key, MappingProxyType(data))
+        except Exception as e:  # a bug in the validator still refuses, the same everywhere
+            return f"{table[:64]}/{key[:64]}: validator failed ({type(e).__name__})"
+
+    def _refuse(self, e: Entry, reason: str) -> None:
+        st = self.stats
+        st.refused_invalid += 1
+        by = st.refused_by_table
+        name = e.table if e.table in by or len(by) < MAX_REFUSED_TABLE_NAMES else OTHER_TABLES
+        by[name] = by.get(name, 0) + 1
+        self._reasons.append(reason)
+        k = (e.table, e.key)
+        order = entry_order(e)
+        old = self._refused.get(k)
+        if old is None or old.order < order:
+            self._refused[k] = _Refusal(order, _hash_entry(e), _bucket_of(e.key))
+        self._refused.move_to_end(k)
+        while len(self._refused) > self.config.max_refused:
+            self._refused.popitem(last=False)
+
+    def _refused_again(self, e: Entry) -> bool:
+        """A write we refused before, offered again (same order: the same bytes)."""
+        k = (e.table, e.key)
+        r = self._refused.get(k)
+        if r is None or r.order != entry_order(e):
+            return False
+        self._refused.move_to_end(k)
+        self.stats.refused_invalid_repeats += 1
+        return True
+
+    def _alt_xor(self) -> dict[str, list[tuple[int, int]]]:
+        """table -> [(fine bucket, hash to XOR into that bucket for the as-if digest)]: each
+        remembered refusal's entry hash, XOR the hash of the older entry it would replace."""
+        out: dict[str, list[tuple[int, int]]] = {}
+        for (table, key), r in self._refused.items():
+            x = r.ehash
+            slot = self._entries.get((table, key))
+            if slot is not None:
+                if entry_order(slot.entry) >= r.order:
+                    continue  # superseded (normally already forgotten by _install)
+                x ^= slot.ehash
+            out.setdefault(table, []).append((r.bucket, x))
+        return out
 
     # ---- reading ---------------------------------------------------------------------------
 
@@ -312,6 +441,9 @@ class Store:
             data = codec.decode_value(blob)  # what every other replica will see
         except StateProtocolError as e:
             raise ValueError(f"bad value: {e}") from None
+        reason = self._check(table, key, data)  # what every other replica will check
+        if reason is not None:
+            raise ValueError(reason)
         return self._local_write(table, key, blob, data, now)
 
     def delete(self, table: str, key: str, now: float) -> Entry | None:
@@ -360,13 +492,16 @@ class Store:
     def load(self, entries: Iterable[Entry], now: float, gc_horizon: Horizon = NO_HORIZON) -> int:
         """Seed from the persisted copy (before serving). No events, no deltas, not dirty; the
         clock moves past every loaded HLC so the next local write beats them. Returns the count
-        of entries taken (a malformed value is skipped)."""
+        of entries taken (a malformed value is skipped; one the validator refuses is refused as
+        a remote write is, and marked removed so the next ``take_dirty`` drops it from disk)."""
         self._horizon = max(self._horizon, gc_horizon)
         n = 0
+        refused: set[tuple[str, str]] = set()
         for e in entries:
             try:
                 data = None if e.value is None else codec.decode_value(e.value)
             except StateProtocolError:
+                self.stats.bad_messages += 1
                 continue
             k = (e.table, e.key)
             slot = self._entries.get(k)
@@ -374,9 +509,18 @@ class Store:
                 continue
             if slot is None and len(self._entries) >= self.config.max_entries:
                 continue
+            if data is not None:
+                reason = self._check(e.table, e.key, data)
+                if reason is not None:
+                    self._refuse(e, reason)
+                    refused.add(k)
+                    continue
             self._clock = max(self._clock, e.hlc)
             self._install(k, e, data, quiet=True)
             n += 1
+        for k in refused:
+            if k not in self._entries:
+                self._dirty[k] = None
         self._clock = self._clock.tick(now)
         self.version += 1
         return n
@@ -439,12 +583,19 @@ class Store:
         can fold to the other's. A 10,000-entry table is 1024 buckets: 8 KiB, not the ~1 MB of
         its entries. Maintained incrementally (XOR out, XOR in) on every write.
         """
-        groups = []
-        for name in sorted(self._tables):
-            t = self._tables[name]
-            if t.count:
-                level = t.level()
-                groups.append((name, level, _pack_hashes(t.fold(level))))
+        groups: list[codec.DigestRow] = []
+        alt = self._alt_xor()
+        names = sorted({n for n, t in self._tables.items() if t.count} | set(alt))
+        for name in names:
+            if len(groups) >= MAX_TABLES:
+                break  # only refusal-only tables can push past it; they are dropped
+            t = self._tables.get(name)
+            level = t.level() if t is not None else 0
+            ours = t.fold(level) if t is not None else (0,) * (1 << level)
+            alts = [[b, ours[b] ^ x] for b, x in sorted(_fold_alt(alt.get(name, ()), level).items())
+                    if x]
+            hashes = _pack_hashes(ours)
+            groups.append((name, level, hashes, alts) if alts else (name, level, hashes))
         return codec.encode_digest(groups)
 
     def diff_for(self, remote_digest: bytes | memoryview) -> bytes:
@@ -455,10 +606,11 @@ class Store:
         diff exchange converges two replicas (unless ``max_diff_bytes`` truncates it; the rest
         then converges in the next exchange)."""
         try:
-            remote = codec.decode_digest(remote_digest)
+            remote = codec.decode_digest_groups(remote_digest)
         except StateProtocolError:
             self.stats.bad_messages += 1
             raise
+        alt = self._alt_xor()
         blobs: list[bytes] = []
         requests: dict[str, tuple[int, list[int]]] = {}
         budget = self.config.max_diff_bytes - 64 * (MAX_TABLES + 1)
@@ -467,16 +619,21 @@ class Store:
         names = sorted(set(remote) | {n for n, t in self._tables.items() if t.count})
         for name in names:
             t = self._tables.get(name)
+            their_alts: dict[int, int] = {}
             if name in remote:
-                level, rblock = remote[name]
+                level, rblock, their_alts = remote[name]
             else:
                 level = t.level() if t is not None else 0
                 rblock = bytes(BUCKET_HASH_BYTES << level)
             theirs = _unpack_hashes(rblock)
             ours = t.fold(level) if t is not None else (0,) * (1 << level)
+            our_alts = _fold_alt(alt.get(name, ()), level)
             wanted: list[int] = []
             for b in range(1 << level):
                 if ours[b] == theirs[b]:
+                    continue
+                if their_alts.get(b) == ours[b] or ours[b] ^ our_alts.get(b, 0) == theirs[b]:
+                    self.stats.ae_buckets_skipped += 1  # differs only by writes one side refuses
                     continue
                 chunk = self._bucket_blobs(name, t, level, b, None)
                 csize = sum(len(x) for x in chunk) + 8
@@ -634,6 +791,13 @@ class Store:
         elif entry_order(e) <= entry_order(slot.entry):
             self.stats.stale += 1
             return _STALE
+        if dec.data is not None and self._validator is not None:
+            if self._refused_again(e):
+                return _REFUSED_INVALID
+            reason = self._check(e.table, e.key, dec.data)
+            if reason is not None:
+                self._refuse(e, reason)
+                return _REFUSED_INVALID
         self.stats.applied += 1
         self._install(k, e, dec.data)
         if self._expired(e, pms):
@@ -644,8 +808,11 @@ class Store:
         if slot is None or slot.data is None:
             return None
         owner_field = self.config.owned_tables.get(slot.entry.table)
-        if owner_field is not None and slot.data.get(owner_field) not in self._live:
-            return None
+        if owner_field is not None:
+            owner = slot.data.get(owner_field)
+            # a non-string owner (unhashable, even) is no live node: hidden, never an error
+            if type(owner) is not str or owner not in self._live:
+                return None
         return slot.data
 
     def _owner(self, slot: _Slot) -> str | None:
@@ -679,6 +846,9 @@ class Store:
             bucket = _bucket_of(k[1])
         slot = _Slot(e, data, _hash_entry(e), bucket)
         self._entries[k] = slot
+        r = self._refused.get(k)
+        if r is not None and r.order <= entry_order(e):
+            del self._refused[k]  # the key now holds something newer than the refused write
         t = self._tables.get(k[0])
         if t is None:
             t = self._tables[k[0]] = _Table()
@@ -703,6 +873,16 @@ class Store:
             self._events.clear()
             self._events.append(EventsLost(self.version))
         self._events.append(ChangeEvent(k[0], k[1], _ro(old), _ro(new), self.version))
+
+
+def _fold_alt(items: Iterable[tuple[int, int]], level: int) -> dict[int, int]:
+    """(fine bucket, hash) pairs XORed together per bucket at ``level``."""
+    mask = (1 << level) - 1
+    out: dict[int, int] = {}
+    for fine, x in items:
+        b = fine & mask
+        out[b] = out.get(b, 0) ^ x
+    return out
 
 
 def _pack_hashes(hashes: tuple[int, ...]) -> bytes:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -26,6 +26,7 @@ __all__ = [
     "StoreConfig",
     "StoreEvent",
     "StoreStats",
+    "Validator",
     "entry_order",
     "merge",
     "tombstone_ttl_for",
@@ -61,6 +62,17 @@ DEFAULT_MAX_PENDING_EVENTS = 65_536
 # Entries (live, hidden and tombstones) one store will hold: far above any cluster we aim for;
 # a (buggy or hostile) authenticated peer cannot grow our memory past it.
 DEFAULT_MAX_ENTRIES = 1_000_000
+# Refused (invalid) writes remembered, newest per key: so a write offered again by anti-entropy
+# is recognized (counted once, not re-checked) and a digest bucket that differs only by writes we
+# refuse is skipped (store.py). One is ~200 bytes; past this the least recently seen is
+# forgotten, and the only cost of forgetting is that bucket being shipped again.
+DEFAULT_MAX_REFUSED = 4096
+# Reasons of recent refusals kept for the shell to log (drained by take_refusals).
+MAX_REFUSAL_REASONS = 64
+
+# (table, key, decoded value) -> None if the value may be stored, else a one-line reason. Must be
+# a pure function of its arguments, so that every replica refuses exactly the same writes.
+Validator = Callable[[str, str, Mapping[str, Any]], str | None]
 
 
 class StateProtocolError(Exception):
@@ -97,6 +109,10 @@ class StoreConfig:
     owned_tables: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType({"endpoints": "node"})
     )
+    # The schema: every value, local or remote, must pass it (meshnet.state.validate.check_value
+    # in the agent). None: a schema-less map of any tables (the core's own tests).
+    validator: Validator | None = None
+    max_refused: int = DEFAULT_MAX_REFUSED
 
     def __post_init__(self) -> None:
         if not self.tombstone_ttl > 0 or not math.isfinite(self.tombstone_ttl):
@@ -109,8 +125,11 @@ class StoreConfig:
             raise ValueError("max_delta_bytes out of range")
         if not 1024 <= self.max_diff_bytes <= wire.MAX_STREAM_BYTES:
             raise ValueError("max_diff_bytes out of range")
-        if self.max_queued_deltas < 1 or self.max_pending_events < 1 or self.max_entries < 1:
+        if self.max_queued_deltas < 1 or self.max_pending_events < 1 or self.max_entries < 1 \
+                or self.max_refused < 1:
             raise ValueError("bounds must be positive")
+        if self.validator is not None and not callable(self.validator):
+            raise ValueError("validator must be callable")
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +209,14 @@ class StoreStats:
     deltas_evicted: int = 0  # queued deltas dropped by max_queued_deltas
     tombstones_collected: int = 0
     bad_messages: int = 0  # decoder rejections (StateProtocolError raised)
+    # Remote writes whose value fails the validator (deltas, anti-entropy, the disk copy): each
+    # distinct write once, however often it is offered again; never stored, never re-gossiped.
+    refused_invalid: int = 0
+    refused_invalid_repeats: int = 0  # the same refused write offered again (anti-entropy)
+    # refused_invalid by table; tables the validator does not know are counted as "(unknown)"
+    refused_by_table: dict[str, int] = field(default_factory=dict)
+    # anti-entropy buckets not shipped because they differ only by writes one side refuses
+    ae_buckets_skipped: int = 0
 
 
 def check_hlc_int(value: object) -> int:
