@@ -89,10 +89,14 @@ class Trust:
         self.cache = cache if cache is not None else VerifyCache()
         self.stats = TrustStats()
         self._certs: dict[str, list[NodeCert]] = {}  # newest not_before first
-        self._known: set[bytes] = set()  # digests of certificate encodings held
+        self._known_raw: set[bytes] = set()  # encodings of the certificates held
         self._refused: OrderedDict[bytes, None] = OrderedDict()
         self._revocations: dict[str, list[Revocation]] = {}
         self._n_revocations = 0
+        # Bumped whenever a certificate may have stopped counting (a revocation learned); with
+        # soonest_expiry it tells a caller when a scan of its members is worth doing.
+        self.generation = 0
+        self._soonest: int | None = None  # earliest not_after among held certificates
         self._signed: dict[tuple[bytes, bytes], bytes] = {}  # our own last few signatures
         self.learn_cert(cert.raw, now)
 
@@ -115,8 +119,10 @@ class Trust:
     def learn_cert(self, raw: bytes, now: float) -> NodeCert | None:
         """Verify and keep a node certificate; the cert if it is news, else None (known,
         refused, or past the bounds). A refusal is counted, never raised."""
+        if raw in self._known_raw:  # the common case: a certificate we hold, seen again
+            return None
         digest = hashlib.blake2b(raw, digest_size=16).digest()
-        if digest in self._known or digest in self._refused:
+        if digest in self._refused:
             return None
         self.stats.verifications += 1  # what checking the CA's signature costs this node
         try:
@@ -147,9 +153,11 @@ class Trust:
         held.append(cert)
         held.sort(key=lambda c: c.not_before, reverse=True)
         for old in held[MAX_CERTS_PER_NAME:]:
-            self._known.discard(hashlib.blake2b(old.raw, digest_size=16).digest())
+            self._known_raw.discard(old.raw)
         del held[MAX_CERTS_PER_NAME:]
-        self._known.add(digest)
+        self._known_raw.add(cert.raw)
+        if self._soonest is not None and cert.not_after < self._soonest:
+            self._soonest = cert.not_after
         self.stats.certs_learned += 1
         return cert
 
@@ -186,7 +194,17 @@ class Trust:
         held.append(rev)
         self._n_revocations += 1
         self.stats.revocations += 1
+        self.generation += 1
         return rev
+
+    def soonest_expiry(self, now: float) -> int:
+        """The next Unix time, after NOW, at which a held certificate expires (a member may
+        then have to go). Recomputed only once that time has passed."""
+        wall = self.wall(now)
+        if self._soonest is None or wall >= self._soonest:
+            self._soonest = min((c.not_after for certs in self._certs.values() for c in certs
+                                 if c.not_after > wall), default=1 << 62)
+        return self._soonest
 
     def _is_revoked(self, cert: NodeCert) -> bool:
         for r in self._revocations.get(cert.name, ()):

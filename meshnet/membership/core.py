@@ -259,6 +259,7 @@ class Membership:
     # every step, so each attribute read is one cache line instead of a hash-table probe.
     __slots__ = (
         "_awareness",
+        "_cert_gen",
         "_decode_cache",
         "_delegate",
         "_events",
@@ -290,6 +291,7 @@ class Membership:
         "_ring",
         "_rng",
         "_seq",
+        "_soonest_expiry",
         "_streams",
         "_tombstones",
         "_trust",
@@ -324,6 +326,8 @@ class Membership:
         self._held: dict[str, Alive] = {}  # alives waiting for their sender's certificate
         self._want: set[str] = set()  # names whose certificates we lack
         self._fetched: dict[str, float] = {}  # name -> when we last asked for its certificate
+        self._cert_gen = -1  # trust.generation at our last scan of members' certificates
+        self._soonest_expiry = 0  # Unix time of the next certificate expiry (trust's clock)
         meta_bytes = meta.encode()  # ValueError if over MAX_META_BYTES
         self._me = _Node(meta, meta_bytes, incarnation, ALIVE, now)
         self.name = meta.name
@@ -473,6 +477,12 @@ class Membership:
         trust = self._trust
         if trust is None:
             return
+        # Nothing can have changed unless a revocation arrived or a certificate expired.
+        soonest = self._soonest_expiry
+        if trust.generation == self._cert_gen and trust.wall(now) < soonest:
+            return
+        self._soonest_expiry = trust.soonest_expiry(now)
+        self._cert_gen = trust.generation
         for node in list(self._nodes.values()):
             if node is not self._me and trust.current(node.name, now) is None:
                 self.drop(node.name, now)
@@ -1181,12 +1191,35 @@ class Membership:
                 for n in self._nodes.values()
             ]
             return encode_push_pull_raw(join, rows, user)
-        rows = [
-            [n.name, n.incarnation, code[n.state], n.meta_bytes, n.meta_inc, n.alive_sig,
-             n.left_sig]
-            for n in self._nodes.values()
-        ]
+        # Signatures (64 bytes a row, as much again as a row itself) go only where they are
+        # news: in a request, on our own row (the peer may not know us yet); in a reply, on the
+        # rows the requester's own rows show it lacks. What a request carries unsigned, the
+        # responder learns by gossip or when it pulls in turn.
+        theirs: dict[str, tuple[int, MemberState, int]] = {}
+        if peer is not None:
+            theirs = {st.name: (st.incarnation, st.state, st.meta_inc or 0)
+                      for st in peer.states if not peer.join}
+        rows = []
         certs = [trust.cert.raw]
+        for n in self._nodes.values():
+            alive_sig = left_sig = b""
+            if n is self._me:
+                alive_sig, left_sig = n.alive_sig, n.left_sig
+            elif peer is not None:
+                known = theirs.get(n.name)
+                if known is None or known[2] < n.meta_inc:
+                    alive_sig = n.alive_sig
+                    if known is None and not peer.join:
+                        raw = trust.raw_cert(n.name, now)
+                        if raw is not None:
+                            certs.append(raw)
+                if n.state is LEFT and (known is None or known[:2] != (n.incarnation, LEFT)):
+                    left_sig = n.left_sig
+            if alive_sig or left_sig or n.meta_inc != n.incarnation:
+                rows.append([n.name, n.incarnation, code[n.state], n.meta_bytes, n.meta_inc,
+                             alive_sig, left_sig])
+            else:  # the common row: nothing to sign, meta from this very incarnation
+                rows.append([n.name, n.incarnation, code[n.state], n.meta_bytes])
         if peer is not None:
             names = list(self._nodes) if peer.join else peer.want
             for name in names:
@@ -1245,22 +1278,23 @@ class Membership:
             if st.incarnation > MAX_CLAIM_INCARNATION:
                 self.stats["claims_out_of_bound"] += 1
                 continue
-            if st.meta_inc is None or not st.alive_sig:
-                self.stats["claims_unsigned"] += 1
-                continue
+            if st.meta_inc is None:  # a short row: meta of that incarnation, nothing signed
+                st.meta_inc = st.incarnation
             node = self._nodes.get(st.name)
             if node is not None and node is not self._me and node.state is st.state and \
                     node.incarnation == st.incarnation and node.meta_inc >= st.meta_inc:
                 continue  # nothing new: no signature to check
             if node is None and st.state is not ALIVE:
                 continue  # as unsigned: a member we never saw alive is not taken on hearsay
-            if st.name != self.name or st.meta_inc > self._me.incarnation:
+            if st.alive_sig and (st.name != self.name or st.meta_inc > self._me.incarnation):
                 self._on_alive(Alive(st.meta_inc, st.meta, st.meta_bytes, st.alive_sig), now,
                                quiet=quiet_new)
             if st.state is LEFT:
-                self._on_dead(Dead(st.incarnation, st.name, st.name, st.left_sig), now)
+                if st.left_sig:
+                    self._on_dead(Dead(st.incarnation, st.name, st.name, st.left_sig), now)
             elif st.state is not ALIVE:
-                # memberlist: a remote "dead" only makes us suspect (see _merge).
+                # memberlist: a remote "dead" only makes us suspect (see _merge). Unsigned, and
+                # bounded by what the node signed (_on_suspect).
                 self._on_suspect(Suspect(st.incarnation, st.name, self.name), now)
         if self._delegate is not None:
             self._delegate.merge_remote_state(pp.user_state, pp.join)

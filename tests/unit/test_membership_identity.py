@@ -110,11 +110,17 @@ def test_join_carries_certificates_and_signed_rows(pki: Pki) -> None:
     n1, n2, n3 = joined(pki, 3)
     for m in (n1, n2, n3):
         assert sorted(x.name for x in m.members() if x.state is A) == ["n1", "n2", "n3"]
-    # a push-pull row carries the node's own signature of its metadata
-    pp = decode_push_pull(n1._encode_state(False, 2.0))
-    row = next(r for r in pp.states if r.name == "n2")
-    assert row.meta_inc is not None and len(row.alive_sig) == 64
-    assert pp.certs and len(pp.certs) == 1  # unasked: our own certificate only
+    # a request carries only its sender's own signature; a reply signs what the requester
+    # lacks, and sends the certificates of members it does not know
+    req = decode_push_pull(n1._encode_state(False, 2.0))
+    sigs = {r.name: r.alive_sig for r in req.states}
+    assert len(sigs["n1"]) == 64 and sigs["n2"] == sigs["n3"] == b""
+    assert len(req.certs) == 1  # unasked: our own certificate only
+    lacking = PushPull(False, [r for r in req.states if r.name != "n3"], b"")
+    reply = decode_push_pull(n2._encode_state(False, 2.0, peer=lacking))
+    sigs = {r.name: r.alive_sig for r in reply.states}
+    assert len(sigs["n3"]) == 64 and sigs["n1"] == b"", sigs
+    assert len(reply.certs) == 2  # n2's own and n3's
 
 
 def test_an_alive_signed_by_someone_else_is_refused(pki: Pki) -> None:
@@ -232,6 +238,7 @@ def test_push_pull_certificates_on_request_and_join(pki: Pki) -> None:
     join = decode_push_pull(node(pki, 9)._encode_state(True, 1.0))
     reply = decode_push_pull(n1._encode_state(False, 1.0, peer=join))
     assert len(reply.certs) == 3  # a joiner gets every member's certificate
-    ask = PushPull(False, [], b"", certs=[], want=["n3"])
+    everyone = decode_push_pull(n1._encode_state(False, 1.0)).states
+    ask = PushPull(False, everyone, b"", certs=[], want=["n3"])
     reply = decode_push_pull(n1._encode_state(False, 1.0, peer=ask))
     assert len(reply.certs) == 2  # ours, and n3's as asked
