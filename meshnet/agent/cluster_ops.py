@@ -60,6 +60,9 @@ class ClusterOps:
         # DNS records left out because a value would not serve (the store's schema keeps them
         # out already; this is the second line), and rebuilds that failed outright.
         self.counters = {"dns_records_skipped": 0, "dns_refresh_errors": 0}
+        # table -> why this node may not write it (None: it may); the agent sets it from the
+        # node's certificate (only admins define networks and services).
+        self.may_write: Callable[[str], str | None] = lambda table: None
         self._dns_error_logged = False
         # () -> per-peer datapath numbers, for `network inspect` of encrypted networks (set by
         # the agent when it runs an encrypted datapath).
@@ -119,7 +122,14 @@ class ClusterOps:
 
     # --- networks -----------------------------------------------------------------------------
 
+    def require(self, table: str) -> None:
+        """OpError unless this node may write TABLE (its certificate's role)."""
+        reason = self.may_write(table)
+        if reason is not None:
+            raise OpError(reason)
+
     async def network_create(self, args: dict[str, Any], send: SendEvent) -> Any:
+        self.require(NETWORKS)
         try:
             name = check_name("network", args.get("name"))
             nets = self.store.networks()
@@ -161,6 +171,7 @@ class ClusterOps:
         return doc
 
     async def network_rm(self, args: dict[str, Any], send: SendEvent) -> Any:
+        self.require(NETWORKS)
         net = self._network(args)
         users = sorted(f"service {s.name}" for s in self.store.services().values()
                        if s.network == net.name)
@@ -185,6 +196,8 @@ class ClusterOps:
         for other in self.store.endpoints(net.name):
             if other.ip == str(ip) and other.name != name:
                 raise OpError(f"{ip} is already used by {other.name} on {other.node}")
+            if other.name == name and other.node != self.node:
+                raise OpError(f"name {name} is already registered by {other.node}")
         service = args.get("service") or None
         if service is not None:
             try:
@@ -193,18 +206,21 @@ class ClusterOps:
                 raise OpError(str(e)) from None
         ep = Endpoint(name=name, network=net.name, ip=str(ip), mac=mac_for_ip(str(ip)),
                       node=self.node, service=str(service) if service else None)
-        await self.state.put(ENDPOINTS, ep.key, ep.to_value())
+        # Keyed by owner like every owned record: only we may change or delete it (authz).
+        await self.state.put(ENDPOINTS, f"{ep.key}@{self.node}", ep.to_value())
         return endpoint_json(ep)
 
     async def endpoint_rm(self, args: dict[str, Any], send: SendEvent) -> Any:
         net = self._network(args, "network")
-        key = endpoint_key(net.name, str(args.get("name")))
+        key = f"{endpoint_key(net.name, str(args.get('name')))}@{self.node}"
         current = self.store.get(ENDPOINTS, key)
         if current is None:
+            owners = [e.node for e in self.store.endpoints(net.name)
+                      if e.name == args.get("name")]
+            if owners:
+                raise OpError(f"endpoint {args.get('name')} belongs to {owners[0]}; "
+                              "remove it there")
             raise OpError(f"endpoint {args.get('name')} not found on {net.name}")
-        if current.get("node") != self.node:
-            raise OpError(f"endpoint {args.get('name')} belongs to {current.get('node')}; "
-                          "remove it there")
         await self.state.delete(ENDPOINTS, key)
         return {"removed": args.get("name")}
 

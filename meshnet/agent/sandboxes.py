@@ -17,6 +17,7 @@ import secrets
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ from meshnet.agent.gossip import STREAM_IPAM, GossipTransport, StreamError
 from meshnet.agent.overlay import Overlay
 from meshnet.agent.state_service import StateService
 from meshnet.aioutil import run_to_end
-from meshnet.containment import Containment, ContainmentError, task_hostname
+from meshnet.containment import DEFAULT_CAPS, Containment, ContainmentError, task_hostname
 from meshnet.containment import from_args as containment_from_args
 from meshnet.crypto.keyring import KeyringError
 from meshnet.membership import Addr, Member
@@ -97,6 +98,8 @@ class Sandboxes:
         self.tools: Tools | None = None
         # Why tasks cannot be contained on this host (missing tools or cgroups), if they can't.
         self.unavailable: str | None = None
+        # () -> whether this node's certificate has the admin role (None: no identity).
+        self.is_admin: Callable[[], bool] | None = None
         self.ops = ops
         self.state = state
         self.store = state.store
@@ -375,6 +378,10 @@ class Sandboxes:
             spec_env = parse_env(args.get("env"))
         except ContainmentError as e:
             raise OpError(str(e)) from None
+        extra = sorted(containment.caps - DEFAULT_CAPS)
+        if extra and self.is_admin is not None and not self.is_admin():
+            raise OpError(f"--cap-add {','.join(extra)}: capabilities beyond Docker's default "
+                          "set take the admin role")
         handle = await self.create(str(args.get("network")), args.get("name") or None,
                                    publish=False)
         proc: asyncio.subprocess.Process | None = None

@@ -432,6 +432,7 @@ class Services:
         return svc
 
     async def op_create(self, args: dict[str, Any], send: SendEvent) -> Any:
+        self.sandboxes.ops.require(SERVICES)
         svc = parse_spec(args, set(self.store.networks()))
         if svc.name in self.store.services():
             raise OpError(f"service {svc.name} already exists")
@@ -440,6 +441,7 @@ class Services:
         return self._service_json(svc)
 
     async def op_scale(self, args: dict[str, Any], send: SendEvent) -> Any:
+        self.sandboxes.ops.require(SERVICES)
         scales = args.get("scales")
         if not isinstance(scales, dict) or not scales:
             raise OpError("scale needs NAME=N")
@@ -515,6 +517,7 @@ class Services:
         return doc
 
     async def op_rm(self, args: dict[str, Any], send: SendEvent) -> Any:
+        self.sandboxes.ops.require(SERVICES)
         svc = self._service(args)
         await self.state.delete(SERVICES, svc.name)
         self.kick()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Literal
 
 from meshnet.crypto.certs import (
     CaCert,
@@ -92,6 +93,7 @@ class Trust:
         self._known_raw: set[bytes] = set()  # encodings of the certificates held
         self._refused: OrderedDict[bytes, None] = OrderedDict()
         self._revocations: dict[str, list[Revocation]] = {}
+        self._revocation_raws: set[bytes] = set()
         self._n_revocations = 0
         # Bumped whenever a certificate may have stopped counting (a revocation learned); with
         # soonest_expiry it tells a caller when a scan of its members is worth doing.
@@ -185,10 +187,11 @@ class Trust:
     def learn_revocation(self, raw: bytes) -> Revocation | None:
         """Verify and keep a CA-signed revocation; it if it is news (CertError if it is not
         the CA's). The certificates it revokes stop counting at once."""
+        if raw in self._revocation_raws:
+            return None
         rev = decode_revocation(raw, self.ca)
         held = self._revocations.setdefault(rev.name, [])
-        if any(r.raw == rev.raw for r in held):
-            return None
+        self._revocation_raws.add(rev.raw)
         if self._n_revocations >= MAX_REVOCATIONS:
             raise CertError("too many revocations held")
         held.append(rev)
@@ -235,7 +238,13 @@ class Trust:
                at: float | None = None) -> bool | None:
         """Did NAME sign DATA in DOMAIN? None when no certificate of NAME is held (the caller
         may wait for it); False when none of its good ones verifies. A certificate is good if
-        it is not revoked and was valid at AT (when the claim was made; default NOW)."""
+        it is not revoked and was valid at AT (Unix time the claim was made; default NOW)."""
+        cert = self.signer(name, domain, data, sig, now, at)
+        return cert if cert is None else cert is not False
+
+    def signer(self, name: str, domain: bytes, data: bytes, sig: bytes, now: float,
+               at: float | None = None) -> NodeCert | Literal[False] | None:
+        """verify, but the certificate that verified (its roles count) instead of True."""
         certs = self._certs.get(name)
         self.stats.verifications += 1
         if not certs:
@@ -244,7 +253,7 @@ class Trust:
         for cert in certs:
             if cert.valid_at(when) and not self._is_revoked(cert) and \
                     self.cache.verify(cert.sign_key, sig, domain, data):
-                return True
+                return cert
         self.stats.claims_refused += 1
         self.stats.refused(f"claim of {name}: bad signature or no good certificate")
         return False
