@@ -31,10 +31,10 @@ from meshnet.agent.sandboxes import Sandboxes
 from meshnet.agent.services import TASKS, Services
 from meshnet.agent.state_service import StateService
 from meshnet.config import DEFAULT_CONFIG_PATH, Config
-from meshnet.crypto.certs import CertError, iso_time
+from meshnet.crypto.certs import ARMOR_REVOCATION, CertError, dearmor, decode_revocation, iso_time
 from meshnet.crypto.identity import IdentityError, load_or_create_identity, public_bytes
 from meshnet.crypto.keyring import Keyring, KeyringError
-from meshnet.crypto.trust import Trust
+from meshnet.crypto.trust import REQUEST_DOMAIN, Trust
 from meshnet.dns import Resolver
 from meshnet.fsutil import atomic_write
 from meshnet.membership import (
@@ -47,6 +47,7 @@ from meshnet.membership import (
 from meshnet.placement import NodeInfo
 from meshnet.platform.container import hidden_paths
 from meshnet.state import Store, StoreConfig, tombstone_ttl_for
+from meshnet.state.authz import CERTS, REVOCATIONS, RecordPolicy, cert_key
 
 log = logging.getLogger("meshnet.agent")
 
@@ -68,6 +69,14 @@ KEY_OP_CONCURRENCY = 32
 KEY_OPS = ("install", "use", "remove", "list")
 # How often the loop-clock-to-Unix-time offset for certificate expiry is refreshed.
 WALL_CLOCK_CHECK_S = 30.0
+
+
+# A signed key operation older than this is refused (clocks must agree to well within it).
+KEY_OP_MAX_AGE_S = 300
+
+
+def _key_op_signed(req: dict[str, Any]) -> bytes:
+    return bytes(msgpack.packb([req.get("op"), req.get("key"), req.get("by"), req.get("at")]))
 
 
 class StartError(Exception):
@@ -109,6 +118,7 @@ class Agent:
         self.encrypted: EncryptedOverlay | None = None
         self.datapath_key: X25519PrivateKey | None = None
         self.trust: Trust | None = None
+        self.records: RecordPolicy | None = None
         self.sandboxes: Sandboxes | None = None
         self.services: Services | None = None
         self.gossip: GossipTransport | None = None
@@ -139,6 +149,64 @@ class Agent:
             return None
         raise StartError("no cluster key: set cluster_key_file (--cluster-key-file) or, "
                          "for a throwaway test only, --insecure-no-encryption")
+
+    async def _publish_cert(self) -> None:
+        """Our certificate in the store's certs table: whoever checks our records later (a node
+        that joins after we left, say) finds it there."""
+        assert self.trust is not None and self.state is not None
+        cert = self.trust.cert
+        if self.state.store.get(CERTS, cert_key(cert)) is None:
+            await self.state.put(CERTS, cert_key(cert), {"cert": cert.raw})
+
+    def _learn_from_store(self) -> None:
+        """Certificates and revocations that arrived in the store feed the trust; a member
+        whose every certificate is now revoked is dropped at once."""
+        trust, store = self.trust, self.state.store if self.state else None
+        if trust is None or store is None:
+            return
+        now = asyncio.get_running_loop().time()
+        for value in store.view(CERTS).values():
+            raw = value.get("cert")
+            if isinstance(raw, bytes):
+                trust.learn_cert(raw, now)
+        dropped = []
+        for value in store.view(REVOCATIONS).values():
+            raw = value.get("revocation")
+            if not isinstance(raw, bytes):
+                continue
+            try:
+                rev = trust.learn_revocation(raw)
+            except CertError:
+                continue  # the authorizer admits only the CA's; this cannot happen
+            if rev is not None and trust.revoked(rev.name):
+                dropped.append(rev.name)
+        for name in dropped:
+            if name == self.config.name:
+                log.error("this node's certificate was revoked: the cluster no longer "
+                          "accepts it (sign a new one and restart)")
+            elif self.membership is not None and self.membership.drop(name, now):
+                log.warning("member %s dropped: its certificate was revoked", name)
+        if dropped and self.gossip is not None:
+            self.gossip.pump()
+
+    async def _op_ca_revoke(self, args: dict[str, Any], send: SendEvent) -> Any:
+        """`meshctl ca revoke`: store a CA-signed revocation, which the cluster gossips."""
+        trust = self.trust
+        if trust is None or self.state is None:
+            raise OpError("this agent runs without identity (--insecure-no-identity)")
+        text = args.get("revocation")
+        if not isinstance(text, str) or len(text) > 8192:
+            raise OpError("ca.revoke needs an armored revocation")
+        try:
+            raw = dearmor(ARMOR_REVOCATION, text)
+            rev = decode_revocation(raw, trust.ca)
+        except CertError as e:
+            raise OpError(f"revocation refused: {e}") from None
+        serial = rev.serial.hex() if rev.serial else "all"
+        await self.state.put(REVOCATIONS, f"{rev.name}/{serial}/{rev.issued_at}",
+                             {"revocation": raw})
+        self._learn_from_store()
+        return {"revoked": rev.name, "serial": serial, "issued_at": iso_time(rev.issued_at)}
 
     def _load_trust(self, loop_now: float) -> Trust | None:
         cfg = self.config
@@ -189,9 +257,18 @@ class Agent:
         store = Store(self.config.name, StoreConfig(
             tombstone_ttl=tombstone_ttl_for(mcfg.reap_after, mcfg.push_pull_interval),
             owned_tables={"endpoints": "node", TASKS: "node"}))
+        if self.trust is not None:
+            # Our records are signed; others' are checked (state/authz.py) before they count.
+            self.records = RecordPolicy(self.trust)
+            store.set_signer(self.records.sign)
+            store.set_authorizer(self.records.authorize)
         self.state = await StateService.open(self.config.state_dir, self.config.name, store)
         resolver = Resolver(ttl=self.config.dns_ttl)
         self.ops = ClusterOps(self.state, resolver, self.config.name, self.config.address_pool)
+        if self.records is not None:
+            self.ops.may_write = self.records.may_write
+            self.state.listeners.append(self._learn_from_store)
+            await self._publish_cert()
         self.state.listeners.append(self.ops.refresh_dns)
         self.ops.refresh_dns()
         try:
@@ -281,6 +358,9 @@ class Agent:
         self.sandboxes = Sandboxes(self.ops, self.state, self.overlay, self.dns,
                                    self.gossip, self._peers, self.config.sandbox_prefix,
                                    self._hidden_from_tasks())
+        if self.trust is not None:
+            trust = self.trust
+            self.sandboxes.is_admin = lambda: trust.cert.is_admin
         await self.sandboxes.adopt()
         self.services = Services(self.state, self.sandboxes, self.gossip, self.config.name,
                                  self._placement_nodes, self._peers,
@@ -460,6 +540,7 @@ class Agent:
                       "key; restart meshnetd to change it")
             return False
         trust.renew(new.keys, new.cert, loop.time())
+        self._spawn(self._publish_cert())
         log.info("identity renewed: serial %s, valid until %s", new.cert.serial.hex(),
                  iso_time(new.cert.not_after))
         return True
@@ -521,6 +602,7 @@ class Agent:
             "join": self._op_join,
             "leave": self._op_leave,
             "keys": self._op_keys,
+            "ca.revoke": self._op_ca_revoke,
         }
 
     def _member_counts(self) -> dict[str, int]:
@@ -617,12 +699,42 @@ class Agent:
                 self.encrypted.set_cluster_keys(self.keyring.keys())
         return [entry["key"] for entry in self.keyring.list()]
 
+    def _key_op_request(self, op: str, key: str) -> bytes:
+        """A key operation for the other members; with identity, signed by us (only an
+        admin's change counts) and stamped, so an old one cannot be passed off later."""
+        req: dict[str, Any] = {"op": op, "key": key}
+        if self.trust is not None:
+            req.update(by=self.config.name, at=int(time.time()))
+            req["sig"] = self.trust.sign(REQUEST_DOMAIN, _key_op_signed(req))
+        return bytes(msgpack.packb(req))
+
+    def _key_op_refusal(self, req: dict[str, Any]) -> str | None:
+        """Why a received key operation does not count (None: it does)."""
+        trust = self.trust
+        if trust is None or req.get("op") == "list":
+            return None
+        by, at, sig = req.get("by"), req.get("at"), req.get("sig")
+        if not isinstance(by, str) or not isinstance(at, int) or not isinstance(sig, bytes):
+            return "key operations must be signed by an admin"
+        if abs(time.time() - at) > KEY_OP_MAX_AGE_S:
+            return "the key operation is too old (or from the future)"
+        cert = trust.signer(by, REQUEST_DOMAIN, _key_op_signed(req), sig,
+                            asyncio.get_running_loop().time())
+        if cert is None or cert is False:
+            return f"the key operation is not signed by {by}"
+        if not cert.is_admin:
+            return f"{by} is not an admin: only admins rotate keys"
+        return None
+
     async def _key_op_in(self, body: bytes, addr: tuple[str, int]) -> bytes | None:
         try:
             req = msgpack.unpackb(body, raw=False, max_str_len=256, max_array_len=4,
-                                  max_map_len=4, max_bin_len=0)
+                                  max_map_len=8, max_bin_len=64)
             if not isinstance(req, dict):
                 raise ValueError("not a map")
+            refusal = self._key_op_refusal(req)
+            if refusal is not None:
+                raise KeyringError(refusal)
             keys = self._apply_key_op(str(req.get("op")), str(req.get("key", "")))
             reply: dict[str, Any] = {"ok": True, "keys": keys}
         except KeyringError as e:
@@ -639,13 +751,15 @@ class Agent:
             raise OpError(f"unknown keys operation {op!r}")
         if op == "use" and self.keyring is not None and key not in self.keyring:
             raise OpError("key is not installed here: install it on the cluster first")
+        if op != "list" and self.trust is not None and not self.trust.cert.is_admin:
+            raise OpError("this node's certificate is a worker's: only an admin rotates keys")
         try:
             local = self._apply_key_op(str(op), key)
         except KeyringError as e:
             raise OpError(str(e)) from None
         peers = [m for m in self.membership.members()
                  if m.name != self.config.name and str(m.state.value) in ("alive", "suspect")]
-        body = bytes(msgpack.packb({"op": op, "key": key}))
+        body = self._key_op_request(str(op), key)
         sem = asyncio.Semaphore(KEY_OP_CONCURRENCY)
 
         async def ask(m: Member) -> tuple[str, dict[str, Any] | str]:

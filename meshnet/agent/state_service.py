@@ -9,7 +9,10 @@
   at once, with no write; they come back if it comes back.
 - Every value is checked by the schema (meshnet/state/validate.py) before the store takes it:
   a remote write that fails is refused and counted (`status` shows the store's counters) and
-  its reason logged, at most REFUSAL_LOG_BURST lines a minute.
+  its reason logged, at most REFUSAL_LOG_BURST lines a minute. The identity layer signs our
+  writes and judges remote ones through the store's hooks (``Store.set_signer`` /
+  ``set_authorizer``, set by the agent); a final refusal is logged the same way, a deferred one
+  only counted.
 - Nothing a peer sends can stop this service: a handler that fails is counted and logged once
   per kind of failure, and the next message is handled as usual.
 
@@ -75,8 +78,10 @@ class StateService:
 
     @property
     def counters(self) -> dict[str, Any]:
-        """This service's counters and the store's (StoreStats: applied, stale, refused_*,
-        refused_by_table, ae_buckets_skipped, ...), as `status` shows them under "store"."""
+        """This service's counters and the store's (every StoreStats field: applied, stale,
+        refused_*, refused_by_table, ae_buckets_skipped, refused_unauthorized(_repeats,
+        _by_table), refused_deferred, authorizer_errors, copies_replaced, ...), as `status`
+        shows them under "store"."""
         out: dict[str, Any] = dict(self._counts)
         for f in dataclasses.fields(self.store.stats):
             value = getattr(self.store.stats, f.name)

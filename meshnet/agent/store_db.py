@@ -24,6 +24,15 @@ case where every other copy dies too, so the survivor's copy must be on the plat
 (every change since the last save), not single writes, so that is a few fsyncs a second at the
 very most.
 
+Signatures
+----------
+Each row carries its entry's signature in ``sig`` (NULL: unsigned). A database from before
+signatures lacks the column; ``open`` adds it (``ALTER TABLE entries ADD COLUMN sig BLOB``, a
+metadata-only change in SQLite: no row is rewritten) when ``PRAGMA table_info`` does not list it,
+and every old row reads as unsigned. The change is additive, so the schema version stays 1: an
+older agent still reads and writes the file (its statements name their columns, and a row it
+rewrites becomes unsigned, which is what it holds).
+
 Damage we cannot recover from (a disk error, a file that is not a database) is not fatal
 either: the damaged files are moved aside as ``store.db.corrupt-N`` and the agent starts empty;
 its peers refill it by anti-entropy.
@@ -45,6 +54,7 @@ from meshnet.state.types import (
     MAX_TABLE_NAME_BYTES,
     MAX_VALUE_BYTES,
     MAX_WRITER_BYTES,
+    SIG_BYTES,
     Entry,
 )
 
@@ -67,6 +77,7 @@ CREATE TABLE IF NOT EXISTS entries (
     hlc       INTEGER NOT NULL,
     writer    TEXT    NOT NULL,
     tombstone INTEGER NOT NULL,
+    sig       BLOB,
     PRIMARY KEY (tbl, key)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (
@@ -129,6 +140,9 @@ class StoreDb:
             if check is None or check[0] != "ok":
                 raise _Damaged(f"quick_check: {check}")
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(entries)").fetchall()}
+            if "sig" not in columns:  # a database from before signatures (see above)
+                db.execute("ALTER TABLE entries ADD COLUMN sig BLOB")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -160,12 +174,12 @@ class StoreDb:
         out: list[Entry] = []
         try:
             rows = self._db.execute(
-                "SELECT tbl, key, value, hlc, writer, tombstone FROM entries"
+                "SELECT tbl, key, value, hlc, writer, tombstone, sig FROM entries"
             ).fetchall()
         except sqlite3.Error as e:
             raise StoreDbError(f"{self.path}: {e}") from None
-        for tbl, key, value, hlc, writer, tombstone in rows:
-            entry = _row_entry(tbl, key, value, hlc, writer, tombstone)
+        for tbl, key, value, hlc, writer, tombstone, sig in rows:
+            entry = _row_entry(tbl, key, value, hlc, writer, tombstone, sig)
             if entry is None:
                 self.skipped_rows += 1
             else:
@@ -197,7 +211,8 @@ class StoreDb:
     ) -> None:
         """Upsert ``entries``, delete ``removed`` and record ``gc_horizon``, in one transaction."""
         rows = [
-            (e.table, e.key, e.value, e.hlc.pack(), e.writer, 1 if e.value is None else 0)
+            (e.table, e.key, e.value, e.hlc.pack(), e.writer, 1 if e.value is None else 0,
+             e.sig or None)
             for e in entries
         ]
         gone = list(removed)
@@ -206,8 +221,8 @@ class StoreDb:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.executemany(
-                    "INSERT OR REPLACE INTO entries (tbl, key, value, hlc, writer, tombstone)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO entries (tbl, key, value, hlc, writer, tombstone, sig)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
                 if gone:
@@ -245,7 +260,8 @@ def _text(value: object, max_bytes: int) -> bool:
 
 
 def _row_entry(
-    tbl: object, key: object, value: object, hlc: object, writer: object, tombstone: object
+    tbl: object, key: object, value: object, hlc: object, writer: object, tombstone: object,
+    sig: object = None,
 ) -> Entry | None:
     if not (
         _text(tbl, MAX_TABLE_NAME_BYTES)
@@ -263,5 +279,11 @@ def _row_entry(
         blob = value
     else:
         return None
+    if sig is None:
+        signature = b""
+    elif type(sig) is bytes and len(sig) == SIG_BYTES:
+        signature = sig
+    else:
+        return None
     assert type(tbl) is str and type(key) is str and type(writer) is str
-    return Entry(tbl, key, blob, Hlc.unpack(hlc), writer)
+    return Entry(tbl, key, blob, Hlc.unpack(hlc), writer, signature)

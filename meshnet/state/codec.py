@@ -11,8 +11,13 @@ Three messages:
   entries of some buckets, and the buckets the receiver should answer with its own entries
   (step 2), or nil when no answer is wanted (step 3).
 
-An entry is ``[table, key, value | nil, hlc, writer]``: ``value`` is the writer's msgpack
-encoding of a dict (bin), nil for a tombstone; ``hlc`` is the packed clock (see hlc.py).
+An entry is ``[table, key, value | nil, hlc, writer(, sig)]``: ``value`` is the writer's msgpack
+encoding of a dict (bin), nil for a tombstone; ``hlc`` is the packed clock (see hlc.py); ``sig``,
+only present when the entry is signed, is the writer's signature (bin of exactly SIG_BYTES)
+over ``signed_bytes``: the msgpack of the first five fields, i.e. exactly the unsigned entry. An
+unsigned entry is the 5-element array it always was, so its bytes (and its anti-entropy hash)
+are unchanged, and a peer from before signatures reads a signed one (it ignores the 6th field).
+A nil in the 6th place is read as unsigned (room for a newer peer to append fields after it).
 
 Every decoder raises StateProtocolError and nothing else; arrays may be *longer* than we know
 (a newer peer may append fields) but never shorter.
@@ -33,6 +38,7 @@ from meshnet.state.types import (
     MAX_TABLES,
     MAX_VALUE_BYTES,
     MAX_WRITER_BYTES,
+    SIG_BYTES,
     Entry,
     StateProtocolError,
     check_hlc_int,
@@ -53,6 +59,7 @@ __all__ = [
     "encode_digest",
     "encode_entries",
     "encode_entry",
+    "signed_bytes",
 ]
 
 
@@ -132,10 +139,28 @@ def _entry(raw: object) -> Decoded:
         raise _err("entry value: expected bin or nil")
     hlc = Hlc.unpack(check_hlc_int(raw[3]))
     writer = check_writer(raw[4])
-    return Decoded(Entry(table, key, value, hlc, writer), data)
+    sig = check_sig(raw[5]) if len(raw) > 5 else b""
+    return Decoded(Entry(table, key, value, hlc, writer, sig), data)
+
+
+def check_sig(value: object) -> bytes:
+    """An entry's 6th field: a signature of exactly SIG_BYTES, or nil (unsigned: b"")."""
+    if value is None:
+        return b""
+    if type(value) is not bytes or len(value) != SIG_BYTES:
+        raise _err(f"entry sig: expected bin of {SIG_BYTES} bytes")
+    return value
+
+
+def signed_bytes(e: Entry) -> bytes:
+    """What a signature covers: the canonical msgpack of ``[table, key, value, hlc, writer]``
+    (every field of the entry but the signature; the same bytes as the unsigned entry)."""
+    return wire.pack([e.table, e.key, e.value, e.hlc.pack(), e.writer])
 
 
 def entry_body(e: Entry) -> list[Any]:
+    if e.sig:
+        return [e.table, e.key, e.value, e.hlc.pack(), e.writer, e.sig]
     return [e.table, e.key, e.value, e.hlc.pack(), e.writer]
 
 

@@ -35,6 +35,8 @@ Every agent holds a full copy, any agent writes, and copies converge with no lea
   carries no value and is never refused. The validator is a pure function of (table, key,
   value), so every replica refuses exactly the same writes and replicas that all validate still
   converge on the same entries.
+* **Signatures.** With ``StoreConfig.signer``/``authorizer`` set (the agent's identity layer),
+  every local write is signed and every remote one judged; see "Signatures and authorization".
 
 Refused writes and anti-entropy
 -------------------------------
@@ -66,6 +68,59 @@ holder holds only *some* of the writes we refuse, or whose refusal we have forgo
 ``max_refused`` distinct ones), is shipped again at each exchange with that holder (one bucket,
 ~16 entries); its refused entries are then recognized again (repeats), never stored.
 
+Signatures and authorization
+----------------------------
+Every entry may carry its writer's signature (``Entry.sig``, over ``codec.signed_bytes``: the
+entry without its signature). The store makes and checks none itself; it calls two hooks the
+agent's identity layer sets (``StoreConfig.signer``/``authorizer``, or ``set_signer`` /
+``set_authorizer``):
+
+* The **signer** signs every local write (``put``, ``delete``, ``reannounce``: ``_local_write``)
+  and the horizon tombstones we send in an anti-entropy reply (above): all written by us.
+* The **authorizer** judges every *remote* write that would change the store (a delta or an
+  anti-entropy entry that is news: not stale, not beyond the horizon or capacity), after the
+  validator passed its value; tombstones too (with ``data`` None), including an expired one that
+  would only move the horizon. Local writes are not judged (the agent checks roles before it
+  writes, and says why), nor is ``load`` (our own disk; the validator still checks it).
+  A refused write moves nothing: not the key, not the horizon, not our clock, no re-gossip.
+
+  - A *final* refusal is handled exactly like an invalid value: counted once
+    (``refused_unauthorized``, ``refused_unauthorized_by_table``), its reason queued for
+    ``take_refusals``, remembered (repeats: ``refused_unauthorized_repeats``), and covered by the
+    digest's alternative hashes, so a replica holding it and one refusing it go quiet. Unlike a
+    validator refusal it is remembered *with its signature*: only that very copy is refused, so
+    a forged copy of a genuine write arriving first cannot make us refuse the genuine one.
+  - A *deferred* refusal (not final, e.g. no certificate known yet for the writer) is counted in
+    ``refused_deferred`` and forgotten: not logged, not remembered, no alternative hash. Our
+    digest still lacks the write, so every anti-entropy exchange with a peer holding it ships
+    that bucket again and asks the authorizer again; once it says yes (the certificate has
+    arrived) the write is taken. The retry costs one bucket (~16 entries) per exchange with such
+    a peer, so it is bounded by the anti-entropy rate (one exchange per push-pull interval per
+    peer), not a loop; it lasts as long as the authorizer defers.
+  - An authorizer that raises or returns something else is a bug: ``authorizer_errors``, and the
+    write is deferred (retried later, never lost), its reason queued for the log.
+
+Anti-entropy hashes cover the signature (``_hash_entry`` hashes ``encode_entry``; an unsigned
+entry encodes as it always did, so stores without signatures keep their digests). This is
+deliberate: two replicas holding the same write with different signatures (one of them forged,
+or unsigned) hold different things, and one of them would be refused by an authorizing third
+replica; digests that called them equal would leave the bad copy in place for good and let it
+spread from there. ``entry_order`` ignores the signature (a signature never makes a write newer),
+so two copies of one write need their own rule, applied when one meets the other:
+
+* without an authorizer, the larger signature wins (``copy_order``; unsigned loses to signed),
+  so replicas that do not judge still converge on the same bytes and ``merge`` stays
+  commutative;
+* with one, the copy offered must pass it (as any remote write); it then replaces ours if it
+  wins the tie-break, or if the authorizer refuses ours (``copies_replaced``). So judging
+  replicas keep the copy their authorizer accepts, and a copy they refused stays remembered
+  next to the other copy of the same write they hold, with an alternative hash, so a replica
+  that does not judge and holds the refused copy goes quiet with them too.
+
+What is left, bounded: a horizon tombstone we send is signed by us, and the peer's authorizer may
+not let us delete in that table (e.g. a worker's tombstone of a network); the peer then keeps its
+old write and offers it at each exchange, and we refuse it by the horizon each time (one entry).
+
 Pure: no I/O, no clock (``now`` in seconds is passed in), no global random.
 """
 
@@ -92,14 +147,19 @@ from meshnet.state.types import (
     MAX_REFUSAL_REASONS,
     MAX_TABLES,
     MAX_VALUE_BYTES,
+    SIG_BYTES,
+    Authorizer,
     ChangeEvent,
     Entry,
     EventsLost,
+    Refusal,
+    Signer,
     StateProtocolError,
     StoreConfig,
     StoreEvent,
     StoreStats,
     Validator,
+    copy_order,
     entry_order,
 )
 
@@ -120,6 +180,8 @@ _STALE = 1  # we already had it or something newer
 _REFUSED = 2  # beyond max_clock_skew, or over capacity
 _REFUSED_HORIZON = 3  # older than a tombstone we collected (see the module docstring)
 _REFUSED_INVALID = 4  # its value fails the validator (see "Refused writes" above)
+_REFUSED_UNAUTHORIZED = 5  # the authorizer refused it for good (Refusal.final)
+_DEFERRED = 6  # the authorizer refused it for now (see "Signatures and authorization")
 
 # Distinct table names in StoreStats.refused_by_table; refusals in further tables count as OTHER.
 MAX_REFUSED_TABLE_NAMES = 16
@@ -157,6 +219,14 @@ class _Refusal:
     order: tuple[int, str, int, bytes]
     ehash: int
     bucket: int
+    # The authorizer refused it (final), so only this very copy is refused: another copy of the
+    # same write (same order) with another signature is judged on its own. An invalid value is
+    # invalid whatever signs it, so a validator refusal matches any copy (sig is then unused).
+    by_sig: bool = False
+    sig: bytes = b""
+
+    def matches(self, e: Entry) -> bool:
+        return self.order == entry_order(e) and (not self.by_sig or self.sig == e.sig)
 
 
 @dataclass(slots=True)
@@ -227,6 +297,7 @@ def _bucket_of(key: str) -> int:
 
 
 def _hash_entry(e: Entry) -> int:
+    # The wire form, signature included (see "Signatures and authorization" for why).
     h = hashlib.blake2b(codec.encode_entry(e), digest_size=8, person=b"meshnet-entry").digest()
     return int.from_bytes(h, "little")
 
@@ -263,6 +334,8 @@ class Store:
         self._ttl_ms = max(1, int(self.config.tombstone_ttl * 1000))
         self._skew_ms = int(self.config.max_clock_skew * 1000)
         self._validator: Validator | None = self.config.validator
+        self._signer: Signer | None = self.config.signer
+        self._authorizer: Authorizer | None = self.config.authorizer
         self._refused: OrderedDict[tuple[str, str], _Refusal] = OrderedDict()
         self._reasons: deque[str] = deque(maxlen=MAX_REFUSAL_REASONS)
 
@@ -281,6 +354,33 @@ class Store:
             raise ValueError("validator must be callable")
         self._validator = validator
 
+    @property
+    def signer(self) -> Signer | None:
+        return self._signer
+
+    def set_signer(self, signer: Signer | None) -> None:
+        """Set (or replace, e.g. after a certificate renewal with a new key) the signer of local
+        writes, as ``StoreConfig.signer`` does; any time: it only affects writes made after."""
+        if signer is not None and not callable(signer):
+            raise ValueError("signer must be callable")
+        self._signer = signer
+
+    @property
+    def authorizer(self) -> Authorizer | None:
+        return self._authorizer
+
+    def set_authorizer(self, authorizer: Authorizer | None) -> None:
+        """Set (or replace) the judge of remote writes, as ``StoreConfig.authorizer`` does; any
+        time: what is already held stays (it was taken under the rules of its day, or is our own
+        disk's). A different authorizer may judge differently, so the final refusals of the old
+        one are forgotten (each is judged once more if offered again)."""
+        if authorizer is not None and not callable(authorizer):
+            raise ValueError("authorizer must be callable")
+        if authorizer != self._authorizer:  # (==, not is: a bound method is made anew each time)
+            for k in [k for k, r in self._refused.items() if r.by_sig]:
+                del self._refused[k]
+        self._authorizer = authorizer
+
     def take_refusals(self) -> list[str]:
         """Reasons of the writes refused since the last call (each distinct write once; at
         most the last MAX_REFUSAL_REASONS): for the shell to log."""
@@ -296,31 +396,79 @@ class Store:
         except Exception as e:  # a bug in the validator still refuses, the same everywhere
             return f"{table[:64]}/{key[:64]}: validator failed ({type(e).__name__})"
 
-    def _refuse(self, e: Entry, reason: str) -> None:
+    def _refuse(self, e: Entry, reason: str, unauthorized: bool = False) -> None:
         st = self.stats
-        st.refused_invalid += 1
-        by = st.refused_by_table
+        if unauthorized:
+            st.refused_unauthorized += 1
+            by = st.refused_unauthorized_by_table
+        else:
+            st.refused_invalid += 1
+            by = st.refused_by_table
         name = e.table if e.table in by or len(by) < MAX_REFUSED_TABLE_NAMES else OTHER_TABLES
         by[name] = by.get(name, 0) + 1
         self._reasons.append(reason)
         k = (e.table, e.key)
         order = entry_order(e)
         old = self._refused.get(k)
-        if old is None or old.order < order:
-            self._refused[k] = _Refusal(order, _hash_entry(e), _bucket_of(e.key))
+        if old is None or old.order <= order:  # the newest per key; of one write, the latest copy
+            self._refused[k] = _Refusal(order, _hash_entry(e), _bucket_of(e.key), unauthorized,
+                                        e.sig if unauthorized else b"")
         self._refused.move_to_end(k)
         while len(self._refused) > self.config.max_refused:
             self._refused.popitem(last=False)
 
-    def _refused_again(self, e: Entry) -> bool:
-        """A write we refused before, offered again (same order: the same bytes)."""
+    def _refused_again(self, e: Entry) -> int | None:
+        """A write we refused before, offered again: the outcome to report (the same order, and
+        for an authorizer refusal the same signature: the same bytes), else None."""
         k = (e.table, e.key)
         r = self._refused.get(k)
-        if r is None or r.order != entry_order(e):
-            return False
+        if r is None or not r.matches(e):
+            return None
         self._refused.move_to_end(k)
+        if r.by_sig:
+            self.stats.refused_unauthorized_repeats += 1
+            return _REFUSED_UNAUTHORIZED
         self.stats.refused_invalid_repeats += 1
-        return True
+        return _REFUSED_INVALID
+
+    def _authorize(self, e: Entry, data: Mapping[str, Any] | None, now: float) -> Refusal | None:
+        """The authorizer's verdict; a failing authorizer defers (counted, its reason logged)."""
+        assert self._authorizer is not None
+        try:
+            verdict = self._authorizer(e, None if data is None else MappingProxyType(data), now)
+        except Exception as exc:
+            problem = f"failed ({type(exc).__name__})"
+        else:
+            if verdict is None or (isinstance(verdict, Refusal) and type(verdict.reason) is str
+                                   and type(verdict.final) is bool):
+                return verdict
+            problem = f"returned {type(verdict).__name__}"
+        self.stats.authorizer_errors += 1
+        self._reasons.append(f"{e.table[:64]}/{e.key[:64]}: authorizer {problem}")
+        return Refusal("authorizer error", final=False)
+
+    def _screen(self, e: Entry, data: dict[str, Any] | None, now: float) -> int | None:
+        """The validator, then the authorizer, on a remote write that would change the store:
+        None to take it, else the outcome of its refusal (counted, and remembered if final)."""
+        if self._validator is None and self._authorizer is None:
+            return None
+        again = self._refused_again(e)
+        if again is not None:
+            return again
+        if data is not None and self._validator is not None:
+            reason = self._check(e.table, e.key, data)
+            if reason is not None:
+                self._refuse(e, reason)
+                return _REFUSED_INVALID
+        if self._authorizer is not None:
+            verdict = self._authorize(e, data, now)
+            if verdict is not None:
+                if verdict.final:
+                    self._refuse(e, verdict.reason, unauthorized=True)
+                    return _REFUSED_UNAUTHORIZED
+                self.stats.refused_deferred += 1  # not remembered: see the module docstring
+                return _DEFERRED
+        return None
 
     def _alt_xor(self) -> dict[str, list[tuple[int, int]]]:
         """table -> [(fine bucket, hash to XOR into that bucket for the as-if digest)]: each
@@ -330,9 +478,10 @@ class Store:
             x = r.ehash
             slot = self._entries.get((table, key))
             if slot is not None:
-                if entry_order(slot.entry) >= r.order:
+                held = entry_order(slot.entry)
+                if held > r.order or (held == r.order and r.matches(slot.entry)):
                     continue  # superseded (normally already forgotten by _install)
-                x ^= slot.ehash
+                x ^= slot.ehash  # an older write, or another copy of the refused one
             out.setdefault(table, []).append((r.bucket, x))
         return out
 
@@ -482,10 +631,21 @@ class Store:
             if table not in self._tables and len(self._tables) >= MAX_TABLES:
                 raise StoreFull("store holds MAX_TABLES tables")
         self._clock = self._clock.tick(now)
-        e = Entry(table, key, blob, self._clock, self.node_id)
+        e = self._signed(Entry(table, key, blob, self._clock, self.node_id))
         self._install(k, e, data)
         self._enqueue(e)
         return e
+
+    def _signed(self, e: Entry) -> Entry:
+        """``e`` with our signature, if we have a signer (only ever for our own writes)."""
+        if self._signer is None:
+            return e
+        sig = self._signer(codec.signed_bytes(e))
+        if not isinstance(sig, bytes | bytearray):
+            raise ValueError(f"signer returned {type(sig).__name__}, not {SIG_BYTES} bytes")
+        if len(sig) != SIG_BYTES:
+            raise ValueError(f"signer returned {len(sig)} bytes, not {SIG_BYTES}")
+        return Entry(e.table, e.key, e.value, e.hlc, e.writer, bytes(sig))
 
     # ---- persistence seeding ---------------------------------------------------------------
 
@@ -500,6 +660,8 @@ class Store:
         for e in entries:
             try:
                 data = None if e.value is None else codec.decode_value(e.value)
+                if e.sig:
+                    codec.check_sig(e.sig)
             except StateProtocolError:
                 self.stats.bad_messages += 1
                 continue
@@ -664,21 +826,23 @@ class Store:
             self.stats.bad_messages += 1
             raise
         pms, ns = now_ms(now), now
-        shipped: dict[tuple[str, str], tuple[int, str, int, bytes]] = {}
+        shipped: dict[tuple[str, str], tuple[tuple[int, str, int, bytes], bytes]] = {}
         beyond_horizon: list[bytes] = []
         for dec in msg.entries:
             outcome = self._apply(dec, pms, ns)
             if msg.requests is not None:
                 e = dec.entry
-                shipped[(e.table, e.key)] = entry_order(e)
+                shipped[(e.table, e.key)] = copy_order(e)
                 if outcome == _REFUSED_HORIZON and e.value is not None:
                     # The sender holds a write we refuse: an old write of a key whose tombstone we
                     # have collected. Tell it so with a tombstone stamped at our horizon (newer
                     # than the write, past the ttl): it deletes the write there and
                     # collects itself at once, and the two replicas agree again.
+                    # Signed by us like any write of ours (whether the peer's authorizer lets us
+                    # delete in that table is its call; if not, see the module docstring).
                     stamp = min(MAX_HLC, max(self._horizon[0], e.hlc.pack() + 1))
                     gone = Entry(e.table, e.key, None, Hlc.unpack(stamp), self.node_id)
-                    beyond_horizon.append(codec.encode_entry(gone))
+                    beyond_horizon.append(codec.encode_entry(self._signed(gone)))
         if msg.requests is None:
             return None
         blobs: list[bytes] = beyond_horizon
@@ -716,15 +880,15 @@ class Store:
         t: _Table | None,
         level: int,
         bucket: int,
-        skip: dict[tuple[str, str], tuple[int, str, int, bytes]] | None,
+        skip: dict[tuple[str, str], tuple[tuple[int, str, int, bytes], bytes]] | None,
     ) -> list[bytes]:
         if t is None:
             return []
         out = []
         for key in t.keys_in(level, bucket):
             e = self._entries[(name, key)].entry
-            if skip is not None and skip.get((name, key)) == entry_order(e):
-                continue
+            if skip is not None and skip.get((name, key)) == copy_order(e):
+                continue  # the sender shipped this very copy
             out.append(codec.encode_entry(e))
         return out
 
@@ -770,16 +934,28 @@ class Store:
         if e.hlc.wall_ms > pms + self._skew_ms:
             self.stats.refused_skew += 1
             return _REFUSED
-        self._clock = self._clock.update(e.hlc, now)
+        outcome = self._merge(dec, pms, now)
+        if outcome not in (_REFUSED_UNAUTHORIZED, _DEFERRED):
+            # (a write the authorizer refuses moves nothing, our clock included)
+            self._clock = self._clock.update(e.hlc, now)
+        return outcome
+
+    def _merge(self, dec: Decoded, pms: int, now: float) -> int:
+        e = dec.entry
         k = (e.table, e.key)
         slot = self._entries.get(k)
+        other_copy = False
         if slot is None:
             if entry_order(e) <= (*self._horizon, 0, b""):
                 self.stats.refused_horizon += 1
                 return _REFUSED_HORIZON
             if self._expired(e, pms):
                 # a tombstone already past its ttl, of a key we do not hold: nothing to delete,
-                # nothing to keep, but older writes of the key must stay out from now on
+                # nothing to keep, but older writes of the key must stay out from now on (if
+                # it is authorized: a forged one must not move the horizon)
+                refused = self._screen(e, None, now)
+                if refused is not None:
+                    return refused
                 self._horizon = max(self._horizon, _tomb_order(e))
                 self.stats.stale += 1
                 return _STALE
@@ -788,21 +964,41 @@ class Store:
             ):
                 self.stats.refused_capacity += 1
                 return _REFUSED
-        elif entry_order(e) <= entry_order(slot.entry):
-            self.stats.stale += 1
-            return _STALE
-        if dec.data is not None and self._validator is not None:
-            if self._refused_again(e):
-                return _REFUSED_INVALID
-            reason = self._check(e.table, e.key, dec.data)
-            if reason is not None:
-                self._refuse(e, reason)
-                return _REFUSED_INVALID
+        else:
+            held = slot.entry
+            order, held_order = entry_order(e), entry_order(held)
+            if order < held_order or (order == held_order and (
+                    e.sig == held.sig or (self._authorizer is None and e.sig < held.sig))):
+                self.stats.stale += 1
+                return _STALE
+            other_copy = order == held_order  # the same write, signed otherwise
+        refused = self._screen(e, dec.data, now)
+        if refused is not None:
+            return refused
+        if other_copy:
+            assert slot is not None
+            # Both copies are of one write, the one offered passes the authorizer. Keep ours if
+            # it passes too and wins the tie-break (copy_order), else take the one offered.
+            if e.sig < slot.entry.sig and self._holds_up(slot, now):
+                self.stats.stale += 1
+                return _STALE
+            self.stats.copies_replaced += 1
         self.stats.applied += 1
         self._install(k, e, dec.data)
         if self._expired(e, pms):
             self._collect(k, self._entries[k])
         return _APPLIED
+
+    def _holds_up(self, slot: _Slot, now: float) -> bool:
+        """Whether the authorizer accepts what we hold (asked only when another copy of the same
+        write arrives; not counted: it is not a remote write)."""
+        if self._authorizer is None:
+            return True
+        try:
+            verdict = self._authorizer(slot.entry, _ro(slot.data), now)
+        except Exception:
+            return True  # cannot tell: keep what we have
+        return verdict is None
 
     def _visible(self, slot: _Slot | None) -> dict[str, Any] | None:
         if slot is None or slot.data is None:
@@ -847,8 +1043,11 @@ class Store:
         slot = _Slot(e, data, _hash_entry(e), bucket)
         self._entries[k] = slot
         r = self._refused.get(k)
-        if r is not None and r.order <= entry_order(e):
-            del self._refused[k]  # the key now holds something newer than the refused write
+        if r is not None and (r.order < entry_order(e) or r.matches(e)):
+            # The key now holds something newer than the refused write (or that very write).
+            # Another copy of a write the authorizer refused stays remembered: that copy is
+            # still refused, and our digest's alternative must still account for it.
+            del self._refused[k]
         t = self._tables.get(k[0])
         if t is None:
             t = self._tables[k[0]] = _Table()

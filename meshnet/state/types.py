@@ -19,14 +19,19 @@ __all__ = [
     "MAX_TABLE_NAME_BYTES",
     "MAX_VALUE_BYTES",
     "MAX_WRITER_BYTES",
+    "SIG_BYTES",
+    "Authorizer",
     "ChangeEvent",
     "Entry",
     "EventsLost",
+    "Refusal",
+    "Signer",
     "StateProtocolError",
     "StoreConfig",
     "StoreEvent",
     "StoreStats",
     "Validator",
+    "copy_order",
     "entry_order",
     "merge",
     "tombstone_ttl_for",
@@ -69,10 +74,35 @@ DEFAULT_MAX_ENTRIES = 1_000_000
 DEFAULT_MAX_REFUSED = 4096
 # Reasons of recent refusals kept for the shell to log (drained by take_refusals).
 MAX_REFUSAL_REASONS = 64
+# An entry's signature: an Ed25519 signature (RFC 8032) is exactly 64 bytes. The store only
+# carries it (the signer and the authorizer below make and check it), so this is its one rule.
+SIG_BYTES = 64
 
 # (table, key, decoded value) -> None if the value may be stored, else a one-line reason. Must be
 # a pure function of its arguments, so that every replica refuses exactly the same writes.
 Validator = Callable[[str, str, Mapping[str, Any]], str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The authorizer's no. ``final``: this write can never be accepted (a bad signature, a
+    writer without the role): it is counted, logged and remembered like an invalid value, so
+    anti-entropy stops re-shipping it. Not final: not *yet* (e.g. no certificate known for the
+    writer): counted only, forgotten, and accepted when a peer offers it again once the
+    authorizer says yes (see store.py, "Signatures and authorization")."""
+
+    reason: str
+    final: bool
+
+
+# signed_bytes(entry) -> the writer's SIG_BYTES-byte signature over them. Called for every local
+# write; must not fail (an Ed25519 signature cannot).
+Signer = Callable[[bytes], bytes]
+# (entry, its decoded value or None for a tombstone, now in seconds) -> None to accept, else a
+# Refusal. Called for every remote write that would change the store, after the validator
+# passed it. Unlike the validator it may depend on time and on what the agent knows (the
+# writer's certificate, revocations), which is what ``Refusal.final`` is for.
+Authorizer = Callable[["Entry", Mapping[str, Any] | None, float], "Refusal | None"]
 
 
 class StateProtocolError(Exception):
@@ -113,6 +143,12 @@ class StoreConfig:
     # in the agent). None: a schema-less map of any tables (the core's own tests).
     validator: Validator | None = None
     max_refused: int = DEFAULT_MAX_REFUSED
+    # Signs every local write (put, delete, reannounce): called with codec.signed_bytes(entry),
+    # returns the SIG_BYTES signature stored in the entry. None: local writes are unsigned.
+    signer: Signer | None = None
+    # Judges every remote write (deltas and anti-entropy, not ``load`` and not local writes).
+    # None: every remote write the validator passes is accepted.
+    authorizer: Authorizer | None = None
 
     def __post_init__(self) -> None:
         if not self.tombstone_ttl > 0 or not math.isfinite(self.tombstone_ttl):
@@ -130,6 +166,10 @@ class StoreConfig:
             raise ValueError("bounds must be positive")
         if self.validator is not None and not callable(self.validator):
             raise ValueError("validator must be callable")
+        if self.signer is not None and not callable(self.signer):
+            raise ValueError("signer must be callable")
+        if self.authorizer is not None and not callable(self.authorizer):
+            raise ValueError("authorizer must be callable")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +177,8 @@ class Entry:
     """One replicated write: (table, key) -> value | tombstone, stamped (hlc, writer).
 
     ``value`` is the writer's msgpack encoding of a dict (kept verbatim, so it is hashed, stored
-    and re-sent without re-encoding), or None for a tombstone.
+    and re-sent without re-encoding), or None for a tombstone. ``sig`` is the writer's signature
+    over ``codec.signed_bytes`` (every field but itself), SIG_BYTES long, or b"" (unsigned).
     """
 
     table: str
@@ -145,6 +186,7 @@ class Entry:
     value: bytes | None
     hlc: Hlc
     writer: str
+    sig: bytes = b""
 
     @property
     def tombstone(self) -> bool:
@@ -159,19 +201,31 @@ class Entry:
 
 
 def entry_order(e: Entry) -> tuple[int, str, int, bytes]:
-    """The total order last-writer-wins uses: HLC, then writer id, then (only for two writes
-    stamped identically, which a correct writer never produces) live over tombstone and the
-    larger encoding. A total order is what makes ``merge`` commutative and associative."""
+    """The total order last-writer-wins uses on *writes*: HLC, then writer id, then (only for two
+    writes stamped identically, which a correct writer never produces) live over tombstone and
+    the larger encoding. A total order is what makes ``merge`` commutative and associative.
+
+    The signature is not part of it: a signature says who made a write, not which write is
+    newer, and re-signing a write must never make it win. Two *copies* of one write that differ
+    only in their signatures (one forged, or unsigned) are told apart by ``copy_order``."""
     return (e.hlc.pack(), e.writer, 0 if e.value is None else 1, e.value or b"")
 
 
+def copy_order(e: Entry) -> tuple[tuple[int, str, int, bytes], bytes]:
+    """``entry_order``, then the signature bytes (unsigned lowest): the tie-break between two
+    copies of the same write, so that replicas without an authorizer still converge on the same
+    bytes. A store with an authorizer keeps the copy its authorizer accepts instead (store.py)."""
+    return (entry_order(e), e.sig)
+
+
 def merge(a: Entry | None, b: Entry | None) -> Entry | None:
-    """LWW merge of two writes of the same key: the larger under ``entry_order``."""
+    """LWW merge of two writes of the same key: the larger under ``copy_order`` (i.e. under
+    ``entry_order``, copies of one write by their signatures)."""
     if a is None:
         return b
     if b is None:
         return a
-    return b if entry_order(b) > entry_order(a) else a
+    return b if copy_order(b) > copy_order(a) else a
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +271,21 @@ class StoreStats:
     refused_by_table: dict[str, int] = field(default_factory=dict)
     # anti-entropy buckets not shipped because they differ only by writes one side refuses
     ae_buckets_skipped: int = 0
+    # Remote writes the authorizer refused for good (Refusal.final): each distinct copy once,
+    # remembered, never stored, never re-gossiped; repeats and the by-table breakdown (bounded
+    # like refused_by_table) as for refused_invalid.
+    refused_unauthorized: int = 0
+    refused_unauthorized_repeats: int = 0
+    refused_unauthorized_by_table: dict[str, int] = field(default_factory=dict)
+    # Remote writes the authorizer refused for now (not final): not remembered, so each offer
+    # counts; anti-entropy offers them again until the authorizer accepts.
+    refused_deferred: int = 0
+    # Authorizer calls that raised or returned something other than None or a Refusal: counted
+    # here and handled as a deferral (the write is retried later, never lost to a bug).
+    authorizer_errors: int = 0
+    # Held writes replaced by another copy of the same write with another signature (the
+    # authorizer accepts it and refuses ours, or the tie-break of copy_order).
+    copies_replaced: int = 0
 
 
 def check_hlc_int(value: object) -> int:

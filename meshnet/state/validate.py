@@ -51,13 +51,16 @@ from meshnet.state.networks import (
 from meshnet.state.tables import ENDPOINTS, NETWORKS, SERVICES
 
 __all__ = [
+    "CERTS",
     "KNOWN_TABLES",
+    "MAX_CERT_BYTES",
     "MAX_COMMAND_ARGS",
     "MAX_CONSTRAINTS",
     "MAX_ENV",
     "MAX_SERVICE_NETWORKS",
     "RESTART_CONDITIONS",
     "RESTART_DEFAULTS",
+    "REVOCATIONS",
     "TASKS",
     "ValidationError",
     "check_command",
@@ -70,7 +73,12 @@ __all__ = [
 ]
 
 TASKS = "tasks"  # written by agent/services.py: one row per task, owned by the node running it
-KNOWN_TABLES = frozenset({NETWORKS, SERVICES, ENDPOINTS, TASKS})
+# Node certificates and their revocations, replicated so every agent can check every writer. Only
+# their shape is checked here; their content (the CA's signature, names, serials, dates) is the
+# identity layer's, checked by the store's authorizer.
+CERTS = "certs"  # key <node>/<serial>, value {"cert": the certificate's bytes}
+REVOCATIONS = "revocations"  # key <node>/<serial | all>/<issued_at>, value {"revocation": bytes}
+KNOWN_TABLES = frozenset({NETWORKS, SERVICES, ENDPOINTS, TASKS, CERTS, REVOCATIONS})
 
 RESTART_CONDITIONS = ("none", "on-failure", "any")
 # The policy a spec without one gets (Docker's: always restart, 1 s doubling to 30 s).
@@ -103,6 +111,15 @@ _IPV4_RE = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
 MAX_SANDBOX_CHARS = 255
 MAX_USER_CHARS = 80
 _LIMIT_KEYS = frozenset({"memory", "cpus", "pids"})
+# An encoded certificate or revocation: an Ed25519 certificate (keys, a 64-byte signature, the
+# name, roles and a few labels) is a few hundred bytes; 2 KiB leaves room for labels while keeping
+# a table of a thousand nodes' certificates small.
+MAX_CERT_BYTES = 2048
+# A certificate's serial: 128 bits as 32 lower-case hex digits.
+_SERIAL_RE = re.compile(r"[0-9a-f]{32}")
+# A revocation's issue time: Unix seconds, decimal, canonical (no sign, no leading zero); 12
+# digits reach the year 33658.
+_ISSUED_AT_RE = re.compile(r"0|[1-9][0-9]{0,11}")
 
 
 class ValidationError(ValueError):
@@ -442,7 +459,41 @@ def _tasks(key: str, d: Mapping[str, Any]) -> None:
     _summary(d)
 
 
-_TABLES = {NETWORKS: _networks, SERVICES: _services, ENDPOINTS: _endpoints, TASKS: _tasks}
+def _blob(value: object, what: str) -> bytes:
+    if type(value) is not bytes:
+        raise _fail(f"{what} must be bytes, not {_show(value)}")
+    if not 1 <= len(value) <= MAX_CERT_BYTES:
+        raise _fail(f"{what} of {len(value)} bytes is outside 1..{MAX_CERT_BYTES}")
+    return value
+
+
+def _key_parts(key: str, n: int, shape: str) -> list[str]:
+    parts = key.split("/")
+    if len(parts) != n:
+        raise _fail(f"key is not {shape}")
+    return parts
+
+
+def _certs(key: str, d: Mapping[str, Any]) -> None:
+    node, serial = _key_parts(key, 2, "<node>/<serial>")
+    _node(node, "key node")
+    if not _SERIAL_RE.fullmatch(serial):
+        raise _fail(f"key serial {_show(serial)} is not 32 lower-case hex digits")
+    _blob(d.get("cert"), "cert")
+
+
+def _revocations(key: str, d: Mapping[str, Any]) -> None:
+    node, serial, issued_at = _key_parts(key, 3, "<node>/<serial|all>/<issued_at>")
+    _node(node, "key node")
+    if serial != "all" and not _SERIAL_RE.fullmatch(serial):
+        raise _fail(f"key serial {_show(serial)} is not 32 lower-case hex digits or all")
+    if not _ISSUED_AT_RE.fullmatch(issued_at):
+        raise _fail(f"key issued_at {_show(issued_at)} is not decimal Unix seconds")
+    _blob(d.get("revocation"), "revocation")
+
+
+_TABLES = {NETWORKS: _networks, SERVICES: _services, ENDPOINTS: _endpoints, TASKS: _tasks,
+           CERTS: _certs, REVOCATIONS: _revocations}
 
 
 def check_value(table: str, key: str, data: Mapping[str, Any]) -> str | None:

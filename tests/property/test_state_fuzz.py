@@ -2,18 +2,44 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshnet import wire
-from meshnet.state import StateProtocolError, Store, StoreConfig, codec
+from meshnet.state import (
+    SIG_BYTES,
+    Entry,
+    Hlc,
+    Refusal,
+    StateProtocolError,
+    Store,
+    StoreConfig,
+    codec,
+)
 
 T0 = 1_700_000_000.0
 INTS = st.integers(-(1 << 63), (1 << 64) - 1)  # what msgpack can encode
 
 
+def _sign(msg: bytes) -> bytes:
+    return hashlib.blake2b(msg, digest_size=SIG_BYTES).digest()
+
+
+def _judge(e: Entry, data: Mapping[str, Any] | None, now: float) -> Refusal | None:
+    """A fake authorizer: writer "a" is unknown (deferred), a wrong signature is final."""
+    if e.writer == "a":
+        return Refusal("no certificate yet", final=False)
+    if e.sig != _sign(codec.signed_bytes(e)):
+        return Refusal("bad signature", final=True)
+    return None
+
+
 def _seeded() -> tuple[Store, list[bytes]]:
-    a = Store("a")
+    a = Store("a", StoreConfig(signer=_sign))
     b = Store("b")
     samples = []
     for i in range(40):
@@ -35,7 +61,13 @@ TARGET, SAMPLES = _seeded()
 
 
 def _exercise(data: bytes) -> None:
-    store = Store("z", StoreConfig(max_clock_skew=1e9))
+    for cfg in (StoreConfig(max_clock_skew=1e9),
+                StoreConfig(max_clock_skew=1e9, signer=_sign, authorizer=_judge)):
+        _exercise_one(data, cfg)
+
+
+def _exercise_one(data: bytes, cfg: StoreConfig) -> None:
+    store = Store("z", cfg)
     store.put("networks", "k1", {"x": 1}, T0)
     for fn in (
         lambda d: store.apply_delta(d, T0),
@@ -50,7 +82,7 @@ def _exercise(data: bytes) -> None:
     if store.version == 1 and len(store) == 1:
         return  # nothing was accepted
     # whatever was accepted leaves a store that still works end to end
-    other = Store("y")
+    other = Store("y", cfg)
     back = store.apply_entries(other.diff_for(store.digest()), T0)
     assert back is not None
     other.apply_entries(back, T0)
@@ -111,6 +143,17 @@ def test_well_formed_msgpack_of_any_shape(t: int, body: object) -> None:
     _exercise(data)
 
 
+_NO_SIG = object()
+SIGS = st.one_of(
+    st.just(_NO_SIG),
+    st.none(),
+    st.binary(min_size=SIG_BYTES, max_size=SIG_BYTES),
+    st.binary(max_size=SIG_BYTES + 2),
+    INTS,
+    st.text(max_size=SIG_BYTES),
+)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(
@@ -120,6 +163,7 @@ def test_well_formed_msgpack_of_any_shape(t: int, body: object) -> None:
             st.one_of(st.none(), st.binary(max_size=20), INTS),
             st.one_of(st.integers(-5, (1 << 64) - 1), st.text(max_size=2)),
             st.one_of(st.text(max_size=300), st.none()),
+            SIGS,
         ),
         max_size=4,
     ),
@@ -133,6 +177,9 @@ def test_well_formed_msgpack_of_any_shape(t: int, body: object) -> None:
 def test_entries_messages_with_bad_fields(
     entries: list[tuple[object, ...]], requests: list[tuple[object, ...]] | None
 ) -> None:
+    """Each entry with a 6th field (a signature) or without one (the tuple's last element is
+    then a sentinel dropped below)."""
+    entries = [e[:5] if e[5] is _NO_SIG else e for e in entries]
     body = [
         1,
         [list(e) for e in entries],
@@ -157,3 +204,30 @@ def test_entries_messages_with_bad_fields(
 )
 def test_digests_with_bad_fields(groups: list[tuple[object, ...]], version: int) -> None:
     _exercise(wire.frame(codec.MsgType.DIGEST, [version, [list(g) for g in groups]]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(min_size=1, max_size=8),
+    st.text(min_size=1, max_size=8),
+    st.one_of(st.none(), st.dictionaries(st.text(max_size=4), INTS, max_size=3)),
+    st.integers(0, (1 << 47) - 1),
+    st.integers(0, (1 << 16) - 1),
+    st.text(min_size=1, max_size=8),
+    st.one_of(st.just(b""), st.binary(min_size=SIG_BYTES, max_size=SIG_BYTES)),
+    st.lists(st.none() | INTS, max_size=2),
+)
+def test_entries_round_trip_signed_or_not(
+    table: str, key: str, value: dict[str, int] | None, wall: int, logical: int, writer: str,
+    sig: bytes, extra: list[object],
+) -> None:
+    e = Entry(table, key, None if value is None else wire.pack(value), Hlc(wall, logical), writer,
+              sig)
+    assert codec.decode_delta(codec.encode_delta(e)).entry == e
+    assert [d.entry for d in codec.decode_entries(codec.encode_entries([e, e], None)).entries] \
+        == [e, e]
+    assert codec.signed_bytes(e) == codec.encode_entry(Entry(table, key, e.value, e.hlc, writer))
+    # fields a newer peer appends after the signature are ignored (after an unsigned entry they
+    # need a nil in the signature's place)
+    body = codec.entry_body(e) if sig else [*codec.entry_body(e), None]
+    assert codec.decode_delta(wire.frame(codec.MsgType.DELTA, [[*body, *extra]])).entry == e

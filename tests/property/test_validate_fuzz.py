@@ -44,6 +44,8 @@ TEMPLATES: dict[str, tuple[str, dict[str, Any]]] = {
     "tasks": ("web.1@h1", {
         "task": "web.1", "service": "web", "slot": 1, "node": "h1", "state": "running",
         "ip": "10.1.0.5", "exit_code": None, "restarts": 0}),
+    "certs": ("h1/" + "0123456789abcdef" * 2, {"cert": b"\x01" * 200}),
+    "revocations": ("h1/all/1700000000", {"revocation": b"\x02" * 100}),
 }
 
 

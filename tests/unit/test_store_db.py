@@ -69,7 +69,7 @@ def test_malformed_rows_are_skipped(tmp_path: Path) -> None:
         db.save([Entry("t", "ok", wire.pack({}), Hlc(1, 0), "a")])
     raw = sqlite3.connect(path)
     raw.executemany(
-        "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO entries (tbl, key, value, hlc, writer, tombstone) VALUES (?, ?, ?, ?, ?, ?)",
         [
             ("t", "neg-hlc", b"\x80", -1, "a", 0),
             ("t", "tomb-with-value", b"\x80", 1, "a", 1),
@@ -191,3 +191,98 @@ def test_store_seeded_from_db_after_restart_serves_at_once(tmp_path: Path) -> No
     # a write after the restart wins over every persisted one, even with the clock behind
     e = restarted.put("networks", "n0", {"i": -1}, T0 - 50)
     assert e.hlc > s.entry("networks", "n0").hlc  # type: ignore[union-attr]
+
+
+# ---- signatures ------------------------------------------------------------------------------
+
+SIG = bytes(range(64))
+
+
+def test_signatures_round_trip(tmp_path: Path) -> None:
+    s = Store("a", StoreConfig(signer=lambda msg: (msg * 64)[:64]))
+    s.put("networks", "n1", {"vni": 1}, T0)
+    s.put("networks", "gone", {"vni": 2}, T0)
+    s.delete("networks", "gone", T0)
+    unsigned = Entry("networks", "old", wire.pack({"vni": 3}), Hlc(5, 0), "b")
+    with StoreDb(tmp_path / "s.db") as db:
+        db.save([*s.take_dirty().upserts, unsigned])
+        raw = dict(db._db.execute("SELECT key, sig FROM entries").fetchall())
+    assert raw["old"] is None and len(raw["n1"]) == 64 and len(raw["gone"]) == 64
+    with StoreDb(tmp_path / "s.db") as db:
+        loaded = db.load()
+    assert canon(loaded) == canon([*s.entries(), unsigned])
+    assert all(len(e.sig) == 64 for e in loaded if e.key != "old")
+    s2 = Store("a")
+    assert s2.load(loaded, T0) == 3 and canon(list(s2.entries())) == canon(loaded)
+    assert s2.digest() != Store("x").digest()
+
+
+def test_rows_with_a_malformed_sig_are_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with StoreDb(path) as db:
+        db.save([Entry("t", "ok", wire.pack({}), Hlc(1, 0), "a", SIG)])
+    raw = sqlite3.connect(path)
+    raw.executemany(
+        "INSERT INTO entries (tbl, key, value, hlc, writer, tombstone, sig)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            ("t", "short", b"\x80", 1, "a", 0, SIG[:63]),
+            ("t", "long", b"\x80", 1, "a", 0, SIG + b"x"),
+            ("t", "empty", b"\x80", 1, "a", 0, b""),
+            ("t", "text", None, 1, "a", 1, "x" * 64),
+            ("t", "int", None, 1, "a", 1, 7),
+            ("t", "null", None, 1, "a", 1, None),
+        ],
+    )
+    raw.commit()
+    raw.close()
+    with StoreDb(path) as db:
+        assert sorted((e.key, e.sig) for e in db.load()) == [("null", b""), ("ok", SIG)]
+        assert db.skipped_rows == 5
+
+
+_OLD_SCHEMA = """
+CREATE TABLE entries (
+    tbl       TEXT    NOT NULL,
+    key       TEXT    NOT NULL,
+    value     BLOB,
+    hlc       INTEGER NOT NULL,
+    writer    TEXT    NOT NULL,
+    tombstone INTEGER NOT NULL,
+    PRIMARY KEY (tbl, key)
+) WITHOUT ROWID;
+CREATE TABLE meta (
+    name  TEXT PRIMARY KEY,
+    value NOT NULL
+) WITHOUT ROWID;
+PRAGMA user_version=1;
+"""
+
+
+def test_a_database_from_before_signatures_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / STORE_DB_FILE
+    raw = sqlite3.connect(path)
+    raw.execute("PRAGMA journal_mode=WAL")
+    raw.executescript(_OLD_SCHEMA)
+    raw.executemany(
+        "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)",
+        [("networks", "n1", wire.pack({"vni": 1}), 7, "a", 0), ("networks", "n2", None, 8, "b", 1)],
+    )
+    raw.executemany("INSERT INTO meta VALUES (?, ?)",
+                    [("gc_horizon", 3), ("gc_horizon_writer", "a")])
+    raw.commit()
+    raw.close()
+    with StoreDb(path) as db:
+        cols = [row[1] for row in db._db.execute("PRAGMA table_info(entries)").fetchall()]
+        assert cols[-1] == "sig"
+        assert db._db.execute("PRAGMA user_version").fetchone()[0] == 1
+        old = db.load()
+        assert canon(old) == [
+            Entry("networks", "n1", wire.pack({"vni": 1}), Hlc.unpack(7), "a"),
+            Entry("networks", "n2", None, Hlc.unpack(8), "b"),
+        ]
+        assert db.skipped_rows == 0 and db.load_gc_horizon() == (3, "a")
+        db.save([Entry("networks", "n3", None, Hlc.unpack(9), "a", SIG)])
+    with StoreDb(path) as db:  # opened again: nothing more to migrate, everything there
+        assert [row[1] for row in db._db.execute("PRAGMA table_info(entries)")].count("sig") == 1
+        assert {e.key: e.sig for e in db.load()} == {"n1": b"", "n2": b"", "n3": SIG}
