@@ -170,9 +170,10 @@ class Cluster:
 def cluster(lab_factory: LabFactory) -> Iterator[Callable[[int], Cluster]]:
     made: list[Cluster] = []
 
-    def make(hosts: int, agent_args: tuple[str, ...] = ()) -> Cluster:
+    def make(hosts: int, agent_args: tuple[str, ...] = (),
+             workers: tuple[str, ...] = ()) -> Cluster:
         lab = lab_factory()
-        lab.up(hosts, profile="lan-fast", agent_args=agent_args)
+        lab.up(hosts, profile="lan-fast", agent_args=agent_args, workers=workers)
         c = Cluster(lab)
         made.append(c)
         names = [f"h{i}" for i in range(1, hosts + 1)]
@@ -193,6 +194,32 @@ def cluster(lab_factory: LabFactory) -> Iterator[Callable[[int], Cluster]]:
     yield make
     for c in made:
         c.close()
+
+
+def inject_record(lab: Lab, to: str, table: str, key: str, value: dict[str, Any] | None, *,
+                  writer: str = "intruder", sign_as: str | None = None,
+                  from_host: str = "h1") -> None:
+    """Gossip one store write to TO's agent as a peer holding the cluster key would: a
+    membership User message carrying a store delta, sealed with the cluster key, sent from
+    inside FROM_HOST's namespace. SIGN_AS: the lab host whose node.key signs it (unsigned if
+    None). VALUE None: a delete."""
+    from meshnet import wire
+    from meshnet.crypto.certs import load_node_keys
+    from meshnet.crypto.keyring import KIND_PACKET, Keyring
+    from meshnet.crypto.trust import RECORD_DOMAIN
+    from meshnet.lab.lab import GOSSIP_PORT
+    from meshnet.membership.messages import User
+    from meshnet.state import Entry, Hlc, codec
+
+    blob = None if value is None else wire.pack(value)
+    entry = Entry(table, key, blob, Hlc(int(time.time() * 1000), 0), writer)
+    if sign_as is not None:
+        keys = load_node_keys(lab.host_dir(sign_as) / "id" / "node.key")
+        sig = keys.sign.sign(RECORD_DOMAIN + b"\0" + codec.signed_bytes(entry))
+        entry = Entry(table, key, blob, entry.hlc, writer, sig)
+    ring = Keyring.from_key_file(lab.key_path)
+    packet = ring.seal(User(codec.encode_delta(entry)).encode(), KIND_PACKET)
+    send_udp_from(lab.host_ns(from_host), packet, (lab.underlay_ip(to), GOSSIP_PORT))
 
 
 def task_trees(lab: Lab, host: str) -> dict[str, set[int]]:

@@ -6,18 +6,11 @@ later good `network create` + `service create` taking effect everywhere shows.""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import Cluster, send_udp_from, wait
-
-from meshnet import wire
-from meshnet.crypto.keyring import KIND_PACKET, Keyring
-from meshnet.lab.lab import GOSSIP_PORT
-from meshnet.membership.messages import User
-from meshnet.state import Entry, Hlc, codec
+from conftest import Cluster, inject_record, wait
 
 pytestmark = pytest.mark.netns
 
@@ -40,12 +33,9 @@ def running(c: Cluster, host: str, service: str) -> list[dict[str, Any]]:
 
 
 def inject(c: Cluster, to: str, table: str, key: str, value: dict[str, Any]) -> None:
-    """Gossip one store write to TO's agent as a peer would: a membership User message carrying
-    a store delta, sealed with the cluster key, sent from inside h1's namespace."""
-    entry = Entry(table, key, wire.pack(value), Hlc(int(time.time() * 1000), 0), "intruder")
-    ring = Keyring.from_key_file(c.lab.key_path)
-    packet = ring.seal(User(codec.encode_delta(entry)).encode(), KIND_PACKET)
-    send_udp_from(c.lab.host_ns("h1"), packet, (c.lab.underlay_ip(to), GOSSIP_PORT))
+    """One write as an admin (h1's key signs it) would gossip it: only the schema can refuse
+    it."""
+    inject_record(c.lab, to, table, key, value, writer="h1", sign_as="h1")
 
 
 def test_bad_replicated_values_are_refused_and_loops_keep_running(

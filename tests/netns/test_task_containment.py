@@ -50,7 +50,7 @@ def box(cluster: Callable[..., Cluster]) -> Cluster:
 def test_inside_a_task(box: Cluster) -> None:
     c, lab = box, box.lab
     secrets = [lab.host_dir("h1") / "state" / "keyring.json",
-               lab.host_dir("h1") / "state" / "datapath.key", lab.key_path]
+               lab.host_dir("h1") / "id" / "node.key", lab.key_path, lab.ca_dir / "ca.key"]
     assert all(p.exists() for p in secrets)  # they are there, on the host
     script = "; ".join([
         "grep CapEff /proc/self/status",
