@@ -12,7 +12,7 @@ from pathlib import Path
 
 from conftest import AgentProc, SessionCa, wait_for
 
-from meshnet.agent.gossip import SEAL_DATAGRAM, SEAL_STREAM, STREAM_PUSH_PULL
+from meshnet.agent.gossip import SEAL_DATAGRAM, SEAL_STREAM, STREAM_KEY_OP, STREAM_PUSH_PULL
 from meshnet.crypto.certs import (
     NodeKeys,
     generate_node_keys,
@@ -46,8 +46,9 @@ class Rogue:
             assert dst == target
             self.core.receive_stream_reply(self.stream(dst, payload), dst, time.monotonic())
 
-    def stream(self, dst: tuple[str, int], payload: bytes) -> bytes:
-        sealed = self.keyring.seal(bytes([STREAM_PUSH_PULL]) + payload, SEAL_STREAM)
+    def stream(self, dst: tuple[str, int], payload: bytes,
+               service: int = STREAM_PUSH_PULL) -> bytes:
+        sealed = self.keyring.seal(bytes([service]) + payload, SEAL_STREAM)
         with socket.create_connection(dst, timeout=5) as s:
             s.sendall(struct.pack(">I", len(sealed)) + sealed)
             length = struct.unpack(">I", _read(s, 4))[0]
@@ -201,3 +202,44 @@ def test_a_renewed_certificate_is_taken_on_sighup(agents, key_file, test_ca) -> 
     # re-announced, signed with the renewed certificate, and believed
     wait_for(lambda: a.members()["n2"]["incarnation"] > inc and
              a.members()["n2"]["state"] == "alive", 10, "n2 re-announced")
+
+
+def test_key_operations_count_only_from_an_admin(agents, key_file, test_ca) -> None:  # type: ignore[no-untyped-def]
+    import msgpack
+
+    from meshnet.crypto.keyring import generate_key
+    from meshnet.crypto.trust import REQUEST_DOMAIN
+    a: AgentProc = agents("n1", key=key_file).start()
+    w = agents("n3", key=key_file)
+    w.identity = test_ca.node_files("n3", w.dir / "id", roles=("worker",))
+    w.start(join=[a.addr])
+    wait_for(lambda: names(a) == {"n1", "n3"}, 15, "two members")
+    ca = test_ca.ca
+    worker = Trust(ca, "n3", load_node_keys(w.dir / "id" / "node.key"),
+                   load_node_cert(w.dir / "id" / "node.crt", ca), time.monotonic(),
+                   wall_offset=time.time() - time.monotonic())
+    rogue = Rogue("n3", worker, key_file, "127.0.0.61")
+    keys_before = [k["key"] for k in a.ctl_json("keys", "list")["keys"]]
+    new = generate_key()
+    at = int(time.time())
+    signed = msgpack.packb(["install", new, "n3", at])
+    requests = [
+        {"op": "install", "key": new},  # unsigned
+        {"op": "install", "key": new, "by": "n3", "at": at,  # the worker's own signature
+         "sig": worker.sign(REQUEST_DOMAIN, signed)},
+        {"op": "install", "key": new, "by": "n1", "at": at,  # claims the admin, worker-signed
+         "sig": worker.sign(REQUEST_DOMAIN, msgpack.packb(["install", new, "n1", at]))},
+    ]
+    try:
+        for req in requests:
+            reply = msgpack.unpackb(rogue.stream((a.ip, a.port), msgpack.packb(req),
+                                                 STREAM_KEY_OP))
+            assert reply["ok"] is False, (req, reply)
+        assert [k["key"] for k in a.ctl_json("keys", "list")["keys"]] == keys_before
+        r = w.ctl("keys", "install", new)
+        assert r.returncode == 1 and "admin" in r.stderr, r.stderr
+        # an admin's own rotation still reaches the worker
+        assert a.ctl("keys", "install", new).returncode == 0
+        assert new in [k["key"] for k in w.ctl_json("keys", "list")["keys"]]
+    finally:
+        rogue.close()
