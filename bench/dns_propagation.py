@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,25 @@ def _resolves(ip: str, port: int, name: str, want: str) -> bool:
     return any(rd.address == want for rr in r.answer for rd in rr)
 
 
+def _identity(workdir: Path) -> Callable[[str], list[str]]:
+    """A CA in WORKDIR and, per agent name, meshnetd flags naming a fresh certificate (every
+    record the bench writes is then signed and checked, as in production)."""
+    from meshnet.crypto import certs
+    now = int(time.time())
+    ca_key, ca = certs.make_ca("bench-ca", now - 60, 1)
+    certs.save_ca(workdir / "ca", ca_key, ca)
+
+    def flags(name: str) -> list[str]:
+        keys = certs.generate_node_keys()
+        cert = certs.sign_node(ca_key, ca, name, ["admin"], {}, keys.sign_pub, keys.dp_pub,
+                               now - 60, 1)
+        certs.save_node(workdir / name, keys, cert)
+        return ["--ca-cert", str(workdir / "ca" / "ca.crt"), "--node-cert",
+                str(workdir / name / "node.crt"), "--node-key", str(workdir / name / "node.key")]
+
+    return flags
+
+
 def measure(writes: int = 30, agents: int = 5, profile: str = "lan") -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="meshnet-bench-prop-"))
     key = workdir / "cluster.key"
@@ -54,6 +74,7 @@ def measure(writes: int = 30, agents: int = 5, profile: str = "lan") -> dict[str
                                   capture_output=True, text=True, check=True).stdout)
     procs: list[subprocess.Popen[bytes]] = []
     nodes = []
+    identity = _identity(workdir)
     try:
         for i in range(agents):
             ip = f"127.0.0.{120 + i}"
@@ -64,6 +85,7 @@ def measure(writes: int = 30, agents: int = 5, profile: str = "lan") -> dict[str
                     "--cluster-key-file", str(key), "--profile", profile, "--datapath", "none",
                     "--dns-upstream", "none", "--dns-listen", f"{ip}:{dport}",
                     "--log-level", "warning"]
+            args += identity(f"p{i}")
             if i:
                 args += ["--join", f"{nodes[0]['ip']}:{nodes[0]['port']}"]
             log = open(workdir / f"n{i}.log", "wb")  # noqa: SIM115 (lives with the process)
