@@ -460,13 +460,18 @@ def peek_node_cert(raw: bytes) -> NodeCert:
     return _parse_node(raw)[0]
 
 
+def _check_issued(issuer: bytes, sig: bytes, signed: bytes, ca: CaCert, what: str) -> None:
+    """CertError unless CA issued it: its fingerprint named, its signature over SIGNED."""
+    if issuer != ca.fingerprint:
+        raise CertError(f"signed by another CA ({issuer.hex()}, not {ca.fingerprint_hex})")
+    if not _verify(ca.public_key, sig, signed):
+        raise CertError(f"bad signature on the {what}")
+
+
 def decode_node_cert(raw: bytes, ca: CaCert) -> NodeCert:
     """Parse a node certificate and check that ``ca`` signed it (not its validity period)."""
     cert, body_bytes, sig = _parse_node(raw)
-    if cert.issuer != ca.fingerprint:
-        raise CertError(f"signed by another CA ({cert.issuer.hex()}, not {ca.fingerprint_hex})")
-    if not _verify(ca.public_key, sig, DOMAIN_NODE + body_bytes):
-        raise CertError("bad signature on the node certificate")
+    _check_issued(cert.issuer, sig, DOMAIN_NODE + body_bytes, ca, "node certificate")
     return cert
 
 
@@ -540,10 +545,7 @@ def peek_revocation(raw: bytes) -> Revocation:
 
 def decode_revocation(raw: bytes, ca: CaCert) -> Revocation:
     rev, body_bytes, sig = _parse_revocation(raw)
-    if rev.issuer != ca.fingerprint:
-        raise CertError(f"signed by another CA ({rev.issuer.hex()}, not {ca.fingerprint_hex})")
-    if not _verify(ca.public_key, sig, DOMAIN_REVOCATION + body_bytes):
-        raise CertError("bad signature on the revocation")
+    _check_issued(rev.issuer, sig, DOMAIN_REVOCATION + body_bytes, ca, "revocation")
     return rev
 
 
