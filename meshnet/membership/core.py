@@ -39,6 +39,7 @@ from collections import deque
 from collections.abc import Callable
 
 from meshnet import wire
+from meshnet.crypto.incchain import CHAIN_LENGTH, IncChain, reaches
 from meshnet.crypto.trust import ALIVE_DOMAIN, LEFT_DOMAIN, Trust
 from meshnet.membership.broadcast import BroadcastQueue
 from meshnet.membership.config import MembershipConfig
@@ -58,6 +59,7 @@ from meshnet.membership.messages import (
     SEQ_MOD,
     Ack,
     Alive,
+    AliveToken,
     Dead,
     DecodeCache,
     IndirectPing,
@@ -66,6 +68,7 @@ from meshnet.membership.messages import (
     Nack,
     Ping,
     PushPull,
+    PushPullState,
     Suspect,
     User,
     alive_payload,
@@ -179,6 +182,7 @@ class _Node:
     __slots__ = (
         "addr",
         "alive_sig",
+        "anchor",
         "heard_at",
         "incarnation",
         "left_sig",
@@ -190,6 +194,8 @@ class _Node:
         "state",
         "state_changed_at",
         "suspicion",
+        "tok_inc",
+        "token",
     )
 
     def __init__(
@@ -210,6 +216,11 @@ class _Node:
         self.signed_inc = incarnation
         self.alive_sig = b""
         self.left_sig = b""
+        # Its hash chain (crypto/incchain.py): the anchor its signed alive committed to, and
+        # the newest token we checked (for incarnation tok_inc), so the next check is one hash.
+        self.anchor = b""
+        self.tok_inc = 0
+        self.token = b""
 
     def snapshot(self) -> Member:
         return Member(
@@ -260,6 +271,8 @@ class Membership:
     __slots__ = (
         "_awareness",
         "_cert_gen",
+        "_chain",
+        "_chain_meta",
         "_decode_cache",
         "_delegate",
         "_events",
@@ -287,6 +300,7 @@ class Membership:
         "_queue",
         "_recent_probes",
         "_reconnect_at",
+        "_refuted",
         "_relays",
         "_ring",
         "_rng",
@@ -327,6 +341,9 @@ class Membership:
         self._want: set[str] = set()  # names whose certificates we lack
         self._fetched: dict[str, float] = {}  # name -> when we last asked for its certificate
         self._cert_gen = -1  # trust.generation at our last scan of members' certificates
+        self._chain: IncChain | None = None  # ours, for the metadata in _chain_meta
+        self._chain_meta = b""
+        self._refuted = False  # whether this life refuted yet (see _refute)
         self._soonest_expiry = 0  # Unix time of the next certificate expiry (trust's clock)
         meta_bytes = meta.encode()  # ValueError if over MAX_META_BYTES
         self._me = _Node(meta, meta_bytes, incarnation, ALIVE, now)
@@ -800,6 +817,8 @@ class Membership:
             self._on_suspect(msg, now, addr)  # type: ignore[arg-type]
         elif t is Alive:
             self._on_alive(msg, now)  # type: ignore[arg-type]
+        elif t is AliveToken:
+            self._on_alive_token(msg, now)  # type: ignore[arg-type]
         elif t is Ping:
             self._on_ping(msg, addr)  # type: ignore[arg-type]
         elif t is Ack:
@@ -903,17 +922,37 @@ class Membership:
         self._events.append(cls(node.snapshot()))
 
     def _alive_msg(self) -> bytes:
+        """Our alive at our incarnation. With identity: a refutation with unchanged metadata
+        is proved by the next token of our hash chain (16 bytes); otherwise a full alive signed
+        with our key, committing to a fresh chain."""
         me = self._me
-        sig = b""
-        if self._trust is not None:
-            sig = self._trust.sign(ALIVE_DOMAIN, alive_payload(me.incarnation, me.meta_bytes))
-            me.alive_sig, me.meta_inc = sig, me.incarnation
-            me.signed_inc = max(me.signed_inc, me.incarnation)
-        return Alive(me.incarnation, me.meta, me.meta_bytes, sig).encode()
+        trust = self._trust
+        if trust is None:
+            return Alive(me.incarnation, me.meta, me.meta_bytes).encode()
+        me.signed_inc = max(me.signed_inc, me.incarnation)
+        chain = self._chain
+        d = me.incarnation - me.meta_inc
+        if chain is not None and self._chain_meta == me.meta_bytes and 0 < d <= CHAIN_LENGTH:
+            me.tok_inc, me.token = me.incarnation, chain.token(d)
+            return AliveToken(me.incarnation, self.name, me.token).encode()
+        if chain is None or self._chain_meta != me.meta_bytes or d != 0:
+            chain = self._chain = IncChain()
+            self._chain_meta = me.meta_bytes
+        me.meta_inc = me.incarnation
+        me.anchor, me.tok_inc, me.token = chain.anchor, 0, b""
+        me.alive_sig = trust.sign(ALIVE_DOMAIN,
+                                  alive_payload(me.incarnation, me.meta_bytes, chain.anchor))
+        return Alive(me.incarnation, me.meta, me.meta_bytes, me.alive_sig, chain.anchor).encode()
 
     def _refute(self, claimed: int, accuser: str | None, now: float) -> None:
         """Someone says we are not alive at ``claimed``: come back above it."""
         me = self._me
+        if claimed > me.incarnation or not self._refuted:
+            # Our first refutation in this life, or one of a life we do not remember (we
+            # restarted): the cluster may hold another chain of ours, so it is a full signed
+            # alive, with the chain the refutations after it are proved by.
+            self._chain = None
+            self._refuted = True
         me.incarnation = max(me.incarnation, claimed) + 1
         self.stats["refuted_suspicions"] += 1
         self._awareness.apply_delta(1)
@@ -932,8 +971,8 @@ class Membership:
         if trust is None:
             return True
         name = a.meta.name
-        ok = trust.verify(name, ALIVE_DOMAIN, alive_payload(a.incarnation, a.meta_bytes),
-                          a.sig, now)
+        ok = trust.verify(name, ALIVE_DOMAIN,
+                          alive_payload(a.incarnation, a.meta_bytes, a.anchor), a.sig, now)
         if ok is None:
             self._hold(a, now)
             return False
@@ -992,7 +1031,7 @@ class Membership:
                 return
             self._tombstones.pop(name, None)
             node = _Node(a.meta, a.meta_bytes, a.incarnation, ALIVE, now)
-            node.alive_sig = a.sig
+            node.alive_sig, node.anchor = a.sig, a.anchor
             self._nodes[name] = node
             self._n_live += 1
             ring = self._ring
@@ -1011,7 +1050,7 @@ class Membership:
                 # suspicion already overtook it, so views converge whatever the order.
                 node.meta, node.meta_bytes, node.addr = a.meta, a.meta_bytes, a.meta.addr
                 node.meta_inc = a.incarnation
-                node.alive_sig = a.sig
+                node.alive_sig, node.anchor, node.tok_inc, node.token = a.sig, a.anchor, 0, b""
                 node.signed_inc = max(node.signed_inc, a.incarnation)
             return
         if not self._signed_alive(a, now):
@@ -1022,7 +1061,7 @@ class Membership:
         node.meta = a.meta
         node.meta_bytes = a.meta_bytes
         node.meta_inc = a.incarnation
-        node.alive_sig = a.sig
+        node.alive_sig, node.anchor, node.tok_inc, node.token = a.sig, a.anchor, 0, b""
         node.signed_inc = max(node.signed_inc, a.incarnation)
         node.addr = a.meta.addr
         self._broadcast(name, a.encode(), now)
@@ -1032,6 +1071,34 @@ class Membership:
 
         elif meta_changed:
             self._emit(MemberUpdated, node)
+
+    def _on_alive_token(self, t: AliveToken, now: float) -> None:
+        """A refutation proved by the node's hash chain: alive at a newer incarnation with the
+        metadata (and anchor) of its last signed alive. Checked only when it is news."""
+        node = self._nodes.get(t.node)
+        if node is None or node is self._me or self._trust is None:
+            return  # unknown, ours (a previous life's: push-pull brings the signed form), or
+            # without identity, where tokens mean nothing
+        if t.incarnation > MAX_CLAIM_INCARNATION:
+            self.stats["claims_out_of_bound"] += 1
+            return
+        if t.incarnation <= node.incarnation:
+            return
+        if node.tok_inc > node.meta_inc and node.tok_inc < t.incarnation:
+            start_inc, start = node.tok_inc, node.token
+        else:
+            start_inc, start = node.meta_inc, node.anchor
+        if not start or not reaches(t.token, t.incarnation - start_inc, start):
+            self.stats["claims_unsigned"] += 1
+            return
+        old = node.state
+        node.incarnation = t.incarnation
+        node.signed_inc = max(node.signed_inc, t.incarnation)
+        node.tok_inc, node.token = t.incarnation, t.token
+        self._broadcast(node.name, t.encode(), now)
+        if old is not ALIVE:
+            self._set_state(node, ALIVE, now)
+            self._emit(MemberAlive if old is SUSPECT else MemberJoined, node)
 
     def _push_refutation(self, msg: bytes) -> None:
         """Send our refutation at once to ``gossip_nodes`` random peers (bare, no piggyback).
@@ -1196,29 +1263,40 @@ class Membership:
         # rows the requester's own rows show it lacks. What a request carries unsigned, the
         # responder learns by gossip or when it pulls in turn.
         theirs: dict[str, tuple[int, MemberState, int]] = {}
+        requester = None
         if peer is not None:
             theirs = {st.name: (st.incarnation, st.state, st.meta_inc or 0)
                       for st in peer.states if not peer.join}
+            # The one row a request signs is its sender's: tell it all we hold about it, with
+            # every proof (after a restart it must learn the life it forgot, and trust it).
+            requester = next((st.name for st in peer.states if st.alive_sig), None)
         rows = []
         certs = [trust.cert.raw]
         for n in self._nodes.values():
-            alive_sig = left_sig = b""
-            if n is self._me:
-                alive_sig, left_sig = n.alive_sig, n.left_sig
+            alive_sig = left_sig = anchor = token = b""
+            has_token = n.tok_inc == n.incarnation and n.tok_inc > n.meta_inc
+            if n is self._me or n.name == requester:
+                alive_sig, left_sig, anchor = n.alive_sig, n.left_sig, n.anchor
+                token = n.token if has_token else b""
             elif peer is not None:
                 known = theirs.get(n.name)
                 if known is None or known[2] < n.meta_inc:
-                    alive_sig = n.alive_sig
+                    alive_sig, anchor = n.alive_sig, n.anchor
                     if known is None and not peer.join:
                         raw = trust.raw_cert(n.name, now)
                         if raw is not None:
                             certs.append(raw)
+                if has_token and (known is None or known[0] < n.incarnation):
+                    token = n.token
                 if n.state is LEFT and (known is None or known[:2] != (n.incarnation, LEFT)):
                     left_sig = n.left_sig
-            if alive_sig or left_sig or n.meta_inc != n.incarnation:
-                rows.append([n.name, n.incarnation, code[n.state], n.meta_bytes, n.meta_inc,
-                             alive_sig, left_sig])
-            else:  # the common row: nothing to sign, meta from this very incarnation
+            if alive_sig or left_sig or token or n.meta_inc != n.incarnation:
+                row = [n.name, n.incarnation, code[n.state], n.meta_bytes, n.meta_inc,
+                       alive_sig, left_sig]
+                if anchor or token:
+                    row += [anchor, token]
+                rows.append(row)
+            else:  # the common row: nothing to prove, meta from this very incarnation
                 rows.append([n.name, n.incarnation, code[n.state], n.meta_bytes])
         if peer is not None:
             names = list(self._nodes) if peer.join else peer.want
@@ -1281,14 +1359,19 @@ class Membership:
             if st.meta_inc is None:  # a short row: meta of that incarnation, nothing signed
                 st.meta_inc = st.incarnation
             node = self._nodes.get(st.name)
-            if node is not None and node is not self._me and node.state is st.state and \
+            if node is self._me:
+                self._merge_own_row(st, now)
+                continue
+            if node is not None and node.state is st.state and \
                     node.incarnation == st.incarnation and node.meta_inc >= st.meta_inc:
                 continue  # nothing new: no signature to check
             if node is None and st.state is not ALIVE:
                 continue  # as unsigned: a member we never saw alive is not taken on hearsay
-            if st.alive_sig and (st.name != self.name or st.meta_inc > self._me.incarnation):
-                self._on_alive(Alive(st.meta_inc, st.meta, st.meta_bytes, st.alive_sig), now,
-                               quiet=quiet_new)
+            if st.alive_sig:
+                self._on_alive(Alive(st.meta_inc, st.meta, st.meta_bytes, st.alive_sig,
+                                     st.anchor), now, quiet=quiet_new)
+            if st.token and st.incarnation > st.meta_inc:
+                self._on_alive_token(AliveToken(st.incarnation, st.name, st.token), now)
             if st.state is LEFT:
                 if st.left_sig:
                     self._on_dead(Dead(st.incarnation, st.name, st.name, st.left_sig), now)
@@ -1298,6 +1381,34 @@ class Membership:
                 self._on_suspect(Suspect(st.incarnation, st.name, self.name), now)
         if self._delegate is not None:
             self._delegate.merge_remote_state(pp.user_state, pp.join)
+
+    def _merge_own_row(self, st: PushPullState, now: float) -> None:
+        """A peer's row about us. Above our incarnation it is a life of ours we do not
+        remember (we restarted) if our own signature and chain prove it, and we come back above
+        it; unproven, it is a forgery and changes nothing."""
+        me = self._me
+        trust = self._trust
+        assert trust is not None and st.meta_inc is not None
+        if self._leaving or st.incarnation < me.incarnation:
+            return
+        if st.incarnation > me.signed_inc and st.alive_sig and trust.verify(
+                self.name, ALIVE_DOMAIN, alive_payload(st.meta_inc, st.meta_bytes, st.anchor),
+                st.alive_sig, now):
+            proven = st.meta_inc
+            if st.token and st.anchor and st.incarnation > st.meta_inc and \
+                    reaches(st.token, st.incarnation - st.meta_inc, st.anchor):
+                proven = st.incarnation
+            me.signed_inc = max(me.signed_inc, proven)
+        if st.incarnation > me.signed_inc:
+            self.stats["claims_above_signed"] += 1
+            return
+        if st.state is ALIVE:
+            if st.incarnation > me.incarnation:
+                self._refute(st.incarnation, None, now)
+        elif st.state is LEFT and not st.left_sig:
+            return
+        elif st.incarnation >= me.incarnation:
+            self._refute(st.incarnation, None, now)
 
     def _start_push_pull(self, node: _Node, now: float) -> bool:
         return self._start_push_pull_to(node.addr, now)

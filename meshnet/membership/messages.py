@@ -35,6 +35,7 @@ __all__ = [
     "PUSH_PULL_VERSION",
     "Ack",
     "Alive",
+    "AliveToken",
     "Dead",
     "DecodeCache",
     "IndirectPing",
@@ -68,6 +69,7 @@ class MsgType(IntEnum):
     ENCRYPT = 10  # reserved: encryption is the shell's envelope, not a message
     NACK = 11
     CRC = 12  # reserved (memberlist); never sent
+    ALIVE_TOKEN = 13  # a refutation proved by an incarnation token (crypto/incchain.py)
 
 
 # A compound packet is [COMPOUND][count u8][len u16 x count][parts]: the count is one byte.
@@ -91,8 +93,9 @@ MAX_PUSH_PULL_MEMBERS = 100_000
 PUSH_PULL_VERSION = 1
 # A user (delegate) message must fit in one packet alongside a ping.
 MAX_USER_BYTES = wire.DEFAULT_UDP_PAYLOAD
-# An Ed25519 signature (crypto/certs.py).
+# An Ed25519 signature (crypto/certs.py), and an incarnation token (crypto/incchain.py).
 SIG_BYTES = 64
+TOKEN_BYTES = 16
 # A node certificate is at most this (crypto/certs.py MAX_CERT_BYTES).
 MAX_CERT_BYTES = 2048
 # Names a push-pull may ask certificates for: what one exchange can answer in MAX_STREAM_BYTES
@@ -114,6 +117,13 @@ def _sig(value: object) -> bytes:
     """A signature field: empty (unsigned) or one Ed25519 signature."""
     if type(value) is not bytes or len(value) not in (0, SIG_BYTES):
         raise _err("signature: expected 64 bytes")
+    return value
+
+
+def _token(value: object) -> bytes:
+    """A chain anchor or token field: empty, or TOKEN_BYTES."""
+    if type(value) is not bytes or len(value) not in (0, TOKEN_BYTES):
+        raise _err("token: expected 16 bytes")
     return value
 
 
@@ -193,12 +203,14 @@ class Dead:
 @dataclass(frozen=True, slots=True)
 class Alive:
     """With identity, ``sig`` is the node's own signature over alive_payload (only the node
-    can say it is alive, or refute a suspicion)."""
+    can say it is alive, or refute a suspicion), which also commits to ``anchor``, the end of
+    the hash chain its later refutations are proved with (AliveToken)."""
 
     incarnation: int
     meta: NodeMeta
     meta_bytes: bytes
     sig: bytes = b""
+    anchor: bytes = b""
 
     @property
     def node(self) -> str:
@@ -208,12 +220,28 @@ class Alive:
         body: list[Any] = [self.incarnation, self.meta_bytes]
         if self.sig:
             body.append(self.sig)
+            if self.anchor:
+                body.append(self.anchor)
         return wire.frame(MsgType.ALIVE, body)
 
 
-def alive_payload(incarnation: int, meta_bytes: bytes) -> bytes:
-    """What a node signs to say "alive at INCARNATION with META" (meta holds its name)."""
-    return _U64.pack(incarnation) + meta_bytes
+@dataclass(frozen=True, slots=True)
+class AliveToken:
+    """"NODE is alive at INCARNATION, same metadata": a refutation, proved by the token of its
+    hash chain for that incarnation (16 bytes where a signed alive carries 64 plus metadata)."""
+
+    incarnation: int
+    node: str
+    token: bytes
+
+    def encode(self) -> bytes:
+        return wire.frame(MsgType.ALIVE_TOKEN, [self.incarnation, self.node, self.token])
+
+
+def alive_payload(incarnation: int, meta_bytes: bytes, anchor: bytes = b"") -> bytes:
+    """What a node signs to say "alive at INCARNATION with META, my chain ends in ANCHOR"
+    (meta holds its name)."""
+    return _U64.pack(incarnation) + bytes((len(anchor),)) + anchor + meta_bytes
 
 
 def left_payload(incarnation: int, name: str) -> bytes:
@@ -244,6 +272,9 @@ class PushPullState:
     meta_inc: int | None = None
     alive_sig: bytes = b""
     left_sig: bytes = b""
+    # the chain anchor signed with meta, and the token proving ``incarnation`` (AliveToken)
+    anchor: bytes = b""
+    token: bytes = b""
 
 
 @dataclass(slots=True)
@@ -262,11 +293,13 @@ class PushPull:
             row: list[Any] = [s.name, s.incarnation, STATE_CODES.index(s.state), s.meta_bytes]
             if s.meta_inc is not None:
                 row += [s.meta_inc, s.alive_sig, s.left_sig]
+                if s.anchor or s.token:
+                    row += [s.anchor, s.token]
             rows.append(row)
         return encode_push_pull_raw(self.join, rows, self.user_state, self.certs, self.want)
 
 
-Message = Ping | IndirectPing | Ack | Nack | Suspect | Dead | Alive | User
+Message = Ping | IndirectPing | Ack | Nack | Suspect | Dead | Alive | AliveToken | User
 
 
 def encode_push_pull_raw(
@@ -379,7 +412,14 @@ def _decode_one(t: int, view: memoryview, cache: MetaCache | None) -> Message | 
     if t == MsgType.ALIVE:
         b = _body(view, 2, "alive")
         meta, raw = _decode_meta(b[1], cache)
-        return Alive(_uint(b[0], "incarnation"), meta, raw, _sig(b[2]) if len(b) > 2 else b"")
+        return Alive(_uint(b[0], "incarnation"), meta, raw, _sig(b[2]) if len(b) > 2 else b"",
+                     _token(b[3]) if len(b) > 3 else b"")
+    if t == MsgType.ALIVE_TOKEN:
+        b = _body(view, 3, "alive token")
+        token = _token(b[2])
+        if not token:
+            raise _err("alive token: empty token")
+        return AliveToken(_uint(b[0], "incarnation"), check_name(b[1]), token)
     if t == MsgType.INDIRECT_PING:
         b = _body(view, 5, "indirect ping")
         host = b[2]
@@ -401,8 +441,8 @@ def _decode_one(t: int, view: memoryview, cache: MetaCache | None) -> Message | 
     return None
 
 
-_CACHED_TYPES = frozenset((MsgType.SUSPECT, MsgType.ALIVE, MsgType.DEAD))
-_CACHED_CLASSES = frozenset((Suspect, Alive, Dead))
+_CACHED_TYPES = frozenset((MsgType.SUSPECT, MsgType.ALIVE, MsgType.DEAD, MsgType.ALIVE_TOKEN))
+_CACHED_CLASSES = frozenset((Suspect, Alive, Dead, AliveToken))
 
 
 def _meta_table(cache: DecodeCache | MetaCache | None) -> MetaCache | None:
@@ -531,9 +571,13 @@ def decode_push_pull(
         inc = row[1]
         if type(inc) is not int or inc < 0 or inc > MAX_INCARNATION:
             raise _err("incarnation: expected unsigned int")
-        if len(row) >= 7:
+        n = len(row)
+        if n >= 5:
             append(PushPullState(name, inc, STATE_CODES[code], meta, raw,
-                                 _uint(row[4], "meta incarnation"), _sig(row[5]), _sig(row[6])))
+                                 _uint(row[4], "meta incarnation"),
+                                 _sig(row[5]) if n > 5 else b"", _sig(row[6]) if n > 6 else b"",
+                                 _token(row[7]) if n > 7 else b"",
+                                 _token(row[8]) if n > 8 else b""))
         else:
             append(PushPullState(name, inc, STATE_CODES[code], meta, raw))
     return PushPull(join, states, user_state, certs, want)

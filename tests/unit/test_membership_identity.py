@@ -27,10 +27,12 @@ from meshnet.membership import (
 )
 from meshnet.membership.messages import (
     Alive,
+    AliveToken,
     Dead,
     PushPull,
     Suspect,
     alive_payload,
+    decode_packet,
     decode_push_pull,
 )
 
@@ -107,19 +109,21 @@ def gossip(src: Membership, dst: Membership, now: float) -> None:
 
 
 def test_join_carries_certificates_and_signed_rows(pki: Pki) -> None:
-    n1, n2, n3 = joined(pki, 3)
-    for m in (n1, n2, n3):
-        assert sorted(x.name for x in m.members() if x.state is A) == ["n1", "n2", "n3"]
+    n1, n2, n3, n4 = joined(pki, 4)
+    for m in (n1, n2, n3, n4):
+        assert sorted(x.name for x in m.members() if x.state is A) == ["n1", "n2", "n3", "n4"]
     # a request carries only its sender's own signature; a reply signs what the requester
     # lacks, and sends the certificates of members it does not know
     req = decode_push_pull(n1._encode_state(False, 2.0))
     sigs = {r.name: r.alive_sig for r in req.states}
-    assert len(sigs["n1"]) == 64 and sigs["n2"] == sigs["n3"] == b""
+    assert len(sigs["n1"]) == 64 and sigs["n2"] == sigs["n3"] == sigs["n4"] == b""
     assert len(req.certs) == 1  # unasked: our own certificate only
     lacking = PushPull(False, [r for r in req.states if r.name != "n3"], b"")
     reply = decode_push_pull(n2._encode_state(False, 2.0, peer=lacking))
     sigs = {r.name: r.alive_sig for r in reply.states}
-    assert len(sigs["n3"]) == 64 and sigs["n1"] == b"", sigs
+    # n3 is news to the requester; the requester's own row comes back with every proof (after
+    # a restart it must learn the life it forgot); the responder signs its own; n4 needs none
+    assert all(len(sigs[n]) == 64 for n in ("n1", "n2", "n3")) and sigs["n4"] == b"", sigs
     assert len(reply.certs) == 2  # n2's own and n3's
 
 
@@ -242,3 +246,52 @@ def test_push_pull_certificates_on_request_and_join(pki: Pki) -> None:
     ask = PushPull(False, everyone, b"", certs=[], want=["n3"])
     reply = decode_push_pull(n1._encode_state(False, 1.0, peer=ask))
     assert len(reply.certs) == 2  # ours, and n3's as asked
+
+
+def test_later_refutations_are_proved_by_chain_tokens(pki: Pki) -> None:
+    n1, n2 = joined(pki, 2)
+    sent: list[bytes] = []
+
+    def refute(inc: int, now: float) -> None:
+        n2.receive_datagram(Suspect(inc, "n2", "n1").encode(), addr(1), now)
+        out = [d for d, _ in n2.datagrams_to_send(now)]
+        sent.extend(out)
+        for d in out:
+            n1.receive_datagram(d, addr(2), now)
+
+    def kinds() -> set[type]:
+        return {type(m) for d in sent for m in decode_packet(d)}
+
+    first = n2.incarnation
+    refute(first, 1.0)  # the first refutation of a life is a full signed alive
+    assert Alive in kinds() and AliveToken not in kinds()
+    sent.clear()
+    for k in range(3):  # the next ones are 16-byte tokens
+        inc = n2.incarnation
+        n1.receive_datagram(Suspect(inc, "n2", "n1").encode(), addr(1), 2.0 + k)
+        assert n1.member("n2").state is S  # type: ignore[union-attr]
+        refute(inc, 2.0 + k)
+        assert n1.member("n2").state is A  # type: ignore[union-attr]
+        assert n1.member("n2").incarnation == inc + 1  # type: ignore[union-attr]
+    assert AliveToken in kinds() and Alive not in kinds()  # tokens only, 16 bytes each
+    assert n1.stats["claims_unsigned"] == 0
+    # a forged token, and one far ahead of the chain, are refused
+    inc = n2.incarnation
+    n1.receive_datagram(AliveToken(inc + 1, "n2", b"\x00" * 16).encode(), addr(9), 9.0)
+    n1.receive_datagram(AliveToken(inc + 5000, "n2", b"\x01" * 16).encode(), addr(9), 9.0)
+    assert n1.member("n2").incarnation == inc  # type: ignore[union-attr]
+    assert n1.stats["claims_unsigned"] == 2
+
+
+def test_a_token_skipping_incarnations_still_verifies(pki: Pki) -> None:
+    n1, n2 = joined(pki, 2)
+    n2.receive_datagram(Suspect(n2.incarnation, "n2", "n1").encode(), addr(1), 1.0)
+    for d, _ in n2.datagrams_to_send(1.0):
+        n1.receive_datagram(d, addr(2), 1.0)  # n1 holds the chain of n2's full refutation
+    for _ in range(4):  # refutations n1 never hears of
+        n2.receive_datagram(Suspect(n2.incarnation, "n2", "n1").encode(), addr(1), 2.0)
+        n2.datagrams_to_send(2.0)
+    msg = n2._alive_msg()
+    assert [type(m) for m in decode_packet(msg)] == [AliveToken]
+    n1.receive_datagram(msg, addr(2), 3.0)
+    assert n1.member("n2").incarnation == n2.incarnation  # type: ignore[union-attr]
