@@ -234,6 +234,15 @@ class Trust:
             self._signed[k] = sig
         return sig
 
+    def chain_seed(self, incarnation: int, meta_bytes: bytes) -> bytes:
+        """The secret start of our incarnation-token chain for an alive at INCARNATION with
+        META_BYTES (crypto/incchain.py). Derived from our signing key, so a restarted node that
+        announces the same incarnation and metadata as its forgotten life has the same chain,
+        and its refutations still verify where that life's alive is held."""
+        secret = self.keys.sign.private_bytes_raw()
+        return hashlib.blake2b(incarnation.to_bytes(8, "big") + meta_bytes, key=secret,
+                               digest_size=16, person=b"meshnet-chainsee").digest()
+
     def verify(self, name: str, domain: bytes, data: bytes, sig: bytes, now: float,
                at: float | None = None) -> bool | None:
         """Did NAME sign DATA in DOMAIN? None when no certificate of NAME is held (the caller

@@ -300,7 +300,6 @@ class Membership:
         "_queue",
         "_recent_probes",
         "_reconnect_at",
-        "_refuted",
         "_relays",
         "_ring",
         "_rng",
@@ -343,7 +342,6 @@ class Membership:
         self._cert_gen = -1  # trust.generation at our last scan of members' certificates
         self._chain: IncChain | None = None  # ours, for the metadata in _chain_meta
         self._chain_meta = b""
-        self._refuted = False  # whether this life refuted yet (see _refute)
         self._soonest_expiry = 0  # Unix time of the next certificate expiry (trust's clock)
         meta_bytes = meta.encode()  # ValueError if over MAX_META_BYTES
         self._me = _Node(meta, meta_bytes, incarnation, ALIVE, now)
@@ -936,7 +934,7 @@ class Membership:
             me.tok_inc, me.token = me.incarnation, chain.token(d)
             return AliveToken(me.incarnation, self.name, me.token).encode()
         if chain is None or self._chain_meta != me.meta_bytes or d != 0:
-            chain = self._chain = IncChain()
+            chain = self._chain = IncChain(trust.chain_seed(me.incarnation, me.meta_bytes))
             self._chain_meta = me.meta_bytes
         me.meta_inc = me.incarnation
         me.anchor, me.tok_inc, me.token = chain.anchor, 0, b""
@@ -944,15 +942,14 @@ class Membership:
                                   alive_payload(me.incarnation, me.meta_bytes, chain.anchor))
         return Alive(me.incarnation, me.meta, me.meta_bytes, me.alive_sig, chain.anchor).encode()
 
-    def _refute(self, claimed: int, accuser: str | None, now: float) -> None:
+    def _refute(self, claimed: int, accuser: str | None, now: float, full: bool = False) -> None:
         """Someone says we are not alive at ``claimed``: come back above it."""
         me = self._me
-        if claimed > me.incarnation or not self._refuted:
-            # Our first refutation in this life, or one of a life we do not remember (we
-            # restarted): the cluster may hold another chain of ours, so it is a full signed
-            # alive, with the chain the refutations after it are proved by.
+        if claimed > me.incarnation or full:
+            # A life of ours we do not remember (we restarted) holds a higher incarnation, or
+            # another metadata at ours: the cluster holds another chain of ours, so this is a
+            # full signed alive, with the chain later refutations are proved by.
             self._chain = None
-            self._refuted = True
         me.incarnation = max(me.incarnation, claimed) + 1
         self.stats["refuted_suspicions"] += 1
         self._awareness.apply_delta(1)
@@ -1018,7 +1015,7 @@ class Membership:
             if (a.incarnation > self._me.incarnation or (
                 a.incarnation == self._me.incarnation and a.meta_bytes != self._me.meta_bytes
             )) and self._signed_alive(a, now):
-                self._refute(a.incarnation, None, now)
+                self._refute(a.incarnation, None, now, full=True)
             return
         if node is None:
             tomb = self._tombstones.get(name)
@@ -1391,9 +1388,12 @@ class Membership:
         assert trust is not None and st.meta_inc is not None
         if self._leaving or st.incarnation < me.incarnation:
             return
-        if st.incarnation > me.signed_inc and st.alive_sig and trust.verify(
-                self.name, ALIVE_DOMAIN, alive_payload(st.meta_inc, st.meta_bytes, st.anchor),
-                st.alive_sig, now):
+        conflict = st.state is ALIVE and st.meta_inc == me.incarnation and \
+            st.meta_bytes != me.meta_bytes
+        ours = (st.incarnation > me.signed_inc or conflict) and bool(st.alive_sig) and \
+            trust.verify(self.name, ALIVE_DOMAIN,
+                         alive_payload(st.meta_inc, st.meta_bytes, st.anchor), st.alive_sig, now)
+        if ours and st.incarnation > me.signed_inc:
             proven = st.meta_inc
             if st.token and st.anchor and st.incarnation > st.meta_inc and \
                     reaches(st.token, st.incarnation - st.meta_inc, st.anchor):
@@ -1404,7 +1404,9 @@ class Membership:
             return
         if st.state is ALIVE:
             if st.incarnation > me.incarnation:
-                self._refute(st.incarnation, None, now)
+                self._refute(st.incarnation, None, now, full=True)
+            elif conflict and ours:
+                self._refute(st.incarnation, None, now, full=True)  # a forgotten life's meta
         elif st.state is LEFT and not st.left_sig:
             return
         elif st.incarnation >= me.incarnation:

@@ -254,9 +254,13 @@ class Simulator:
             raw = n.meta.encode()
             if n.trust is None:
                 states.append(PushPullState(n.name, 0, MemberState.ALIVE, n.meta, raw))
-            else:
-                sig = n.trust.sign(ALIVE_DOMAIN, alive_payload(0, raw))
-                states.append(PushPullState(n.name, 0, MemberState.ALIVE, n.meta, raw, 0, sig))
+            else:  # the very alive the node announced at start, with its chain's anchor
+                me = n.core.member(n.name)
+                assert me is not None and me.incarnation == 0
+                anchor = n.core._me.anchor
+                sig = n.trust.sign(ALIVE_DOMAIN, alive_payload(0, raw, anchor))
+                states.append(PushPullState(n.name, 0, MemberState.ALIVE, n.meta, raw, 0, sig,
+                                            b"", anchor))
         certs = [n.trust.cert.raw for n in self.nodes if n.trust is not None]
         blob = PushPull(False, states, b"", certs).encode()
         seed_addr = self.nodes[0].addr
