@@ -304,7 +304,6 @@ class Membership:
         "_ring",
         "_rng",
         "_seq",
-        "_soonest_expiry",
         "_streams",
         "_tombstones",
         "_trust",
@@ -339,10 +338,10 @@ class Membership:
         self._held: dict[str, Alive] = {}  # alives waiting for their sender's certificate
         self._want: set[str] = set()  # names whose certificates we lack
         self._fetched: dict[str, float] = {}  # name -> when we last asked for its certificate
-        self._cert_gen = -1  # trust.generation at our last scan of members' certificates
+        # trust.generation at our last scan of members' certificates (see _check_certs)
+        self._cert_gen = trust.generation if trust is not None else 0
         self._chain: IncChain | None = None  # ours, for the metadata in _chain_meta
         self._chain_meta = b""
-        self._soonest_expiry = 0  # Unix time of the next certificate expiry (trust's clock)
         meta_bytes = meta.encode()  # ValueError if over MAX_META_BYTES
         self._me = _Node(meta, meta_bytes, incarnation, ALIVE, now)
         self.name = meta.name
@@ -493,10 +492,8 @@ class Membership:
         if trust is None:
             return
         # Nothing can have changed unless a revocation arrived or a certificate expired.
-        soonest = self._soonest_expiry
-        if trust.generation == self._cert_gen and trust.wall(now) < soonest:
+        if trust.generation == self._cert_gen and trust.wall(now) < trust.soonest_expiry(now):
             return
-        self._soonest_expiry = trust.soonest_expiry(now)
         self._cert_gen = trust.generation
         for node in list(self._nodes.values()):
             if node is not self._me and trust.current(node.name, now) is None:
@@ -1267,8 +1264,20 @@ class Membership:
             # The one row a request signs is its sender's: tell it all we hold about it, with
             # every proof (after a restart it must learn the life it forgot, and trust it).
             requester = next((st.name for st in peer.states if st.alive_sig), None)
-        rows = []
         certs = [trust.cert.raw]
+        if peer is None:
+            # A request (the hot path): no proofs but our own row's.
+            me = self._me
+            rows = [[n.name, n.incarnation, code[n.state], n.meta_bytes]
+                    if n.meta_inc == n.incarnation else
+                    [n.name, n.incarnation, code[n.state], n.meta_bytes, n.meta_inc]
+                    for n in self._nodes.values() if n is not me]
+            mine = [me.name, me.incarnation, code[me.state], me.meta_bytes, me.meta_inc,
+                    me.alive_sig, me.left_sig, me.anchor,
+                    me.token if me.tok_inc == me.incarnation > me.meta_inc else b""]
+            rows.append(mine)
+            return encode_push_pull_raw(join, rows, user, certs, sorted(self._want)[:MAX_WANT])
+        rows = []
         for n in self._nodes.values():
             alive_sig = left_sig = anchor = token = b""
             has_token = n.tok_inc == n.incarnation and n.tok_inc > n.meta_inc
