@@ -22,6 +22,7 @@ import msgpack
 __all__ = [
     "DEFAULT_UDP_PAYLOAD",
     "ENCRYPTION_OVERHEAD",
+    "FRESHNESS_OVERHEAD",
     "MAX_DATAGRAM_BYTES",
     "MAX_MSGPACK_CONTAINER",
     "MAX_STREAM_BYTES",
@@ -33,10 +34,12 @@ __all__ = [
     "unpack",
 ]
 
-# Bytes the agent shell adds around every datagram and stream message when a cluster key is set:
-# 1 version byte + 4 key-id bytes + 12-byte AES-GCM nonce + 16-byte GCM tag. The cores reserve it so
-# that a packet built to fit ``udp_payload`` still fits once encrypted.
-ENCRYPTION_OVERHEAD = 1 + 4 + 12 + 16  # keyring SEAL_OVERHEAD: version, key id, nonce, tag
+# Bytes the agent shell adds around every datagram when a cluster key is set: the freshness value
+# (sender 8, epoch 6, seq 4; crypto/freshness.py) in clear, then the seal: 1 version byte +
+# 4 key-id bytes + 12-byte AES-GCM nonce + 16-byte GCM tag. The cores reserve it so that a packet
+# built to fit ``udp_payload`` still fits once sealed.
+FRESHNESS_OVERHEAD = 8 + 6 + 4
+ENCRYPTION_OVERHEAD = FRESHNESS_OVERHEAD + 1 + 4 + 12 + 16
 
 # memberlist's UDPBufferSize: 1400 bytes keeps a datagram under a 1500-byte Ethernet MTU with room
 # for IP/UDP headers and tunnel encapsulation, so it is never fragmented.

@@ -99,6 +99,22 @@ def membership_config(config: Config) -> MembershipConfig:
     return replace(base, **overrides)
 
 
+CLOCK_SKEW_ENV = "MESHNET_TEST_CLOCK_SKEW_S"
+
+
+def _test_clock_skew() -> float:
+    """Seconds added to this agent's wall clock, from MESHNET_TEST_CLOCK_SKEW_S (tests only)."""
+    text = os.environ.get(CLOCK_SKEW_ENV, "")
+    try:
+        skew = float(text) if text else 0.0
+    except ValueError:
+        log.warning("%s=%r is not a number of seconds; ignored", CLOCK_SKEW_ENV, text)
+        return 0.0
+    if skew:
+        log.warning("test hook: this agent's clock runs %+.1f s off (%s)", skew, CLOCK_SKEW_ENV)
+    return skew
+
+
 class Agent:
     def __init__(self, config: Config, config_path: str | None = None,
                  flag_overrides: dict[str, Any] | None = None) -> None:
@@ -126,6 +142,12 @@ class Agent:
         self.background: set[asyncio.Task[Any]] = set()
         self.left = False
         self.peers_save: asyncio.Task[None] | None = None
+        # Lab hosts share one clock; tests give one agent a skewed wall clock with this.
+        self.clock_skew_s = _test_clock_skew()
+
+    def wall_clock(self) -> float:
+        """Wall time as this agent sees it (the freshness of what it seals and accepts)."""
+        return time.time() + self.clock_skew_s
 
     # --- start and stop -------------------------------------------------------------------
 
@@ -279,8 +301,15 @@ class Agent:
             )
         except ValueError as e:
             raise StartError(f"membership: {e}") from None
+        sealer = Sealer(self.keyring, self.config.name, self.record.fresh_epoch, self.wall_clock)
+        # Saved before the first message: a later life starts its freshness epochs above ours.
+        self.record.fresh_epoch = sealer.fresh.epoch
+        try:
+            identity.save(self.config.state_dir, self.record)
+        except OSError as e:
+            raise StartError(f"state dir {self.config.state_dir}: {e.strerror}") from None
         self.gossip = GossipTransport(
-            self.membership, Sealer(self.keyring), self.config.bind, self._on_member_event
+            self.membership, sealer, self.config.bind, self._on_member_event
         )
         self.gossip.stream_handlers[STREAM_KEY_OP] = self._key_op_in
         self.state.attach(self.gossip)
@@ -630,7 +659,7 @@ class Agent:
             "datapath": {"overlay": self.overlay.status() if self.overlay else "none",
                          "encrypted": self.encrypted.status() if self.encrypted else
                          "none (needs the vxlan datapath and a cluster key)"},
-            "gossip": {**self.membership.stats, **self.gossip.counters},
+            "gossip": {**self.membership.stats, **self.gossip.stats()},
             "store": {"entries": sum(1 for _ in self.state.store.entries()),
                       **self.state.counters} if self.state else {},
             "dns": self.dns.stats() if self.dns else {},

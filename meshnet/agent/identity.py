@@ -39,6 +39,9 @@ class NodeRecord:
     name: str
     boots: int
     incarnation: int
+    # The first freshness epoch (ms) of this node's latest life (crypto/freshness.py); the
+    # next life starts above it.
+    fresh_epoch: int = 0
 
 
 def load_or_create(state_dir: str, name: str) -> NodeRecord:
@@ -83,7 +86,11 @@ def _parse(path: Path, name: str) -> NodeRecord:
     # One below the bound: this boot adds one, and a refutation may add one more.
     if type(incarnation) is not int or not 0 <= incarnation < MAX_CLAIM_INCARNATION - 1:
         raise ValueError(f"incarnation {incarnation!r} is out of range")
-    return NodeRecord(node_id=node_id, name=name, boots=boots, incarnation=incarnation)
+    fresh_epoch = data.get("fresh_epoch", 0)  # absent in records written before it existed
+    if type(fresh_epoch) is not int or not 0 <= fresh_epoch < 1 << 48:
+        raise ValueError(f"fresh_epoch {fresh_epoch!r} is out of range")
+    return NodeRecord(node_id=node_id, name=name, boots=boots, incarnation=incarnation,
+                      fresh_epoch=fresh_epoch)
 
 
 def save(state_dir: str, record: NodeRecord) -> None:

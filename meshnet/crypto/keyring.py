@@ -82,7 +82,11 @@ FILE_VERSION = 1
 
 # Values of `kind` used by the agent (any 0..255 is accepted; these two must never collide).
 KIND_PACKET = 1  # a UDP gossip packet
-KIND_STREAM = 2  # a TCP push-pull stream message
+KIND_STREAM = 2  # a TCP push-pull stream message (the format before freshness)
+KIND_FRESH_PACKET = 3  # a UDP gossip packet after its freshness value
+KIND_STREAM_HEAD = 4  # a stream request's head (service and length) after its freshness value
+KIND_STREAM_REPLY_HEAD = 5  # a reply's head, bound to the request's freshness value
+KIND_STREAM_CHUNK = 6  # a piece of a request's or reply's body
 
 assert SEAL_OVERHEAD == 33
 
@@ -246,20 +250,24 @@ class Keyring:
 
     # ---- sealing ----------------------------------------------------------------------------
 
-    def seal(self, plaintext: bytes, kind: int) -> bytes:
-        """Encrypt and authenticate with the primary key; the result is len(plaintext) + 33."""
+    def seal(self, plaintext: bytes, kind: int, context: bytes = b"") -> bytes:
+        """Encrypt and authenticate with the primary key; the result is len(plaintext) + 33.
+
+        ``context`` is authenticated too but not sent: the opener must supply the same bytes
+        (a freshness value sent in clear before the seal, or the request a reply answers)."""
         kind_byte = _check_kind(kind)
         entry = self._primary
         nonce = os.urandom(NONCE_SIZE)
-        return entry.header + nonce + entry.aead.encrypt(nonce, plaintext, entry.header + kind_byte)
+        aad = entry.header + kind_byte + context
+        return entry.header + nonce + entry.aead.encrypt(nonce, plaintext, aad)
 
-    def open(self, data: bytes | bytearray | memoryview, kind: int) -> bytes:
+    def open(self, data: bytes | bytearray | memoryview, kind: int, context: bytes = b"") -> bytes:
         """Authenticate and decrypt; any failure at all is a KeyringError.
 
         Keys whose id matches the header are tried first, then every other key (ids are only
         4 bytes and are not authenticated on their own, so they are a hint, not a rule).
         """
-        kind_byte = _check_kind(kind)
+        after_header = _check_kind(kind) + context
         if len(data) < SEAL_OVERHEAD:
             raise KeyringError(f"sealed message too short ({len(data)} bytes)")
         if data[0] != SEAL_VERSION:
@@ -268,7 +276,7 @@ class Keyring:
         kid = header[1:]
         nonce = bytes(data[HEADER_SIZE : HEADER_SIZE + NONCE_SIZE])
         body = bytes(data[HEADER_SIZE + NONCE_SIZE :])
-        aad = header + kind_byte
+        aad = header + after_header
         for matching in (True, False):
             for entry in self._order:
                 if (entry.kid == kid) is not matching:

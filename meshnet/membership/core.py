@@ -108,6 +108,14 @@ MAX_MEMBERS = MAX_PUSH_PULL_MEMBERS
 # so at N=1000 with a few percent of probes failing we relay a handful; 1024 leaves a wide margin
 # and bounds what a flood of ping-reqs can make us hold.
 MAX_RELAYS = 1024
+# Answers (acks, stale-claim answers) to one source address, per second and in a burst. A
+# member pings us about once per probe interval, plus relayed pings when it helps others: tens
+# a second would be a flood, or replays, which no member needs answered.
+ANSWER_RATE = 50.0
+ANSWER_BURST = 100.0
+# Source addresses whose answer allowance we track; all forgotten at once when full (a full
+# table means a flood, and forgetting only gives each source its burst again).
+MAX_ANSWER_SOURCES = 4096
 # Events not yet drained by the shell. Past this the oldest are dropped (and counted): a shell
 # that stops draining must not make us grow without bound.
 MAX_PENDING_EVENTS = 65_536
@@ -171,6 +179,10 @@ _STAT_KEYS = (
     "alives_held_dropped",
     "cert_fetches",
     "members_dropped",
+    "answers_bare",
+    "stale_answers_withheld",
+    "answers_limited",
+    "relays_refused",
 )
 # Alive messages held until their sender's certificate arrives (by name, newest kept).
 MAX_HELD = 1024
@@ -269,6 +281,8 @@ class Membership:
     # Slots, not a __dict__: a simulator holds a thousand of these and touches a random one at
     # every step, so each attribute read is one cache line instead of a hash-table probe.
     __slots__ = (
+        "_answers",
+        "_at_addr",
         "_awareness",
         "_cert_gen",
         "_chain",
@@ -346,6 +360,10 @@ class Membership:
         self._me = _Node(meta, meta_bytes, incarnation, ALIVE, now)
         self.name = meta.name
         self._nodes: dict[str, _Node] = {self.name: self._me}
+        # Other members by the address their signed alive names: the only sources we answer
+        # with more than they sent us (no UDP amplification, see `verified_at`).
+        self._at_addr: dict[Addr, _Node] = {}
+        self._answers: dict[Addr, list[float]] = {}  # source -> [tokens, at]
         self._ring: list[_Node] = [self._me]  # probe order and random selection
         self._probe_index = 0
         self._n_live = 1  # alive + suspect, including us
@@ -384,6 +402,13 @@ class Membership:
         self._broadcast(self.name, self._alive_msg(), now)
 
     # ------------------------------------------------------------------ queries
+
+    def verified_at(self, addr: Addr) -> bool:
+        """Whether ``addr`` is another member's address, as named by its (signed) alive.
+
+        Only such a source may be sent more bytes than it sent us: anyone else (a spoofed
+        source, a replay) gets bare answers no bigger than its question."""
+        return addr in self._at_addr
 
     def members(self) -> list[Member]:
         return [n.snapshot() for n in sorted(self._nodes.values(), key=lambda n: n.name)]
@@ -815,7 +840,7 @@ class Membership:
         elif t is AliveToken:
             self._on_alive_token(msg, now)  # type: ignore[arg-type]
         elif t is Ping:
-            self._on_ping(msg, addr)  # type: ignore[arg-type]
+            self._on_ping(msg, addr, now)  # type: ignore[arg-type]
         elif t is Ack:
             self._on_ack(msg, now)  # type: ignore[arg-type]
         elif t is Dead:
@@ -836,13 +861,38 @@ class Membership:
             if self._delegate is not None:
                 self._delegate.notify_message(msg.data)  # type: ignore[union-attr]
 
-    def _on_ping(self, msg: Ping, addr: Addr) -> None:
+    def _may_answer(self, addr: Addr, now: float) -> bool:
+        """A token bucket per source: ANSWER_RATE answers a second, ANSWER_BURST at once."""
+        answers = self._answers
+        bucket = answers.get(addr)
+        if bucket is None:
+            if len(answers) >= MAX_ANSWER_SOURCES:
+                answers.clear()
+            bucket = answers[addr] = [ANSWER_BURST, now]
+        else:
+            bucket[0] = min(ANSWER_BURST, bucket[0] + (now - bucket[1]) * ANSWER_RATE)
+            bucket[1] = now
+        if bucket[0] < 1.0:
+            self.stats["answers_limited"] += 1
+            return False
+        bucket[0] -= 1.0
+        return True
+
+    def _on_ping(self, msg: Ping, addr: Addr, now: float) -> None:
         if msg.target != self.name:
             self.stats["misdirected_pings"] += 1
             return
-        parts = [Ack(msg.seq).encode()]
-        src = self._nodes.get(msg.source)
-        if src is not None and src is not self._me and src.state in (SUSPECT, DEAD):
+        if not self._may_answer(addr, now):
+            return
+        ack = Ack(msg.seq).encode()
+        src = self._at_addr.get(addr)
+        if src is None:
+            # Not a member's address: the ack alone, which is smaller than the ping.
+            self.stats["answers_bare"] += 1
+            self._send_bare(ack, addr)
+            return
+        parts = [ack]
+        if src.name == msg.source and src.state in (SUSPECT, DEAD):
             # It is evidently running but we hold it suspect/dead: tell it, so it refutes.
             if src.state is SUSPECT:
                 parts.append(Suspect(src.incarnation, src.name, self.name).encode())
@@ -881,6 +931,12 @@ class Membership:
             self._send([Ack(relay.origin_seq).encode()], relay.origin)
 
     def _on_indirect_ping(self, msg: IndirectPing, addr: Addr, now: float) -> None:
+        target = self._nodes.get(msg.target)
+        if target is None or target is self._me or target.addr != msg.addr:
+            # We ping only members, at the address they signed, for members: never an address
+            # a message names (that would make us a reflector).
+            self.stats["relays_refused"] += 1
+            return
         if len(self._relays) >= MAX_RELAYS:
             self.stats["relays_dropped"] += 1
             return
@@ -1027,6 +1083,7 @@ class Membership:
             node = _Node(a.meta, a.meta_bytes, a.incarnation, ALIVE, now)
             node.alive_sig, node.anchor = a.sig, a.anchor
             self._nodes[name] = node
+            self._at_addr[node.addr] = node
             self._n_live += 1
             ring = self._ring
             ring.append(node)
@@ -1042,7 +1099,8 @@ class Membership:
             if a.incarnation > node.meta_inc and self._signed_alive(a, now):
                 # Metadata travels only in alive messages: keep the newest even when a newer
                 # suspicion already overtook it, so views converge whatever the order.
-                node.meta, node.meta_bytes, node.addr = a.meta, a.meta_bytes, a.meta.addr
+                node.meta, node.meta_bytes = a.meta, a.meta_bytes
+                self._move(node, a.meta.addr)
                 node.meta_inc = a.incarnation
                 node.alive_sig, node.anchor, node.tok_inc, node.token = a.sig, a.anchor, 0, b""
                 node.signed_inc = max(node.signed_inc, a.incarnation)
@@ -1057,7 +1115,7 @@ class Membership:
         node.meta_inc = a.incarnation
         node.alive_sig, node.anchor, node.tok_inc, node.token = a.sig, a.anchor, 0, b""
         node.signed_inc = max(node.signed_inc, a.incarnation)
-        node.addr = a.meta.addr
+        self._move(node, a.meta.addr)
         self._broadcast(name, a.encode(), now)
         if old is not ALIVE:
             self._set_state(node, ALIVE, now)
@@ -1105,7 +1163,7 @@ class Membership:
         for peer in self._k_random(self.config.gossip_nodes, lambda n: n.state is ALIVE):
             self._send_bare(msg, peer.addr)
 
-    def _answer_stale(self, src: Addr) -> None:
+    def _answer_stale(self, src: Addr, now: float) -> None:
         """``src`` says we are suspect or dead at an incarnation we already refuted.
 
         It holds (or gossips) a view our refutation's epidemic missed: a push epidemic that
@@ -1113,8 +1171,14 @@ class Membership:
         probability ~e^-(that count), and once it has died out nothing would ever tell it, so
         its timer would declare us dead. One alive message straight back fixes its view.
         """
-        self.stats["stale_claims_answered"] += 1
-        self._send_bare(self._alive_msg(), src)
+        if src not in self._at_addr:
+            # Our alive is bigger than a claim: only a member's own address gets it (a
+            # replayed or spoofed claim must not turn us into an amplifier).
+            self.stats["stale_answers_withheld"] += 1
+            return
+        if self._may_answer(src, now):
+            self.stats["stale_claims_answered"] += 1
+            self._send_bare(self._alive_msg(), src)
 
     def _arm_suspicion(self, node: _Node) -> None:
         """Heap entries for a suspicion's deadline and, until it is sent, its reminder."""
@@ -1143,7 +1207,7 @@ class Membership:
             if s.incarnation >= node.incarnation:
                 self._refute(s.incarnation, s.sender, now)
             elif src is not None:
-                self._answer_stale(src)
+                self._answer_stale(src, now)
             return
         if s.incarnation < node.incarnation:
             return
@@ -1206,7 +1270,7 @@ class Membership:
             if d.incarnation >= node.incarnation:
                 self._refute(d.incarnation, None if d.sender == d.node else d.sender, now)
             elif src is not None:
-                self._answer_stale(src)
+                self._answer_stale(src, now)
             return
         new = LEFT if d.sender == d.node else DEAD
         if d.incarnation < node.incarnation:
@@ -1220,8 +1284,18 @@ class Membership:
         if old is not new:
             self._emit(MemberLeft if new is LEFT else MemberDead, node)
 
+    def _move(self, node: _Node, addr: Addr) -> None:
+        """A member's address changed (its newest signed alive names another)."""
+        at = self._at_addr
+        if at.get(node.addr) is node:
+            del at[node.addr]
+        node.addr = addr
+        at[addr] = node
+
     def _reap(self, node: _Node, now: float) -> None:
         del self._nodes[node.name]
+        if self._at_addr.get(node.addr) is node:
+            del self._at_addr[node.addr]
         self._n_dead -= node.state is DEAD
         idx = self._ring.index(node)
         del self._ring[idx]
@@ -1520,10 +1594,12 @@ class Membership:
         self.stats["bytes_sent"] += len(msg)
 
     def _send(self, parts: list[bytes], addr: Addr) -> None:
-        """Send ``parts`` to ``addr`` in one packet, filling spare room with broadcasts."""
+        """Send ``parts`` to ``addr`` in one packet, filling spare room with broadcasts (only
+        for a member's address: anyone else gets what it asked for and no more)."""
         budget = self.config.packet_budget
         used = COMPOUND_OVERHEAD + sum(len(p) + COMPOUND_PART_OVERHEAD for p in parts)
-        if used < budget and (self._queue or self._delegate is not None):
+        if used < budget and (self._queue or self._delegate is not None) \
+                and addr in self._at_addr:
             extra = self._piggyback(budget - used, MAX_COMPOUND_PARTS - len(parts))
             if extra:
                 parts = parts + [e for e in extra if e not in parts]

@@ -3,16 +3,16 @@ valid worker certificate still cannot speak for another node."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import socket
-import struct
 import time
 from pathlib import Path
 
 from conftest import AgentProc, SessionCa, wait_for
 
-from meshnet.agent.gossip import SEAL_DATAGRAM, SEAL_STREAM, STREAM_KEY_OP, STREAM_PUSH_PULL
+from meshnet.agent.gossip import STREAM_KEY_OP, STREAM_PUSH_PULL, Sealer, stream_request
 from meshnet.crypto.certs import (
     NodeKeys,
     generate_node_keys,
@@ -33,6 +33,7 @@ class Rogue:
 
     def __init__(self, name: str, trust: Trust, key_file: Path, ip: str) -> None:
         self.keyring = Keyring.from_key_file(str(key_file))
+        self.sealer = Sealer(self.keyring, name)
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.udp.bind((ip, 0))
         self.addr = self.udp.getsockname()
@@ -48,26 +49,13 @@ class Rogue:
 
     def stream(self, dst: tuple[str, int], payload: bytes,
                service: int = STREAM_PUSH_PULL) -> bytes:
-        sealed = self.keyring.seal(bytes([service]) + payload, SEAL_STREAM)
-        with socket.create_connection(dst, timeout=5) as s:
-            s.sendall(struct.pack(">I", len(sealed)) + sealed)
-            length = struct.unpack(">I", _read(s, 4))[0]
-            return self.keyring.open(_read(s, length), SEAL_STREAM)[1:]
+        return asyncio.run(stream_request(self.sealer, dst, service, payload))
 
     def send(self, msg: bytes, peer: AgentProc) -> None:
-        self.udp.sendto(self.keyring.seal(msg, SEAL_DATAGRAM), (peer.ip, peer.port))
+        self.udp.sendto(self.sealer.seal_datagram(msg), (peer.ip, peer.port))
 
     def close(self) -> None:
         self.udp.close()
-
-
-def _read(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        assert chunk, "the agent closed the stream"
-        buf += chunk
-    return buf
 
 
 def trust_for(ca: SessionCa | tuple[object, object], name: str, cert_name: str | None = None,

@@ -204,8 +204,9 @@ def inject_record(lab: Lab, to: str, table: str, key: str, value: dict[str, Any]
     inside FROM_HOST's namespace. SIGN_AS: the lab host whose node.key signs it (unsigned if
     None). VALUE None: a delete."""
     from meshnet import wire
+    from meshnet.agent.gossip import Sealer
     from meshnet.crypto.certs import load_node_keys
-    from meshnet.crypto.keyring import KIND_PACKET, Keyring
+    from meshnet.crypto.keyring import Keyring
     from meshnet.crypto.trust import RECORD_DOMAIN
     from meshnet.lab.lab import GOSSIP_PORT
     from meshnet.membership.messages import User
@@ -217,8 +218,8 @@ def inject_record(lab: Lab, to: str, table: str, key: str, value: dict[str, Any]
         keys = load_node_keys(lab.host_dir(sign_as) / "id" / "node.key")
         sig = keys.sign.sign(RECORD_DOMAIN + b"\0" + codec.signed_bytes(entry))
         entry = Entry(table, key, blob, entry.hlc, writer, sig)
-    ring = Keyring.from_key_file(lab.key_path)
-    packet = ring.seal(User(codec.encode_delta(entry)).encode(), KIND_PACKET)
+    sealer = Sealer(Keyring.from_key_file(lab.key_path), f"{writer}-injector")
+    packet = sealer.seal_datagram(User(codec.encode_delta(entry)).encode())
     send_udp_from(lab.host_ns(from_host), packet, (lab.underlay_ip(to), GOSSIP_PORT))
 
 

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from meshnet import wire
+from meshnet.crypto.freshness import FRESH_SIZE
 from meshnet.crypto.keyring import SEAL_OVERHEAD
 from meshnet.membership import Membership, MembershipConfig, MemberState, NodeMeta
 from meshnet.membership.broadcast import BroadcastQueue
@@ -292,7 +293,8 @@ def test_compound_packets_fit_payload_minus_encryption_overhead() -> None:
     cfg = MembershipConfig.lan()
     m = _member_with_peers(300, cfg)  # 300 alive broadcasts queued
     budget = cfg.udp_payload - wire.ENCRYPTION_OVERHEAD
-    assert wire.ENCRYPTION_OVERHEAD == SEAL_OVERHEAD  # what the keyring adds to each packet
+    # what the shell adds to each packet: the freshness value and the keyring's seal
+    assert wire.ENCRYPTION_OVERHEAD == FRESH_SIZE + SEAL_OVERHEAD
     sizes = []
     t = 0.0
     while m.pending_broadcasts() and t < 60:

@@ -206,6 +206,8 @@ def test_self_refutation(
         MembershipConfig.lan(), NodeMeta("me", ("10.0.0.1", 7946)), random.Random(1), 0.0,
         incarnation=inc,
     )
+    y = meta("y", addr=SRC)
+    m.receive_datagram(Alive(1, y, y.encode()).encode(), SRC, 0.0)  # the claim's source, a member
     m.datagrams_to_send(0.0)  # our own announcement
     m.receive_datagram(msg, SRC, 1.0)
     assert self_state(m) == (A, want_inc)
@@ -219,6 +221,20 @@ def test_self_refutation(
         [reply] = decode_packet(data)
         assert dst == SRC and isinstance(reply, Alive)
         assert (reply.node, reply.incarnation) == ("me", inc)
+
+
+@pytest.mark.parametrize("msg", [suspect(1, name="me"), dead(2, name="me")])
+def test_stale_claim_from_a_non_member_is_not_answered(msg: bytes) -> None:
+    """A replayed or spoofed stale claim must not draw our (larger) alive to its source."""
+    m = Membership(
+        MembershipConfig.lan(), NodeMeta("me", ("10.0.0.1", 7946)), random.Random(1), 0.0,
+        incarnation=3,
+    )
+    m.datagrams_to_send(0.0)
+    m.receive_datagram(msg, SRC, 1.0)
+    assert m.stats["stale_claims_answered"] == 0
+    assert m.stats["stale_answers_withheld"] == 1
+    assert m.datagrams_to_send(1.0) == []
 
 
 def test_leaving_node_does_not_refute() -> None:
