@@ -27,8 +27,12 @@ OVERLAY_CIPHERS = ("aes-256-gcm", "chacha20-poly1305")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # Node names end up in DNS labels, task names and file names: keep them to one safe DNS label.
-_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
-_LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+# Every name pattern here is ASCII and matched whole with fullmatch (`$` would also match
+# before a final newline; str.isalnum/isdigit would take any script's letters and digits).
+_NAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
+_LABEL_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}")
+# Sandbox namespaces' names begin with it (platform/sandbox.py sandbox_ns_name).
+_SANDBOX_PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,23}")
 # Label values travel in gossip metadata (512 bytes in all), so each one stays short.
 MAX_LABEL_VALUE = 63
 
@@ -79,8 +83,8 @@ class Config:
     address_pool: str = "10.10.0.0/16"
     # "vxlan": build the overlay in the kernel; "none": control plane only (loopback tests).
     datapath: str = "vxlan"
-    # Sandbox namespaces are named <sandbox_prefix>-<node>-<name> (hosts sharing one /run/netns,
-    # as lab hosts do, give each agent its own prefix).
+    # Sandbox namespace names begin with <sandbox_prefix>-<node tag>- (platform/sandbox.py
+    # sandbox_ns_name; hosts sharing one /run/netns, as lab hosts do, give each agent its own).
     sandbox_prefix: str = "mns"
     # Host paths tasks must not see, besides the agent's own state, socket, config and key.
     task_hidden_paths: tuple[str, ...] = ()
@@ -101,7 +105,7 @@ class Config:
 
 def _default_name() -> str:
     name = socket.gethostname().split(".")[0]
-    return name if _NAME_RE.match(name) else "meshnet"
+    return name if _NAME_RE.fullmatch(name) else "meshnet"
 
 
 def _guess_local_ip() -> str:
@@ -127,7 +131,7 @@ def parse_hostport(key: str, text: object, default_port: int | None = None) -> t
         ipaddress.ip_address(host)
     except ValueError:
         raise ConfigError(f"{key}: {host!r} is not an IP address") from None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ConfigError(f"{key}: port {port_text!r} is not in 1..65535")
     return (host, int(port_text))
 
@@ -140,7 +144,7 @@ def parse_label(key: str, text: str) -> tuple[str, str]:
 
 
 def _check_label(key: str, k: object, v: object) -> tuple[str, str]:
-    if not isinstance(k, str) or not _LABEL_KEY_RE.match(k):
+    if not isinstance(k, str) or not _LABEL_KEY_RE.fullmatch(k):
         raise ConfigError(f"{key}: label key {k!r} must be 1-63 of [A-Za-z0-9_.-]")
     if not isinstance(v, str) or len(v) > MAX_LABEL_VALUE:
         raise ConfigError(f"{key}.{k}: label value must be a string of at most 63 characters")
@@ -166,8 +170,9 @@ def _parse_key(cfg: dict[str, Any], key: str, value: object) -> None:
     """Validate one top-level key and store its parsed value in cfg."""
     if key == "name":
         text = _expect(key, value, str)
-        if not _NAME_RE.match(text):
-            raise ConfigError(f"name: {text!r} must be a DNS label (letters, digits, -_.)")
+        if not _NAME_RE.fullmatch(text):
+            raise ConfigError(f"name: {text[:80]!r} must be a DNS label (ASCII letters, "
+                              "digits, -_.)")
         cfg[key] = text
     elif key == "bind":
         cfg[key] = parse_hostport(key, value, DEFAULT_PORT)
@@ -215,8 +220,8 @@ def _parse_key(cfg: dict[str, Any], key: str, value: object) -> None:
         cfg[key] = _choice(key, value, LOG_LEVELS)
     elif key == "sandbox_prefix":
         text = _expect(key, value, str)
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,23}$", text):
-            raise ConfigError(f"{key}: {text!r} must be 1-24 of [A-Za-z0-9_.-]")
+        if not _SANDBOX_PREFIX_RE.fullmatch(text):
+            raise ConfigError(f"{key}: {text[:80]!r} must be 1-24 of [A-Za-z0-9_.-]")
         cfg[key] = text
     elif key == "task_hidden_paths":
         items = _expect(key, value, list)

@@ -63,6 +63,8 @@ def normalize_cap(text: object, option: str) -> str:
     """"net_admin", "CAP_NET_ADMIN" -> "NET_ADMIN"; "all" -> "ALL"."""
     if not isinstance(text, str):
         raise ContainmentError(f"{option}: capability names are strings")
+    if not text.isascii():  # upper() maps some non-ASCII letters onto ASCII ones (long s -> S)
+        raise ContainmentError(f"{option}: unknown capability {text!r}")
     name = text.strip().upper().removeprefix("CAP_")
     if name != ALL and name not in CAP_NUMBERS:
         raise ContainmentError(f"{option}: unknown capability {text!r}")
@@ -96,8 +98,8 @@ def parse_memory(text: object) -> int:
     if isinstance(text, int) and not isinstance(text, bool):
         value = text
     elif isinstance(text, str):
-        m = _MEMORY_RE.fullmatch(text.strip()) if len(text) <= 32 else None
-        if not m or not m.group(1).isascii():
+        m = _MEMORY_RE.fullmatch(text.strip()) if len(text) <= 32 and text.isascii() else None
+        if not m:
             raise ContainmentError(f"--limit-memory: {text[:40]!r} is not a size like 256M "
                                    "or 1g")
         value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
@@ -193,6 +195,8 @@ def parse_mount(text: object) -> Mount:
     fields: dict[str, str] = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
+        if not key.isascii():
+            raise ContainmentError(f"--mount: unknown key {key!r}")
         key = key.strip().lower()
         if key in ("readonly", "ro") and not sep:
             value = "true"

@@ -45,10 +45,14 @@ from meshnet.platform.cgroups import (
 )
 from meshnet.platform.container import ContainerError, Tools
 from meshnet.platform.sandbox import (
+    SandboxError,
+    SandboxExists,
     create_sandbox,
     delete_sandbox,
     etc_files,
-    list_sandboxes,
+    node_sandboxes,
+    sandbox_node_prefix,
+    sandbox_ns_name,
     write_identity,
 )
 from meshnet.state import Entry, StateProtocolError
@@ -80,6 +84,8 @@ class SandboxHandle:
     listener: Listener | None = None
     value: dict[str, Any] = field(default_factory=dict)
     cgroup: TaskCgroup | None = None
+    # create found the namespace already there (not made by this sandbox): never torn down.
+    ns_taken: bool = False
 
 
 # What keeps a task from starting as asked on this host: its spec, the host's users, paths or
@@ -109,11 +115,20 @@ class Sandboxes:
         self.peers = peers  # () -> list[Member]: alive members other than us
         self.node = ops.node
         self.live: dict[str, SandboxHandle] = {}
+        # Namespace -> the sandbox holding it, from the moment create picks the name until the
+        # sandbox is gone: two sandboxes whose names hash alike are refused, never share one.
+        self.holders: dict[str, str] = {}
         gossip.stream_handlers[STREAM_IPAM] = self._serve_claim
         self.counters = {"claims": 0, "claims_lost": 0, "confirm_unreachable": 0}
 
     def ns_prefix(self) -> str:
-        return f"{self.prefix}-{self.node}-"
+        """What every sandbox namespace of this agent is named starting with."""
+        return sandbox_node_prefix(self.prefix, self.node)
+
+    def ns_name(self, name: str) -> str:
+        """Sandbox NAME's namespace: `<prefix>-<node tag>-<name cut to fit>-<hash>`, at most 64
+        characters (platform/sandbox.py sandbox_ns_name)."""
+        return sandbox_ns_name(self.prefix, self.node, name)
 
     # --- start-up: clean what a previous run of this agent left ----------------------------
 
@@ -147,7 +162,7 @@ class Sandboxes:
             await asyncio.to_thread(sweep, elsewhere)
             if leftovers:
                 log.info("killed %d tasks left by a previous run", len(leftovers))
-        for ns in list_sandboxes(self.ns_prefix()):
+        for ns in node_sandboxes(self.prefix, self.node):
             await _kill_namespace_processes(ns)
             with contextlib.suppress(Exception):
                 await self.overlay.nl.run(delete_sandbox(ns))
@@ -274,26 +289,43 @@ class Sandboxes:
         if slot is None and (any(e.name == name for e in self.store.endpoints(network)) or
                              key in {h.key for h in self.live.values()}):
             raise OpError(f"name {name} is already in use on {network}")
-        ns = f"{self.ns_prefix()}{name}"[:64]
-        # The devices and the address do not depend on each other: one waits on netlink, the
-        # other on the members' confirmations (a failover starts tasks at once; each ~0.1-0.5 s).
-        dev, ep = await asyncio.gather(
-            self.overlay.ensure(network),
-            self.allocate(network, name, {"service": service, "slot": slot, "sandbox": ns}),
-            return_exceptions=True)
-        if isinstance(ep, BaseException):
-            raise ep
-        if isinstance(dev, BaseException):  # no devices: withdraw the address too
-            with contextlib.suppress(Exception):
-                await self.state.delete(ENDPOINTS, key)
-            raise dev
+        try:
+            ns = self.ns_name(name)
+        except SandboxError as e:
+            raise OpError(str(e)) from None
+        holder = self.holders.get(ns)
+        if holder is not None:
+            raise OpError(f"sandbox {name}: its namespace name {ns} is already held by sandbox "
+                          f"{holder} on this host; refusing to share it")
+        self.holders[ns] = name  # no await between the check and the hold
+        try:
+            # The devices and the address do not depend on each other: one waits on netlink,
+            # the other on the members' confirmations (a failover starts tasks at once).
+            dev, ep = await asyncio.gather(
+                self.overlay.ensure(network),
+                self.allocate(network, name, {"service": service, "slot": slot, "sandbox": ns}),
+                return_exceptions=True)
+            if isinstance(ep, BaseException):
+                raise ep
+            if isinstance(dev, BaseException):  # no devices: withdraw the address too
+                with contextlib.suppress(Exception):
+                    await self.state.delete(ENDPOINTS, key)
+                raise dev
+        except BaseException:
+            self.holders.pop(ns, None)
+            raise
         handle = SandboxHandle(name=name, network=network, ns=ns, ip=ep.ip, key=key)
         self.live[ns] = handle
         try:
             prefix = ipaddress.IPv4Network(net.subnet).prefixlen
-            await self.overlay.nl.run(
-                create_sandbox(ns, dev.bridge, f"{ep.ip}/{prefix}", ep.mac,
-                               dev.mtu or self.overlay.mtu, gso_max_size=dev.gso_max_size))
+            try:
+                await self.overlay.nl.run(
+                    create_sandbox(ns, dev.bridge, f"{ep.ip}/{prefix}", ep.mac,
+                                   dev.mtu or self.overlay.mtu, gso_max_size=dev.gso_max_size,
+                                   exclusive=True))
+            except SandboxExists as e:  # not ours: leave it be, and refuse in one line
+                handle.ns_taken = True
+                raise OpError(str(e)) from None
             await write_identity(ns, task_hostname(name), ep.ip)
             udp, tcp = await asyncio.gather(
                 asyncio.to_thread(nsfd.open_socket_in_netns, ns, socket.AF_INET,
@@ -323,17 +355,22 @@ class Sandboxes:
 
     async def _remove(self, handle: SandboxHandle) -> None:
         self.live.pop(handle.ns, None)
-        with contextlib.suppress(Exception):
-            await self.state.delete(ENDPOINTS, handle.key)
-        if handle.listener is not None:
+        try:
             with contextlib.suppress(Exception):
-                await self.dns.remove_listener(handle.listener)
-        if handle.cgroup is not None and self.cgroups is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.cgroups.destroy, handle.cgroup)
-        await _kill_namespace_processes(handle.ns)
-        with contextlib.suppress(Exception):
-            await self.overlay.nl.run(delete_sandbox(handle.ns))
+                await self.state.delete(ENDPOINTS, handle.key)
+            if handle.listener is not None:
+                with contextlib.suppress(Exception):
+                    await self.dns.remove_listener(handle.listener)
+            if handle.cgroup is not None and self.cgroups is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.cgroups.destroy, handle.cgroup)
+            if not handle.ns_taken:  # a namespace we found already there is not ours to end
+                await _kill_namespace_processes(handle.ns)
+                with contextlib.suppress(Exception):
+                    await self.overlay.nl.run(delete_sandbox(handle.ns))
+        finally:
+            if self.holders.get(handle.ns) == handle.name:
+                del self.holders[handle.ns]
 
     async def close(self) -> None:
         for handle in list(self.live.values()):

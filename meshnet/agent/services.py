@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,6 +70,10 @@ log = logging.getLogger("meshnet.services")
 LOG_CAP_BYTES = 1 << 20
 # `service logs` returns at most this much of each task's log.
 LOG_TAIL_BYTES = 64 << 10
+# A task's log is `<service>.<slot>.log` in the log directory (a slot as state/validate.py's
+# task names have it); `service logs` matches these names literally, never as a glob or path.
+LOG_SUFFIX = ".log"
+_SLOT_RE = re.compile(r"[0-9]{1,10}")
 # A task asked to stop gets SIGTERM, then SIGKILL after this long (Docker's default is 10 s).
 STOP_GRACE_S = 5.0
 # The scheduler re-checks even with no change, so a lost wake-up never leaves a slot empty.
@@ -317,7 +323,15 @@ class Services:
             **(task.containment.summary() if task.containment is not None else {})})
 
     def _log_path(self, task_name: str) -> Path:
-        return self.log_dir / f"{task_name}.log"
+        """`<service>.<slot>.log` in the log directory; ValueError for anything else."""
+        service, dot, slot = task_name.rpartition(".")
+        try:
+            check_name("service", service)
+        except NetworkError:
+            raise ValueError(f"not a task name: {task_name[:80]!r}") from None
+        if not dot or not _SLOT_RE.fullmatch(slot):
+            raise ValueError(f"not a task name: {task_name[:80]!r}")
+        return self.log_dir / f"{task_name}{LOG_SUFFIX}"
 
     async def _supervise(self, task: Task) -> None:
         try:
@@ -425,7 +439,10 @@ class Services:
     # --- control API ---------------------------------------------------------------------------
 
     def _service(self, args: dict[str, Any]) -> Service:
-        name = str(args.get("name"))
+        try:
+            name = check_name("service", args.get("name"))
+        except NetworkError as e:
+            raise OpError(str(e)) from None
         svc = self.store.services().get(name)
         if svc is None:
             raise OpError(f"service {name} not found")
@@ -526,26 +543,43 @@ class Services:
     # --- logs: gathered from every host that runs a task ---------------------------------------
 
     def local_logs(self, service: str) -> dict[str, str]:
-        out = {}
-        for path in sorted(self.log_dir.glob(f"{service}.*.log")):
-            task = path.name[: -len(".log")]
-            with contextlib.suppress(OSError):
-                size = path.stat().st_size
-                with open(path, "rb") as f:
-                    f.seek(max(0, size - LOG_TAIL_BYTES))
-                    out[task] = f.read().decode(errors="replace")
+        """Task name -> the tail of its log, for SERVICE's tasks on this host. SERVICE is
+        checked as `service create` checks it (NetworkError otherwise) and matched literally:
+        the files listed are those named exactly `SERVICE.<slot>.log`, regular files only."""
+        check_name("service", service)
+        out: dict[str, str] = {}
+        try:
+            names = sorted(os.listdir(self.log_dir))
+        except OSError:
+            return out
+        for fname in names:
+            task = _task_of_log(service, fname)
+            if task is None:
+                continue
+            text = _read_tail(self.log_dir / fname, LOG_TAIL_BYTES)
+            if text is not None:
+                out[task] = text
         return out
 
     async def _serve_logs(self, body: bytes, addr: Addr) -> bytes | None:
+        """A peer's STREAM_LOGS request: a service name, checked and matched as ours are."""
         try:
             service = msgpack.unpackb(body, raw=False, max_str_len=256)
         except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
             return None
         if not isinstance(service, str):
             return None
-        return bytes(msgpack.packb({"node": self.node, "logs": self.local_logs(service)}))
+        try:
+            logs = self.local_logs(service)
+        except NetworkError:
+            return None
+        return bytes(msgpack.packb({"node": self.node, "logs": logs}))
 
     async def op_logs(self, args: dict[str, Any], send: SendEvent) -> Any:
+        try:
+            check_name("service", args.get("name"))
+        except NetworkError as e:
+            raise OpError(str(e)) from None
         svc = self._service(args)
         body = bytes(msgpack.packb(svc.name))
 
@@ -553,7 +587,10 @@ class Services:
             try:
                 raw = await self.gossip.request(m.addr, STREAM_LOGS, body)
                 doc = msgpack.unpackb(raw, raw=False)
-                return {str(k): str(v) for k, v in doc.get("logs", {}).items()}
+                # Only this service's task names, whatever a peer sends back.
+                return {str(k): str(v) for k, v in doc.get("logs", {}).items()
+                        if isinstance(k, str) and
+                        _task_of_log(svc.name, k + LOG_SUFFIX) is not None}
             except (OSError, TimeoutError, asyncio.IncompleteReadError, StreamError,
                     KeyringError, ValueError, AttributeError):
                 return {}
@@ -566,6 +603,40 @@ class Services:
             if lines:
                 await send({"stream": "stdout", "data": lines})
         return {"service": svc.name, "tasks": sorted(logs)}
+
+
+def _task_of_log(service: str, fname: str) -> str | None:
+    """The task name if FNAME is exactly `SERVICE.<slot>.log`, else None (literal comparison:
+    SERVICE is never a pattern)."""
+    stem = service + "."
+    if not (fname.startswith(stem) and fname.endswith(LOG_SUFFIX)):
+        return None
+    slot = fname[len(stem):len(fname) - len(LOG_SUFFIX)]
+    return f"{stem}{slot}" if _SLOT_RE.fullmatch(slot) else None
+
+
+def _read_tail(path: Path, limit: int) -> str | None:
+    """The last LIMIT bytes of regular file PATH (never following a symlink, never blocking on
+    a FIFO); None if it is not one or cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        os.lseek(fd, max(0, st.st_size - limit), os.SEEK_SET)
+        chunks = []
+        left = limit
+        while left > 0 and (chunk := os.read(fd, min(left, 65536))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks).decode(errors="replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _containment_json(value: object) -> dict[str, Any] | str:

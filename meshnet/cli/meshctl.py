@@ -207,7 +207,7 @@ def to_request(ns: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
             scales: dict[str, int] = {}
             for item in ns.scales:
                 name, sep, n = item.partition("=")
-                if not sep or not n.isdigit():
+                if not sep or not (n.isascii() and n.isdigit()) or len(n) > 9:
                     raise UsageError(f"{item!r} is not NAME=N with N >= 0")
                 scales[name] = int(n)
             return "service scale", "service.scale", {"scales": scales}

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datapath", choices=configmod.DATAPATHS,
                    help="vxlan (default) or none: control plane only, no kernel devices")
     p.add_argument("--sandbox-prefix", metavar="PREFIX",
-                   help="name sandbox namespaces PREFIX-<node>-<name> (default mns)")
+                   help="start sandbox namespace names with PREFIX (default mns; README: Names)")
     p.add_argument("--task-hidden-path", metavar="PATH", action="append",
                    dest="task_hidden_paths",
                    help="a host path no task may see (repeatable; the agent's own state, "

@@ -74,8 +74,8 @@ CERT_DAYS = 365
 # A process as (pid, start time in ticks since boot or None when unknown).
 ProcRef = tuple[int, int | None]
 # Namespace names are file names under /run/netns; keep them short and shell-safe.
-PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
-HOST_RE = re.compile(r"^h([1-9][0-9]*)$")
+PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")  # fullmatch: no trailing newline
+HOST_RE = re.compile(r"h([1-9][0-9]*)")
 
 
 class LabError(Exception):
@@ -221,16 +221,17 @@ class Lab:
         run_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.prefix = prefix if prefix is not None else default_prefix()
-        if not PREFIX_RE.match(self.prefix):
+        if not PREFIX_RE.fullmatch(self.prefix):
             raise LabError(
                 f"bad prefix {self.prefix!r}: use 1-32 of A-Z a-z 0-9 _ . - "
                 "starting with a letter or digit"
             )
         self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(self.prefix)
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
-        # P-underlay, P-h<n>, and the agents' sandboxes P-s-<node>-<name> (see sandbox_prefix)
+        # P-underlay, P-h<n>, and the agents' sandboxes P-s-<node tag>-... (see sandbox_prefix
+        # and platform/sandbox.py sandbox_ns_name); matched whole (fullmatch), ASCII only.
         self._ns_re = re.compile(
-            rf"^{re.escape(self.prefix)}-(underlay|h[1-9][0-9]*|s-[A-Za-z0-9_.-]+)$")
+            rf"{re.escape(self.prefix)}-(underlay|h[1-9][0-9]*|s-[A-Za-z0-9_.-]+)")
 
     # ------------------------------------------------------------ names and records
 
@@ -308,7 +309,7 @@ class Lab:
             raise LabError("must run as root (it creates network namespaces)")
 
     def _our_namespaces(self) -> list[str]:
-        return [n for n in netns.list_netns() if self._ns_re.match(n)]
+        return [n for n in netns.list_netns() if self._ns_re.fullmatch(n)]
 
     def hosts(self) -> list[str]:
         m = self._load()
@@ -672,7 +673,7 @@ class Lab:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         for p in d.iterdir():
-            if not (p.is_dir() and HOST_RE.match(p.name)):
+            if not (p.is_dir() and HOST_RE.fullmatch(p.name)):
                 continue
             for child in p.iterdir():
                 if keep_logs and child.name == "meshnetd.log":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -54,10 +55,15 @@ def _check_str(value: object, what: str, max_len: int = MAX_META_BYTES) -> str:
 
 
 def check_name(value: object) -> str:
+    """A node name as the agent's config allows it (one DNS label of ASCII letters, digits,
+    '.', '_' and '-'): names end up in logs, file names and DNS, so nothing else is let in."""
     name = _check_str(value, "name", MAX_NAME_BYTES)
-    if not name:
-        raise MembershipProtocolError("name: empty")
+    if not _NODE_NAME_RE.fullmatch(name):
+        raise MembershipProtocolError("name: expected 1-63 ASCII letters, digits, '.', '_', '-'")
     return name
+
+
+_NODE_NAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
 
 
 def check_port(value: object) -> int:

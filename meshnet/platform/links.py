@@ -172,7 +172,7 @@ class OverlayKernel:
         self.prefix = prefix
         self._ipr: Any = None
         self._lock = asyncio.Lock()
-        self._name_re = re.compile(rf"^{re.escape(prefix)}(br|vx)-([0-9a-f]{{6}})$")
+        self._name_re = re.compile(rf"{re.escape(prefix)}(br|vx)-([0-9a-f]{{6}})")
 
     # ------------------------------------------------------------ lifecycle
 
@@ -205,7 +205,7 @@ class OverlayKernel:
         return f"{self.prefix}vx-{_check_vni(vni):06x}"
 
     def _parse_name(self, ifname: str) -> tuple[str, int] | None:
-        m = self._name_re.match(ifname)
+        m = self._name_re.fullmatch(ifname)
         return (m.group(1), int(m.group(2), 16)) if m else None
 
     # ------------------------------------------------------------ reading

@@ -39,8 +39,10 @@ MS_REC = 0x4000
 MS_BIND = 0x1000
 MS_SHARED = 1 << 20
 MNT_DETACH = 2
-# A namespace name is a file name under /run/netns; keep it shell- and path-safe.
-NETNS_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# A namespace name is a file name under /run/netns; keep it shell- and path-safe: ASCII only,
+# matched whole (fullmatch: `$` would also match before a final newline).
+NETNS_NAME_MAX = 64
+NETNS_NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{NETNS_NAME_MAX - 1}}}")
 # Joining a namespace and creating a socket takes microseconds; a thread that has not finished
 # after this long is wedged (it cannot be killed, but we stop waiting and say so).
 THREAD_TIMEOUT_S = 10.0
@@ -69,8 +71,9 @@ def _check(ret: int, what: str) -> None:
 
 
 def check_name(name: str) -> str:
-    if not NETNS_NAME_RE.match(name):
-        raise PlatformError(f"bad namespace name {name!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+    if not isinstance(name, str) or not NETNS_NAME_RE.fullmatch(name):
+        raise PlatformError(f"bad namespace name {str(name)[:80]!r}: use 1-{NETNS_NAME_MAX} "
+                            "of A-Z a-z 0-9 _ . -")
     return name
 
 

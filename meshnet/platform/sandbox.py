@@ -11,6 +11,19 @@ A sandbox is
 - /etc/netns/NS/resolv.conf saying `nameserver 127.0.0.11` and `options ndots:0`, which
   `ip netns exec` bind-mounts over /etc/resolv.conf for the processes it starts.
 
+An agent names NS with sandbox_ns_name(PREFIX, NODE, NAME): at most 64 characters whatever the
+lengths of NODE and NAME (nsfd's limit), and a hash keeps names that share a long beginning
+apart:
+
+    <PREFIX>-<NODE's first 8>.<6 hex of a hash of NODE>-<NAME cut to fit>-<10 hex of a hash
+    of (NODE, NAME)>
+
+e.g. `mns-host1.17eac5-web.1-8855f3c0a5`; task `.10` of a 60-character service keeps its
+`.10` and loses the service's end: `mns-host1.17eac5-svcxxx...xxx.10-7ed0ce74b3` (64 long).
+Every sandbox of one agent starts with sandbox_node_prefix(PREFIX, NODE), `<PREFIX>-<node
+tag>-`, and no other node's does: a tag is 8 to 15 long with any `-` in its first 8, so one
+tag followed by `-` never begins another. A restarted agent sweeps exactly its own.
+
 create_sandbox is an "ensure": run it again and it converges what is there (and repairs a
 missing veth) instead of failing. If it fails on a sandbox it was creating, it removes what it
 made. delete_sandbox deletes the host end of the veth explicitly, because a namespace lives on
@@ -26,6 +39,7 @@ import errno
 import hashlib
 import ipaddress
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -52,10 +66,25 @@ RESOLV_CONF = f"nameserver {DNS_SERVER}\noptions ndots:0\n"
 RT_SCOPE_LINK = 253
 RTNH_F_ONLINK = 4
 IFF_UP = 1
+# Sandbox namespace names (sandbox_ns_name): the node's first NODE_CHARS characters and
+# NODE_HEX hex digits of a hash of its whole name make the node tag; NAME_HEX hex digits of a
+# hash of (node, name) end the name (40 bits: one collision becomes likely only with about a
+# million sandboxes on one host, and is refused, never shared, when it happens).
+NETNS_NAME_MAX = nsfd.NETNS_NAME_MAX
+SANDBOX_NODE_CHARS = 8
+SANDBOX_NODE_HEX = 6
+SANDBOX_NAME_HEX = 10
+_NS_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_SLOT_RE = re.compile(r"[0-9]{1,10}")
+_PID_RE = re.compile(r"[0-9]{1,10}")
 
 
 class SandboxError(PlatformError):
     """Making, changing or removing a sandbox failed."""
+
+
+class SandboxExists(SandboxError):
+    """create_sandbox(exclusive=True) found a namespace of that name already there."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +103,64 @@ class Sandbox:
     @property
     def ip(self) -> str:
         return str(ipaddress.ip_interface(self.ip_cidr).ip)
+
+
+def _hash_hex(digits: int, *parts: str) -> str:
+    data = b"".join(len(b).to_bytes(4, "big") + b for b in (p.encode() for p in parts))
+    return hashlib.blake2b(data, digest_size=8, person=b"meshnet-sandbox").hexdigest()[:digits]
+
+
+def _node_tag(node: str) -> str:
+    if not isinstance(node, str) or not node:
+        raise SandboxError("a sandbox needs its node's name")
+    return f"{_NS_UNSAFE.sub('_', node[:SANDBOX_NODE_CHARS])}.{_hash_hex(SANDBOX_NODE_HEX, node)}"
+
+
+def sandbox_node_prefix(prefix: str, node: str) -> str:
+    """What the name of every sandbox NODE's agent makes starts with (and no other node's)."""
+    if not isinstance(prefix, str) or not nsfd.NETNS_NAME_RE.fullmatch(prefix):
+        raise SandboxError(f"bad sandbox prefix {str(prefix)[:80]!r}: use A-Z a-z 0-9 _ . -")
+    return f"{prefix}-{_node_tag(node)}-"
+
+
+def sandbox_ns_name(prefix: str, node: str, name: str) -> str:
+    """The namespace of sandbox NAME (a task `<service>.<slot>` or a `run`'s name) of NODE's
+    agent: `<prefix>-<node tag>-<NAME cut to fit>-<hash of NODE, NAME>`, at most 64 characters
+    (exactly 64 when NAME had to be cut), the hash's digits always there, a task's `.<slot>`
+    kept when NAME is cut. SandboxError if PREFIX leaves no room for the rest."""
+    if not isinstance(name, str) or not name:
+        raise SandboxError("a sandbox needs a name")
+    head = sandbox_node_prefix(prefix, node)
+    digest = _hash_hex(SANDBOX_NAME_HEX, node, name)
+    room = NETNS_NAME_MAX - len(head) - len(digest) - 1  # 1: the "-" after the readable part
+    if room < 0:
+        raise SandboxError(f"sandbox prefix {prefix!r} is too long: namespace names of node "
+                           f"{node[:80]!r} would exceed {NETNS_NAME_MAX} characters")
+    readable = _readable(_NS_UNSAFE.sub("_", name), room)
+    return f"{head}{readable}-{digest}" if readable else f"{head}{digest}"
+
+
+def _readable(name: str, room: int) -> str:
+    """NAME, or as much of it as fits in ROOM characters, keeping a `.<slot>` ending."""
+    if len(name) <= room:
+        return name
+    head, dot, slot = name.rpartition(".")
+    if dot and head and _SLOT_RE.fullmatch(slot) and len(slot) + 2 <= room:
+        return f"{head[: room - len(slot) - 1]}.{slot}"
+    return name[:room]
+
+
+def is_node_sandbox(ns_name: str, prefix: str, node: str) -> bool:
+    """Whether NS_NAME is a name sandbox_ns_name gives a sandbox of NODE's agent."""
+    head = sandbox_node_prefix(prefix, node)
+    return re.fullmatch(rf"{re.escape(head)}(?:[A-Za-z0-9_.-]+-)?[0-9a-f]{{{SANDBOX_NAME_HEX}}}",
+                        ns_name) is not None and len(ns_name) <= NETNS_NAME_MAX
+
+
+def node_sandboxes(prefix: str, node: str) -> list[str]:
+    """The sandboxes on this host named by NODE's agent (what a restarted agent sweeps)."""
+    return [n for n in list_sandboxes(sandbox_node_prefix(prefix, node))
+            if is_node_sandbox(n, prefix, node)]
 
 
 def host_ifname(ns_name: str) -> str:
@@ -99,7 +186,7 @@ def processes_with_env(marker: str) -> list[int]:
     found = []
     me = str(os.getpid())
     for pid in os.listdir("/proc"):
-        if not pid.isdigit() or pid == me:
+        if not _PID_RE.fullmatch(pid) or pid == me:
             continue
         with contextlib.suppress(OSError), open(f"/proc/{pid}/environ", "rb") as f:
             if want in f.read().split(b"\0"):
@@ -140,11 +227,14 @@ async def create_sandbox(
     host_netns: str | None = None,
     resolv_conf: str | None = RESOLV_CONF,
     gso_max_size: int | None = None,
+    exclusive: bool = False,
 ) -> Sandbox:
     """Make (or converge) sandbox NS_NAME on BRIDGE, which lives in HOST_NETNS (None: ours).
 
     RESOLV_CONF is written to /etc/netns/NS_NAME/resolv.conf (None: write none).
-    GSO_MAX_SIZE caps the frames the sandbox's interface hands on (encdp.frame_gso_max)."""
+    GSO_MAX_SIZE caps the frames the sandbox's interface hands on (encdp.frame_gso_max).
+    EXCLUSIVE: the namespace must be new; SandboxExists (and nothing touched) if a namespace of
+    that name is already there, whoever made it."""
     nsfd.check_name(ns_name)
     iface = ipaddress.ip_interface(ip_cidr)
     if iface.network.prefixlen == iface.max_prefixlen:
@@ -161,6 +251,9 @@ async def create_sandbox(
         gso_max_size=gso_max_size,
     )
     created = await asyncio.to_thread(nsfd.create_netns, ns_name)
+    if exclusive and not created:
+        raise SandboxExists(f"sandbox {ns_name}: a network namespace of that name already "
+                            "exists on this host; not sharing it")
     try:
         await _converge(sb)
         if resolv_conf is not None:

@@ -15,8 +15,8 @@ from conftest import Cluster, task_trees, wait
 from meshnet.lab.demo_http import TASK_ARGV as DEMO
 from meshnet.lab.demo_http import TASK_MOUNT
 from meshnet.lab.lab import LAB_ENV
-from meshnet.platform import cgroups, netns
-from meshnet.platform.sandbox import processes_with_env
+from meshnet.platform import cgroups
+from meshnet.platform.sandbox import node_sandboxes, processes_with_env, sandbox_ns_name
 
 pytestmark = pytest.mark.netns
 
@@ -180,8 +180,8 @@ def test_tasks_never_outlive_a_killed_agent(cluster: Callable[[int], Cluster]) -
     after = wait(lambda: (t := task_trees(c.lab, "h2")) and all(len(p) == 2 for p in t.values())
                  and t, 10, lambda: f"one tree per slot: {task_trees(c.lab, 'h2')}")
     assert sorted(n.rsplit("-", 1)[0] for n in after) == ["keep.1", "keep.2"], after
-    sandboxes = [n for n in netns.list_netns() if n.startswith(f"{c.lab.sandbox_prefix}-h2-")]
-    assert sorted(sandboxes) == [f"{c.lab.sandbox_prefix}-h2-keep.{i}" for i in (1, 2)]
+    assert sorted(node_sandboxes(c.lab.sandbox_prefix, "h2")) == \
+        sorted(sandbox_ns_name(c.lab.sandbox_prefix, "h2", f"keep.{i}") for i in (1, 2))
 
     c.serve("h2", "orphans", "orphan")
     orphan = set().union(*task_trees(c.lab, "h2").values())

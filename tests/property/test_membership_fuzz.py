@@ -116,7 +116,7 @@ def test_push_pull_rows(rows: list[object], state: int) -> None:
     _decodes_or_protocol_error(framed(MsgType.ALIVE, [1, msgpack.packb(rows)]))
 
 
-names = st.text(min_size=1, max_size=12)
+names = st.from_regex(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,10}[A-Za-z0-9])?", fullmatch=True)
 u32 = st.integers(min_value=0, max_value=2**32 - 1)
 metas = st.builds(
     lambda n, h, p, lab, ex: NodeMeta(n, (h, p), lab, ex),
