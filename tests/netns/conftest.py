@@ -196,6 +196,9 @@ def cluster(lab_factory: LabFactory) -> Iterator[Callable[[int], Cluster]]:
         c.close()
 
 
+_INJECTORS: dict[tuple[str, str], Any] = {}
+
+
 def inject_record(lab: Lab, to: str, table: str, key: str, value: dict[str, Any] | None, *,
                   writer: str = "intruder", sign_as: str | None = None,
                   from_host: str = "h1") -> None:
@@ -218,7 +221,11 @@ def inject_record(lab: Lab, to: str, table: str, key: str, value: dict[str, Any]
         keys = load_node_keys(lab.host_dir(sign_as) / "id" / "node.key")
         sig = keys.sign.sign(RECORD_DOMAIN + b"\0" + codec.signed_bytes(entry))
         entry = Entry(table, key, blob, entry.hlc, writer, sig)
+    # One freshness sequence per injector for the whole run: a fresh one per call could repeat
+    # an epoch (two calls in the same millisecond) and be dropped as a replay. The keyring is
+    # read each time, as a test may rotate it.
     sealer = Sealer(Keyring.from_key_file(lab.key_path), f"{writer}-injector")
+    sealer.fresh = _INJECTORS.setdefault((str(lab.key_path), writer), sealer.fresh)
     packet = sealer.seal_datagram(User(codec.encode_delta(entry)).encode())
     send_udp_from(lab.host_ns(from_host), packet, (lab.underlay_ip(to), GOSSIP_PORT))
 
