@@ -1,9 +1,11 @@
 """Service-discovery DNS: the pure answer logic (resolver) and upstream bookkeeping (upstream).
 
-See :mod:`meshnet.dns.resolver` for the names served, the namespace rule and the cache design.
-The sockets live in the agent.
+See :mod:`meshnet.dns.resolver` for the names served, the namespace rule and the cache design,
+:mod:`meshnet.dns.upstream` for forwarding and :mod:`meshnet.dns.limits` for the per-sandbox
+caps. The sockets live in the agent.
 """
 
+from meshnet.dns.limits import Admit, FairSlots, Refuse
 from meshnet.dns.resolver import (
     DEFAULT_TTL,
     MAX_CACHE_ENTRIES,
@@ -17,6 +19,7 @@ from meshnet.dns.resolver import (
 from meshnet.dns.upstream import (
     DEFAULT_TIMEOUT,
     MAX_IN_FLIGHT,
+    MAX_IN_FLIGHT_PER_OWNER,
     MAX_UPSTREAMS,
     ReplyClient,
     SendUpstream,
@@ -28,10 +31,14 @@ __all__ = [
     "DEFAULT_TTL",
     "MAX_CACHE_ENTRIES",
     "MAX_IN_FLIGHT",
+    "MAX_IN_FLIGHT_PER_OWNER",
     "MAX_UPSTREAMS",
+    "Admit",
     "Answer",
     "Drop",
+    "FairSlots",
     "Forward",
+    "Refuse",
     "ReplyClient",
     "Resolver",
     "SendUpstream",

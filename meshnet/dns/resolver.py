@@ -608,7 +608,8 @@ class Resolver:
             or under_suffix
             or len(text) == 1
             or (len(text) == 2 and text[0] == "tasks")
-            or (len(text) == 2 and text[1].isdigit() and text[0] in idx.by_service)
+            or (len(text) == 2 and text[1].isascii() and text[1].isdigit()
+                and text[0] in idx.by_service)
             or (len(text) >= 2 and text[-1] in idx.networks)
         )
         return _Resolution(inside, exists, False, visible, ())

@@ -53,6 +53,7 @@ __all__ = [
     "parse_query",
     "ptr_rr",
     "question_end",
+    "reply_question",
 ]
 
 HEADER_BYTES = 12
@@ -171,6 +172,26 @@ def question_end(msg: bytes, offset: int = HEADER_BYTES) -> int:
     if end > n:
         raise DnsFormatError("question runs past the end")
     return end
+
+
+def reply_question(msg: bytes) -> bytes:
+    """The question of a message with exactly one, in the form replies are matched by.
+
+    That is the name as sent on the wire with ASCII letters folded to lower case (a resolver may
+    echo 0x20-randomised case either way), then type and class exactly. A name length byte is at
+    most 63 and so never folded. Raises DnsFormatError unless there is exactly one uncompressed
+    question (nothing precedes it for a compression pointer to refer to, so a pointer there is
+    never valid), NeedsFullParse never.
+    """
+    if len(msg) < HEADER_BYTES:
+        raise DnsFormatError("short header")
+    if _U16.unpack_from(msg, 4)[0] != 1:
+        raise DnsFormatError("not exactly one question")
+    try:
+        end = question_end(msg)
+    except NeedsFullParse:
+        raise DnsFormatError("compressed question name") from None
+    return msg[HEADER_BYTES : end - 4].lower() + msg[end - 4 : end]
 
 
 def _labels(msg: bytes, offset: int, end: int) -> tuple[bytes, ...]:

@@ -18,7 +18,6 @@ import random
 import struct
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
