@@ -10,8 +10,9 @@ One `EncryptedOverlay` per agent. It
   session is told when membership says the peer is (not) alive; a member that is gone from the
   list (reaped) or changed its key or address gets a fresh session;
 - routes handshake datagrams to the session of the sender's underlay IP (unknown senders are
-  dropped and counted), sends what the sessions want sent, and arms ONE loop timer, at the
-  earliest deadline of all sessions;
+  dropped and counted) with their source address (what a cookie proves), sends what the
+  sessions want sent, and arms ONE loop timer, at the earliest deadline of all sessions. One
+  `HandshakeGuard` (load meters, cookie secret, rate limits) serves every session;
 - after every interaction with a session pushes its SAs into the datapath: the outbound SA it
   seals with (or none: frames queue briefly, then drop; never cleartext) and the inbound SAs it
   accepts. The datapath's first record on an inbound SA (`on_first_inbound`) is the proof the
@@ -33,6 +34,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
@@ -46,7 +48,7 @@ from meshnet.crypto.sa import DEFAULT_CIPHER, InboundSA, OutboundSA, SaExhausted
 from meshnet.crypto.session import (
     REKEY_TIMEOUT,
     HandshakeFailed,
-    HandshakeLimiter,
+    HandshakeGuard,
     KeepaliveRequested,
     PeerSession,
     SessionConfig,
@@ -92,6 +94,7 @@ class _Peer:
     inbound: dict[int, tuple[InboundSA, encdp.InboundSA]] = field(default_factory=dict)
     failed: bool = False
     last_initiation: bytes | None = None
+    stale_logged: bool = False
 
 
 class EncryptedOverlay:
@@ -109,7 +112,7 @@ class EncryptedOverlay:
         self.port = port
         self.psks = [derive_psk(k) for k in cluster_keys]
         self.rng = random.Random()
-        self.limiter = HandshakeLimiter()
+        self.guard = HandshakeGuard()
         self.spis = SpiAllocator(self.rng)
         self.dp: encdp.EncryptedDatapath | None = None
         self.mtu = encdp.encrypted_overlay_mtu(encdp.DEFAULT_UNDERLAY_MTU)
@@ -276,7 +279,7 @@ class EncryptedOverlay:
     def _new_peer(self, name: str, ip: str, dpk: bytes, now: float) -> _Peer:
         session = PeerSession(
             self.local_key, dpk, self.psks, rng=self.rng, peer=name, config=self.config,
-            limiter=self.limiter, spis=self.spis, wall_offset=time.time() - now)
+            guard=self.guard, spis=self.spis, wall_offset=time.time() - now, now=now)
         p = _Peer(name, ip, dpk, session)
         self.peers[name] = p
         self.by_ip[ip] = p
@@ -405,9 +408,17 @@ class EncryptedOverlay:
         s = p.session
         crossed = s.stats.simultaneous_dropped
         try:
-            s.receive_handshake(data, now)
-        except HandshakeError:
+            s.receive_handshake(data, now, addr)
+        except HandshakeError as e:
             self.counters["handshakes_rejected"] += 1  # by reason in the session's stats
+            if e.reason == "stale" and not p.stale_logged:
+                # Authentic, but stamped before this session began: a replay, or a peer whose
+                # clock is behind ours by more than the skew. Once per session: the counter
+                # (handshake_stale) says how often.
+                p.stale_logged = True
+                log.warning("refusing handshake initiations from %s stamped more than %g s "
+                            "before this session began (replays, or its clock is behind)",
+                            p.name, s.config.timestamp_skew)
         if s.stats.simultaneous_dropped > crossed and p.last_initiation is not None \
                 and self.dp is not None:
             # The peer initiated while ours is pending, and we keep the initiator role: ours
@@ -439,10 +450,20 @@ class EncryptedOverlay:
         return f"userspace-{self.config.cipher}"
 
     def status(self) -> dict[str, Any]:
+        """`meshctl status` datapath.encrypted. Handshake refusals: `handshakes_rejected` in
+        all, `handshake_drops` by reason (summed over the current peers' sessions, the same
+        reasons `network inspect` shows per peer as handshake_*), `handshakes_dropped` (the
+        datapath's queue to us was full), `handshakes_unknown_sender`, and `handshake_guard`:
+        the node's load state, cookie replies and rate-limit refusals by limit."""
         dp = self.dp
+        guard = self.guard.info(self._now())
         if dp is None:
-            return {"kind": self.kind, "running": False, "peers": len(self.peers)}
+            return {"kind": self.kind, "running": False, "peers": len(self.peers),
+                    "handshake_guard": guard}
         net = dp.network_stats()
+        drops: Counter[str] = Counter()
+        for p in self.peers.values():
+            drops.update(p.session.stats.rejected)
         return {
             "kind": self.kind, "running": True, "port": self.port, "gso": dp.gso, "gro": dp.gro,
             "underlay_mtu": dp.mtu, "overlay_mtu": self.mtu,
@@ -451,6 +472,12 @@ class EncryptedOverlay:
             "established": sum(1 for p in self.peers.values() if p.out is not None),
             "networks": len(self.taps),
             "handshakes_in": net.get("handshakes_in"),
+            "handshakes_dropped": net.get("handshakes_dropped"),
+            "handshake_drops": dict(sorted(drops.items())),
+            "cookies_sent": sum(p.session.stats.cookies_sent for p in self.peers.values()),
+            "cookies_received": sum(p.session.stats.cookies_received
+                                    for p in self.peers.values()),
+            "handshake_guard": guard,
             **self.counters,
         }
 
@@ -486,6 +513,8 @@ class EncryptedOverlay:
                 "rekeys": s.stats.rekeys,
                 "handshakes": s.stats.handshakes_completed,
                 "initiations_sent": s.stats.initiations_sent,
+                "cookies_sent": s.stats.cookies_sent,
+                "cookies_received": s.stats.cookies_received,
                 "drops": drops,
             })
         return out

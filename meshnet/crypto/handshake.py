@@ -19,19 +19,29 @@ What it gives:
 - forward secrecy: every handshake mixes `ee` from fresh ephemerals, so recorded traffic stays
   secret after a static key (or the cluster key) leaks;
 - replay protection of initiations: an encrypted TAI64N timestamp that the responder requires to
-  grow per peer;
-- cheap rejection of garbage: every message ends in `mac1`, an HMAC keyed from the psk and the
+  grow per peer (and to be no older than the responder's session, see session.py);
+- cheap rejection of garbage: every message carries `mac1`, an HMAC keyed from the psk and the
   RECEIVER's static public key. Checking it costs two HMACs and no DH, so anything from outside
   the cluster is dropped before the expensive part (WireGuard's mac1, with the psk added since
-  our static keys are published in gossip).
+  our static keys are published in gossip);
+- proof of address ownership (WireGuard's cookie, §5.4.7 of its paper): an initiation also
+  carries `mac2`, an HMAC keyed by a COOKIE over the whole message up to it. A responder that
+  wants proof (under load, or knowing nothing of the peer's timestamps yet: see session.py)
+  answers an initiation without a valid mac2 with a cookie reply instead of doing any DH. The
+  cookie is a MAC, keyed by a secret the responder rotates, of the initiation's source address
+  (IP and port): only whoever receives datagrams at that address learns it. The reply carries
+  the cookie encrypted (ChaCha20-Poly1305, random 96-bit nonce) under a key derived from the psk
+  and the responder's static public key, with the initiation's mac1 (and the reply's header) as
+  associated data, so only a cluster member can read it and only for the initiation it
+  answers; the initiator stores it and sends its next initiation with a valid mac2 at once.
 
 Message layouts (all integers big-endian; every message starts with the 4-byte zero marker so it
 can share the datapath's UDP port: a record never has SPI 0, RFC 4303 §2.1 / RFC 3948)::
 
-    initiation (136 bytes)
+    initiation (152 bytes)
       0   marker        4   00 00 00 00
       4   type          1   1
-      5   version       1   1
+      5   version       1   2
       6   cipher        1   proposed record cipher: 1 aes-256-gcm, 2 chacha20-poly1305
       7   reserved      1   0
       8   sender SPI    4   the initiator's new inbound SPI (the responder sends to it)
@@ -39,11 +49,12 @@ can share the datapath's UDP port: a record never has SPI 0, RFC 4303 §2.1 / RF
       44  static        48  AEAD(initiator's static public key)
       92  timestamp     28  AEAD(TAI64N: 8 bytes 2**62 + seconds, 4 bytes nanoseconds)
       120 mac1          16  HMAC-SHA256(mac1 key(psk, responder static), bytes 0..120)[:16]
+      136 mac2          16  HMAC-SHA256(cookie, bytes 0..136)[:16], or zeros without a cookie
 
     response (80 bytes)
       0   marker        4   00 00 00 00
       4   type          1   2
-      5   version       1   1
+      5   version       1   2
       6   cipher        1   the cipher agreed (echo of the initiation's)
       7   reserved      1   0
       8   sender SPI    4   the responder's new inbound SPI (the initiator sends to it)
@@ -52,6 +63,19 @@ can share the datapath's UDP port: a record never has SPI 0, RFC 4303 §2.1 / RF
       48  empty         16  AEAD(empty payload): proves the responder derived the same keys
       64  mac1          16  HMAC-SHA256(mac1 key(psk, initiator static), bytes 0..64)[:16]
 
+    cookie reply (56 bytes)
+      0   marker        4   00 00 00 00
+      4   type          1   3
+      5   version       1   2
+      6   reserved      2   0
+      8   receiver SPI  4   echo of the initiation's sender SPI (matches the pending handshake)
+      12  nonce         12  random
+      24  cookie        32  ChaCha20-Poly1305(cookie key(psk, responder static), nonce,
+                            16-byte cookie, associated data = bytes 0..12 and the
+                            initiation's mac1)
+
+A response needs no mac2: it is only looked at when its receiver SPI matches the initiation we
+have pending (a random 32-bit value sent to one address), so a flood of them costs no DH.
 The cleartext header (bytes 0..12 / 0..16) is mixed into the transcript hash before the
 message's tokens, so the SPIs and the cipher are authenticated by the message's AEADs.
 The result: two 32-byte directional keys from Split() of the final chaining key (initiator to
@@ -80,6 +104,10 @@ from meshnet.crypto.sa import CIPHER_AES_256_GCM, CIPHER_CHACHA20_POLY1305, MAX_
 
 __all__ = [
     "CIPHER_IDS",
+    "COOKIE_NONCE_SIZE",
+    "COOKIE_REPLY_SIZE",
+    "COOKIE_SECRET_SIZE",
+    "COOKIE_SIZE",
     "INITIATION_SIZE",
     "MAC_SIZE",
     "MARKER",
@@ -94,22 +122,32 @@ __all__ = [
     "InitiatorState",
     "MessageType",
     "ReceivedInitiation",
+    "consume_cookie_reply",
     "consume_initiation",
     "consume_response",
+    "cookie_reply_receiver_spi",
+    "create_cookie_reply",
     "create_initiation",
     "create_response",
     "derive_psk",
+    "initiation_ephemeral",
+    "initiation_mac1",
+    "initiation_sender_spi",
     "is_handshake",
+    "make_cookie",
     "message_type",
     "response_receiver_spi",
+    "source_bytes",
     "tai64n",
     "verify_initiation_mac",
+    "verify_mac2",
 ]
 
 PROTOCOL_NAME = b"Noise_IKpsk2_25519_ChaChaPoly_SHA256"
 PROLOGUE = b"meshnet datapath handshake"
 # Bumped when a layout or a derivation changes; a node refuses versions it does not speak.
-VERSION = 1
+# 2: mac2 in the initiation, and the cookie reply (#14).
+VERSION = 2
 # Where a record has its SPI; SPI 0 is reserved, so these 4 bytes tell handshakes from records.
 MARKER = bytes(4)
 DH_SIZE = 32
@@ -125,28 +163,41 @@ TIMESTAMP_SIZE = 12
 _WHITEN = 1 << 24
 _TAI64_BASE = 1 << 62
 
+# A cookie is a truncated MAC too (WireGuard's are 16 bytes): it keys mac2, which only has to
+# make a guess as costly as mac1's.
+COOKIE_SIZE = 16
+# The responder's cookie secret: a full-strength HMAC-SHA256 key.
+COOKIE_SECRET_SIZE = 32
+# ChaCha20-Poly1305's nonce. Random per reply: the key is fixed per (psk, responder), and 2**32
+# replies would still leave a collision chance of 2**-33 (birthday bound on 96 bits).
+COOKIE_NONCE_SIZE = 12
+
 _INIT_HEADER = struct.Struct(">4sBBBBI")  # marker, type, version, cipher, reserved, sender SPI
 _RESP_HEADER = struct.Struct(">4sBBBBII")  # ... sender SPI, receiver SPI
+_COOKIE_HEADER = struct.Struct(">4sBBHI")  # marker, type, version, reserved, receiver SPI
 INIT_HEADER_SIZE = _INIT_HEADER.size  # 12
 RESP_HEADER_SIZE = _RESP_HEADER.size  # 16
-INITIATION_SIZE = (
-    INIT_HEADER_SIZE
-    + DH_SIZE
-    + (DH_SIZE + AEAD_TAG_SIZE)
-    + (TIMESTAMP_SIZE + AEAD_TAG_SIZE)
-    + MAC_SIZE
-)  # 136
+COOKIE_HEADER_SIZE = _COOKIE_HEADER.size  # 12
+# Where an initiation's MACs are: mac1 covers the body before it, mac2 everything before it.
+MAC1_AT = (
+    INIT_HEADER_SIZE + DH_SIZE + (DH_SIZE + AEAD_TAG_SIZE) + (TIMESTAMP_SIZE + AEAD_TAG_SIZE)
+)  # 120
+MAC2_AT = MAC1_AT + MAC_SIZE  # 136
+INITIATION_SIZE = MAC2_AT + MAC_SIZE  # 152
 RESPONSE_SIZE = RESP_HEADER_SIZE + DH_SIZE + AEAD_TAG_SIZE + MAC_SIZE  # 80
+COOKIE_REPLY_SIZE = COOKIE_HEADER_SIZE + COOKIE_NONCE_SIZE + COOKIE_SIZE + AEAD_TAG_SIZE  # 56
 # Bytes read before anything else: marker, type, version.
 _MIN_PEEK = 6
 
-assert INITIATION_SIZE == 136 and RESPONSE_SIZE == 80
+assert INITIATION_SIZE == 152 and RESPONSE_SIZE == 80 and COOKIE_REPLY_SIZE == 56
 
 CIPHER_IDS: dict[str, int] = {CIPHER_AES_256_GCM: 1, CIPHER_CHACHA20_POLY1305: 2}
 _CIPHER_BY_ID = {v: k for k, v in CIPHER_IDS.items()}
 
 _ZERO_NONCE = bytes(12)
+_NO_MAC2 = bytes(MAC_SIZE)
 _MAC1_LABEL = b"meshnet mac1 v1|"
+_COOKIE_LABEL = b"meshnet cookie v1|"
 _PSK_INFO = b"meshnet datapath psk"
 
 
@@ -155,13 +206,21 @@ class MessageType(IntEnum):
 
     INITIATION = 1
     RESPONSE = 2
+    COOKIE_REPLY = 3
+
+
+_SIZES = {
+    MessageType.INITIATION: INITIATION_SIZE,
+    MessageType.RESPONSE: RESPONSE_SIZE,
+    MessageType.COOKIE_REPLY: COOKIE_REPLY_SIZE,
+}
 
 
 class HandshakeError(Exception):
     """Anything wrong with a handshake message; `reason` is a short counter name.
 
-    Reasons: malformed, version, mac, auth, replay, unknown_peer, unexpected, rate_limited,
-    not_alive. None of them is worth a log line per message.
+    Reasons: malformed, version, mac, auth, replay, stale, cookie, unknown_peer, unexpected,
+    rate_limited, not_alive. None of them is worth a log line per message.
     """
 
     def __init__(self, reason: str, detail: str = "") -> None:
@@ -205,8 +264,7 @@ def message_type(data: bytes) -> MessageType:
         raise HandshakeError("malformed", f"unknown message type {data[4]}") from None
     if data[5] != VERSION:
         raise HandshakeError("version", f"version {data[5]}, expected {VERSION}")
-    expected = INITIATION_SIZE if kind is MessageType.INITIATION else RESPONSE_SIZE
-    if len(data) != expected:
+    if len(data) != _SIZES[kind]:
         raise HandshakeError("malformed", f"{kind.name.lower()} of {len(data)} bytes")
     return kind
 
@@ -294,8 +352,7 @@ def _mac1(psk: bytes, receiver_static: bytes, body: bytes) -> bytes:
     return hmac.digest(_mac1_key(psk, receiver_static), body, "sha256")[:MAC_SIZE]
 
 
-def _find_psk(data: bytes, receiver_static: bytes, psks: Sequence[bytes]) -> bytes:
-    body, mac = data[:-MAC_SIZE], data[-MAC_SIZE:]
+def _find_psk(body: bytes, mac: bytes, receiver_static: bytes, psks: Sequence[bytes]) -> bytes:
     for psk in psks:
         if hmac.compare_digest(_mac1(psk, receiver_static, body), mac):
             return psk
@@ -374,8 +431,12 @@ def create_initiation(
     timestamp: bytes,
     cipher: str = CIPHER_AES_256_GCM,
     on_dh: DhHook | None = None,
+    cookie: bytes | None = None,
 ) -> tuple[bytes, InitiatorState]:
-    """-> e, es, s, ss (+ encrypted timestamp). `timestamp` is `tai64n(wall clock)`."""
+    """-> e, es, s, ss (+ encrypted timestamp). `timestamp` is `tai64n(wall clock)`; `cookie`
+    the responder's last cookie for us, if we hold a fresh one (else mac2 is zeros)."""
+    if cookie is not None and len(cookie) != COOKIE_SIZE:
+        raise ValueError(f"a cookie is {COOKIE_SIZE} bytes")
     _check_psk(psk)
     _check_spi(sender_spi)
     if len(remote_static) != DH_SIZE or len(timestamp) != TIMESTAMP_SIZE:
@@ -395,6 +456,7 @@ def create_initiation(
     enc_time = sym.encrypt_and_hash(timestamp)
     body = header + e_pub + enc_static + enc_time
     message = body + _mac1(psk, remote_static, body)
+    message += _mac2(cookie, message) if cookie is not None else _NO_MAC2
     state = InitiatorState(
         local_key, local_static, remote_static, psk, ephemeral, sender_spi, cipher, sym
     )
@@ -407,7 +469,7 @@ def verify_initiation_mac(data: bytes, local_static: bytes, psks: Sequence[bytes
     if message_type(data) is not MessageType.INITIATION:
         raise HandshakeError("unexpected", "not an initiation")
     _cipher_of(data)
-    return _find_psk(data, local_static, psks)
+    return _find_psk(data[:MAC1_AT], data[MAC1_AT:MAC2_AT], local_static, psks)
 
 
 def consume_initiation(
@@ -514,7 +576,7 @@ def consume_response(
         raise HandshakeError("malformed", "reserved SPI")
     if state.spent:
         raise HandshakeError("unexpected", "handshake already completed")
-    _find_psk(data, state.local_static, (state.psk,))
+    _find_psk(data[:-MAC_SIZE], data[-MAC_SIZE:], state.local_static, (state.psk,))
     sym = _copy(state.symmetric)  # a forged response must not spoil the pending state
     sym.mix_hash(bytes(data[:RESP_HEADER_SIZE]))
     pos = RESP_HEADER_SIZE
@@ -545,3 +607,98 @@ def _copy(sym: _Symmetric) -> _Symmetric:
     clone = _Symmetric.__new__(_Symmetric)
     clone.ck, clone.h, clone.k = sym.ck, sym.h, sym.k
     return clone
+
+
+# ---- cookies (WireGuard's mac2 mechanism) ----------------------------------------------------
+#
+# Unlike the four steps above, these never need a DH: they are what a responder under load can
+# afford for every initiation whose mac1 is valid.
+
+
+def initiation_mac1(data: bytes) -> bytes:
+    """An initiation's mac1 (checked or not: call after `verify_initiation_mac`)."""
+    return bytes(data[MAC1_AT:MAC2_AT])
+
+
+def initiation_ephemeral(data: bytes) -> bytes:
+    """An initiation's ephemeral public key, in clear on the wire (covered by mac1)."""
+    return bytes(data[INIT_HEADER_SIZE : INIT_HEADER_SIZE + DH_SIZE])
+
+
+def initiation_sender_spi(data: bytes) -> int:
+    return int(_INIT_HEADER.unpack_from(data)[5])
+
+
+def source_bytes(source: tuple[str, int] | None) -> bytes:
+    """The bytes a cookie is a MAC of: the source IP address and UDP port ("ip|port"; empty
+    for a caller without addresses, e.g. a test pairing two cores in memory)."""
+    if source is None:
+        return b""
+    return f"{source[0]}|{int(source[1])}".encode()
+
+
+def make_cookie(secret: bytes, source: bytes) -> bytes:
+    """The cookie of a source address under one of the responder's secrets."""
+    return hmac.digest(secret, source, "sha256")[:COOKIE_SIZE]
+
+
+def _mac2(cookie: bytes, data: bytes) -> bytes:
+    return hmac.digest(cookie, data[:MAC2_AT], "sha256")[:MAC_SIZE]
+
+
+def verify_mac2(data: bytes, cookies: Sequence[bytes]) -> bool:
+    """Does the initiation's mac2 match one of COOKIES (the source's cookie under the current
+    and the previous secret)? An all-zero mac2 (no cookie) never does."""
+    mac2 = data[MAC2_AT:INITIATION_SIZE]
+    if mac2 == _NO_MAC2:
+        return False
+    return any(hmac.compare_digest(_mac2(c, data), mac2) for c in cookies)
+
+
+def _cookie_key(psk: bytes, responder_static: bytes) -> bytes:
+    """WireGuard keys the cookie reply with HASH(label || responder static); the psk is added
+    for the reason it is added to mac1: static keys are published in gossip."""
+    return hmac.digest(psk, _COOKIE_LABEL + responder_static, "sha256")
+
+
+def create_cookie_reply(
+    initiation: bytes, cookie: bytes, responder_static: bytes, psk: bytes, nonce: bytes
+) -> bytes:
+    """The responder's answer to an initiation that must prove its source address first:
+    COOKIE encrypted to whoever holds the psk, bound to this initiation (its mac1)."""
+    if len(cookie) != COOKIE_SIZE or len(nonce) != COOKIE_NONCE_SIZE:
+        raise ValueError(f"need a {COOKIE_SIZE}-byte cookie and a {COOKIE_NONCE_SIZE}-byte nonce")
+    header = _COOKIE_HEADER.pack(
+        MARKER, MessageType.COOKIE_REPLY, VERSION, 0, initiation_sender_spi(initiation)
+    )
+    sealed = ChaCha20Poly1305(_cookie_key(psk, responder_static)).encrypt(
+        nonce, cookie, header + initiation_mac1(initiation)
+    )
+    return header + nonce + sealed
+
+
+def cookie_reply_receiver_spi(data: bytes) -> int:
+    """The initiation SPI a cookie reply answers (to find the pending handshake); no crypto."""
+    if message_type(data) is not MessageType.COOKIE_REPLY:
+        raise HandshakeError("unexpected", "not a cookie reply")
+    _, _, _, reserved, spi = _COOKIE_HEADER.unpack_from(data)
+    if reserved != 0:
+        raise HandshakeError("malformed", "nonzero reserved bytes")
+    return int(spi)
+
+
+def consume_cookie_reply(
+    data: bytes, responder_static: bytes, psk: bytes, initiation_mac1: bytes
+) -> bytes:
+    """The cookie in a reply to our initiation whose mac1 was INITIATION_MAC1; raises
+    HandshakeError ("auth" if it was not made for that initiation by a psk holder)."""
+    cookie_reply_receiver_spi(data)
+    header = bytes(data[:COOKIE_HEADER_SIZE])
+    nonce = bytes(data[COOKIE_HEADER_SIZE : COOKIE_HEADER_SIZE + COOKIE_NONCE_SIZE])
+    sealed = bytes(data[COOKIE_HEADER_SIZE + COOKIE_NONCE_SIZE :])
+    try:
+        return ChaCha20Poly1305(_cookie_key(psk, responder_static)).decrypt(
+            nonce, sealed, header + initiation_mac1
+        )
+    except InvalidTag:
+        raise HandshakeError("auth", "cookie reply does not open") from None

@@ -48,28 +48,59 @@ Rules (WireGuard's timers, IPsec's make-before-break):
   `stats.simultaneous_dropped`); the other side drops its own initiation and responds. A side
   that has given up (`HandshakeFailed`) yields, since its initiations evidently do not arrive.
   A side that has just answered the peer's initiation does not start one of its own.
-- Replayed initiations: the responder keeps the greatest timestamp seen from the peer and
-  refuses older or equal ones. Timestamps come from `now + wall_offset`: the agent passes
-  `wall_offset = time.time() - loop.time()` so they keep growing across restarts.
-- Abuse: initiations pass the cheap gate (shape, version, mac1 keyed by the psk: no DH) and then
-  the shared `HandshakeLimiter` (per peer and overall) BEFORE any DH. Messages while the peer is
-  not an alive member are dropped (`set_peer_alive`). A session holds at most 5 SPIs (2 old,
-  current, next, pending) and one pending handshake, whatever arrives.
+- Replayed initiations (#14). Timestamps come from `now + wall_offset`: the agent passes
+  `wall_offset = time.time() - loop.time()` so they keep growing across restarts. The responder
+  refuses an initiation whose timestamp is not above the greatest one it accepted from the peer
+  (`replay`), or is older than the session itself less `timestamp_skew` (30 s: `stale`). The
+  greatest timestamp lives in memory only, so the second rule is what survives a restart: an
+  initiation captured more than 30 s before the responder's session began (its process
+  started, or the peer came back) is refused forever. Within those 30 s the cookie rule below
+  covers it: a session that has accepted no initiation from its peer yet asks every initiation
+  for a cookie first, and a copy captured before the restart carries no mac2 the new process
+  can verify (its cookie secret is new), so it only ever gets a cookie reply, which goes to the
+  genuine peer. The window is anchored to the session's start rather than sliding with the
+  clock, so a peer whose clock is behind by more than the skew is refused only for that much
+  after our start (and we initiate to it meanwhile) instead of for good.
+  An exact copy of one of the last `SEEN_INITIATIONS` initiations the session acted on
+  (answered, refused after DH, or answered with a cookie) is refused before any DH and before
+  the load meters count it (`replay`).
+- Abuse: initiations pass the cheap gate (shape, version, mac1 keyed by the psk: no DH), then
+  the node's shared `HandshakeGuard` BEFORE any DH:
+  * load: mac1-valid initiations are metered overall (`LOAD_RATE`) and per source IP
+    (`SOURCE_LOAD_RATE`); while either is exceeded (and `LOAD_HOLD` after), and always for a
+    session that has accepted no initiation yet, an initiation without a valid mac2 is
+    answered with a cookie reply and nothing else (WireGuard's mechanism). A valid mac2 proves
+    that the sender receives datagrams at its source address;
+  * rate limits: per (source IP, initiator ephemeral), per source IP and overall (token
+    buckets; a message takes from all three or from none). The first is what makes replays
+    harmless: copies of one captured initiation drain their own bucket, while each genuine
+    initiation has a new ephemeral and so a full one.
+  Messages while the peer is not an alive member are dropped (`set_peer_alive`). A session
+  holds at most 5 SPIs (2 old, current, next, pending) and one pending handshake, whatever
+  arrives.
+- Cookies on the initiator's side: a cookie reply that opens for our pending initiation (its
+  mac1 is the associated data) is kept for `COOKIE_MAX_AGE` and puts mac2 on every initiation
+  we send meanwhile; the first one for a pending initiation also re-sends it at once (new
+  ephemeral and timestamp, same attempt), so a responder under load costs one round trip.
 
 Pure: no clock, no sockets, no global random (SPIs and jitter come from the injected
-`random.Random`; X25519 key generation uses the OS RNG inside `cryptography`).
+`random.Random`; X25519 key generation, the cookie secrets and the cookie reply nonces use the
+OS RNG, through `cryptography` and `HandshakeGuard(token_bytes=os.urandom)`).
 """
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter, OrderedDict, deque
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from meshnet.crypto.handshake import (
+    COOKIE_NONCE_SIZE,
+    COOKIE_SECRET_SIZE,
     PSK_SIZE,
     TIMESTAMP_SIZE,
     HandshakeError,
@@ -77,14 +108,22 @@ from meshnet.crypto.handshake import (
     InitiatorState,
     MessageType,
     ReceivedInitiation,
+    consume_cookie_reply,
     consume_initiation,
     consume_response,
+    cookie_reply_receiver_spi,
+    create_cookie_reply,
     create_initiation,
     create_response,
+    initiation_ephemeral,
+    initiation_mac1,
+    make_cookie,
     message_type,
     response_receiver_spi,
+    source_bytes,
     tai64n,
     verify_initiation_mac,
+    verify_mac2,
 )
 from meshnet.crypto.sa import (
     CIPHERS,
@@ -98,23 +137,35 @@ from meshnet.crypto.sa import (
 
 __all__ = [
     "CONFIRM_TIMEOUT",
+    "COOKIE_MAX_AGE",
+    "COOKIE_SECRET_MAX_AGE",
+    "EPHEMERAL_BURST",
+    "EPHEMERAL_RATE",
     "GLOBAL_BURST",
     "GLOBAL_RATE",
     "GRACE_TIME",
+    "LOAD_BURST",
+    "LOAD_HOLD",
+    "LOAD_RATE",
     "MAX_HANDSHAKE_ATTEMPTS",
     "MAX_LIMITER_ENTRIES",
     "MAX_PSKS",
-    "PER_PEER_BURST",
-    "PER_PEER_RATE",
     "REJECT_AFTER_MESSAGES",
     "REJECT_AFTER_TIME",
     "REKEY_AFTER_MESSAGES",
     "REKEY_AFTER_TIME",
     "REKEY_JITTER",
     "REKEY_TIMEOUT",
+    "SEEN_INITIATIONS",
     "SLOW_RETRY_INTERVAL",
+    "SOURCE_BURST",
+    "SOURCE_LOAD_BURST",
+    "SOURCE_LOAD_RATE",
+    "SOURCE_RATE",
+    "TIMESTAMP_SKEW",
+    "Addr",
     "HandshakeFailed",
-    "HandshakeLimiter",
+    "HandshakeGuard",
     "InboundChanged",
     "KeepaliveRequested",
     "PeerSession",
@@ -147,21 +198,65 @@ GRACE_TIME = 10.0
 # keys to send, it initiates a handshake itself (it never sends on an unconfirmed SA).
 CONFIRM_TIMEOUT = REKEY_TIMEOUT
 
-# ---- abuse limits ---------------------------------------------------------------------------
+# ---- abuse limits (#14: replays and floods) --------------------------------------------------
 
-# Per peer: a handshake every 120 s is normal; retries add one per 5 s. 5/s with a burst of 10
-# never bites a real peer and caps what a replaying attacker gets per peer address.
-PER_PEER_RATE = 5.0
-PER_PEER_BURST = 10.0
-# Overall: WireGuard's 50 initiations per second. An authenticated initiation costs ~5 X25519
-# operations (~0.5 ms here), so this bounds handshake CPU to a few percent of one core. A whole
-# 1,000-node cluster restarting at once converges in ~20 s of retries.
+# Load, metered over initiations whose mac1 is valid (anything else costs two HMACs and is
+# dropped before it counts) that are not exact copies of one the session already acted on.
+# Overall: half the DH budget (GLOBAL_RATE). A 1,000-node cluster rekeys ~8 times a second
+# (999 peers / 120 s); above 25 a second sustained, every source must show a cookie, so a
+# flood from spoofed addresses gets a 56-byte reply and no DH long before it could use up the
+# budget that genuine peers need.
+LOAD_RATE = 25.0
+LOAD_BURST = 25.0
+# Per source IP: a peer sends one initiation per rekey, a retry every 5 s, and at most a few at
+# once (a cookie retry, the re-send when handshakes cross): more than one a second after a
+# burst of 4 is not a peer's handshaking, and that source alone must show a cookie.
+SOURCE_LOAD_RATE = 1.0
+SOURCE_LOAD_BURST = 4.0
+# A load lasts this long after the last message over its rate (WireGuard's 1 s), so the
+# cookie requirement does not flicker message by message.
+LOAD_HOLD = 1.0
+# Rate limits, applied to every initiation past the cookie check, before any DH; a message
+# takes a token from each of the three buckets or from none:
+# - per (source IP, initiator ephemeral key): an ephemeral is made for one initiation, and the
+#   same one comes again only as a copy (the agent re-sends a pending initiation once when
+#   handshakes cross). 2, then one a minute: copies of a captured initiation drain their own
+#   bucket, never the genuine peer's allowance (each of its initiations has a new ephemeral).
+EPHEMERAL_BURST = 2.0
+EPHEMERAL_RATE = 1.0 / 60.0
+# - per source IP: what one address may cost once it has shown it is one (the old per-peer
+#   limit; ~10 DH operations a second): far above a peer's needs, and one member with the
+#   cluster key cannot take the whole budget.
+SOURCE_RATE = 5.0
+SOURCE_BURST = 10.0
+# - overall: WireGuard's 50 initiations per second. An authenticated initiation costs ~5 X25519
+#   operations (~0.5 ms here), so this bounds handshake CPU to a few percent of one core. A
+#   whole 1,000-node cluster restarting at once converges in ~20 s of retries.
 GLOBAL_RATE = 50.0
 GLOBAL_BURST = 50.0
-# Peers tracked by the limiter: above any cluster we target (1,000 nodes) with headroom; ~200
-# bytes an entry is under 1 MB. Beyond it the least recently seen entry is forgotten (it then
-# starts with a full bucket, still under the global bucket).
+# Entries per table (sources, (source, ephemeral) pairs): above any cluster we target (1,000
+# nodes) with headroom; ~200 bytes an entry, under 1 MB a table. Beyond it the least recently
+# seen entry is forgotten (it then starts with a full bucket, still under the global bucket).
 MAX_LIMITER_ENTRIES = 4096
+# Cookies: the responder's secret is replaced every 2 minutes (WireGuard's
+# COOKIE_SECRET_MAX_AGE) and the previous one is still accepted for as long, so a cookie is
+# good for 2 to 4 minutes at the responder; the initiator uses one for 2 minutes less 5 s of
+# travel (WireGuard's COOKIE_SECRET_LATENCY), then waits to be given a new one.
+COOKIE_SECRET_MAX_AGE = 120.0
+COOKIE_MAX_AGE = COOKIE_SECRET_MAX_AGE - 5.0
+# Initiations (their mac1s) a session remembers having acted on: an exact copy of one is refused
+# before any DH and is not metered. 16 covers half an hour of a peer's rekeys or a minute of
+# its retries, for 256 bytes a peer.
+SEEN_INITIATIONS = 16
+# A session refuses initiations stamped more than this before it began (see the module
+# docstring). It must exceed the clock skew between hosts plus the age of an initiation on
+# arrival (the agent re-sends a pending one up to rekey_timeout, 5 s, after making it). Hosts
+# run NTP (certificates and key operations already depend on their wall clocks), which keeps
+# them within milliseconds; 30 s also covers a VM clock left to drift for days. A larger
+# value only widens the window in which an initiation captured before a restart is judged by
+# the cookie rule alone (which stops everyone without the cluster key); a smaller one makes a
+# host whose clock is behind wait longer after our start before its initiations count.
+TIMESTAMP_SKEW = 30.0
 # Old inbound SAs kept besides current and next: the previous one after a rekey, plus one from
 # a crossed handshake. With current, next and a pending SPI: at most 5 SPIs per peer.
 MAX_OLD_INBOUND = 2
@@ -185,6 +280,7 @@ class SessionConfig:
     # None: halfway between rekey_after_time and the send deadline (147.5 s by default).
     responder_rekey_after_time: float | None = None
     cipher: str = DEFAULT_CIPHER
+    timestamp_skew: float = TIMESTAMP_SKEW
 
     def __post_init__(self) -> None:
         if not 0 < self.rekey_after_time < self.send_after:
@@ -203,6 +299,8 @@ class SessionConfig:
             )
         if self.cipher not in CIPHERS:
             raise ValueError(f"unknown cipher {self.cipher!r}")
+        if not self.timestamp_skew > 0:
+            raise ValueError("timestamp_skew must be > 0")
 
     @property
     def send_after(self) -> float:
@@ -267,18 +365,24 @@ class SessionStats:
     handshakes_completed: int = 0
     rekeys: int = 0
     simultaneous_dropped: int = 0
+    cookies_sent: int = 0  # cookie replies we answered the peer's initiations with
+    cookies_received: int = 0  # cookie replies that opened for our pending initiation
+    cookie_retries: int = 0  # initiations re-sent at once with a fresh cookie
     rejected: Counter[str] = field(default_factory=Counter)  # HandshakeError reasons
 
 
-# ---- the limiter ----------------------------------------------------------------------------
+# ---- the guard ------------------------------------------------------------------------------
+
+Addr = tuple[str, int]
 
 
 class _Bucket:
-    __slots__ = ("stamp", "tokens")
+    __slots__ = ("stamp", "tokens", "until")
 
     def __init__(self, tokens: float, stamp: float) -> None:
         self.tokens = tokens
         self.stamp = stamp
+        self.until = -float("inf")  # a load meter's: over its rate until then
 
     def refill(self, now: float, rate: float, burst: float) -> None:
         if now > self.stamp:  # a clock that goes backwards refills nothing
@@ -286,57 +390,174 @@ class _Bucket:
             self.stamp = now
 
 
-class HandshakeLimiter:
-    """Token buckets for handshake initiations: one per peer key and one overall.
+class _Buckets:
+    """Token buckets by key, bounded: the least recently seen key is forgotten first."""
 
-    Pure (`now` passed in) and bounded (`max_entries`). Share one per node. A message takes a
-    token from both buckets or from neither, so one noisy peer cannot use up the global bucket
-    beyond its own rate.
+    __slots__ = ("burst", "max_entries", "rate", "table")
+
+    def __init__(self, rate: float, burst: float, max_entries: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_entries = max_entries
+        self.table: OrderedDict[Hashable, _Bucket] = OrderedDict()
+
+    def get(self, key: Hashable, now: float) -> _Bucket:
+        b = self.table.get(key)
+        if b is None:
+            if len(self.table) >= self.max_entries:
+                self.table.popitem(last=False)
+            b = self.table[key] = _Bucket(self.burst, now)
+        else:
+            self.table.move_to_end(key)
+            b.refill(now, self.rate, self.burst)
+        return b
+
+
+def _meter(b: _Bucket, now: float, hold: float) -> bool:
+    """Count one message on load meter B; True if it started a load episode."""
+    if b.tokens >= 1:
+        b.tokens -= 1
+        return False
+    started = now >= b.until
+    b.until = now + hold
+    return started
+
+
+_GUARD_COUNTERS = (
+    "initiations", "admitted", "cookie_replies", "limited_ephemeral", "limited_source",
+    "limited_global", "load_episodes", "source_load_episodes", "secret_rotations",
+)
+
+
+class HandshakeGuard:
+    """What a node decides about an initiation before any DH: is it under load (then the
+    sender must show a cookie), and may it spend a DH on it (rate limits). One per node,
+    shared by its sessions. Pure (`now` passed in) and bounded (`max_entries` per table); the
+    cookie secrets and reply nonces come from `token_bytes` (the OS RNG by default).
+
+    `counters`: initiations (metered), admitted, cookie_replies, limited_ephemeral,
+    limited_source, limited_global, load_episodes, source_load_episodes, secret_rotations.
     """
 
     def __init__(
         self,
-        per_peer_rate: float = PER_PEER_RATE,
-        per_peer_burst: float = PER_PEER_BURST,
+        *,
+        load_rate: float = LOAD_RATE,
+        load_burst: float = LOAD_BURST,
+        source_load_rate: float = SOURCE_LOAD_RATE,
+        source_load_burst: float = SOURCE_LOAD_BURST,
+        load_hold: float = LOAD_HOLD,
+        ephemeral_rate: float = EPHEMERAL_RATE,
+        ephemeral_burst: float = EPHEMERAL_BURST,
+        source_rate: float = SOURCE_RATE,
+        source_burst: float = SOURCE_BURST,
         global_rate: float = GLOBAL_RATE,
         global_burst: float = GLOBAL_BURST,
         max_entries: int = MAX_LIMITER_ENTRIES,
+        secret_max_age: float = COOKIE_SECRET_MAX_AGE,
+        token_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
-        if min(per_peer_rate, per_peer_burst, global_rate, global_burst) <= 0 or max_entries < 1:
-            raise ValueError("rates, bursts and max_entries must be positive")
-        self.per_peer_rate = per_peer_rate
-        self.per_peer_burst = per_peer_burst
-        self.global_rate = global_rate
-        self.global_burst = global_burst
-        self.max_entries = max_entries
-        self._global: _Bucket | None = None
-        self._peers: OrderedDict[Hashable, _Bucket] = OrderedDict()
-        self.allowed = 0
-        self.denied = 0
+        rates = (load_rate, load_burst, source_load_rate, source_load_burst, ephemeral_rate,
+                 ephemeral_burst, source_rate, source_burst, global_rate, global_burst)
+        if min(rates) <= 0 or max_entries < 1 or load_hold < 0 or secret_max_age <= 0:
+            raise ValueError("rates, bursts, max_entries and secret_max_age must be positive")
+        self.load_hold = load_hold
+        self.secret_max_age = secret_max_age
+        self._token_bytes = token_bytes
+        self._load = _Bucket(load_burst, -float("inf"))
+        self._load_rate, self._load_burst = load_rate, load_burst
+        self._source_load = _Buckets(source_load_rate, source_load_burst, max_entries)
+        self._ephemeral = _Buckets(ephemeral_rate, ephemeral_burst, max_entries)
+        self._source = _Buckets(source_rate, source_burst, max_entries)
+        self._global = _Bucket(global_burst, -float("inf"))
+        self._global_rate, self._global_burst = global_rate, global_burst
+        self._secret = b""
+        self._previous = b""
+        self._rotated_at = -float("inf")
+        self.counters: Counter[str] = Counter()
 
-    def __len__(self) -> int:
-        return len(self._peers)
+    # ---- the decision ---------------------------------------------------------------------
 
-    def allow(self, key: Hashable, now: float) -> bool:
-        g = self._global
-        if g is None:
-            g = self._global = _Bucket(self.global_burst, now)
-        g.refill(now, self.global_rate, self.global_burst)
-        b = self._peers.get(key)
-        if b is None:
-            if len(self._peers) >= self.max_entries:
-                self._peers.popitem(last=False)
-            b = self._peers[key] = _Bucket(self.per_peer_burst, now)
-        else:
-            self._peers.move_to_end(key)
-            b.refill(now, self.per_peer_rate, self.per_peer_burst)
-        if b.tokens < 1 or g.tokens < 1:
-            self.denied += 1
+    def admit(
+        self, data: bytes, source: Addr | None, now: float, *, want_cookie: bool = False
+    ) -> bool:
+        """Decide about an initiation whose mac1 verified, from SOURCE. True: go on with the
+        DH (a token was taken from each rate limit). False: answer with `cookie_reply` and
+        nothing else (under load, or WANT_COOKIE, and no valid mac2). Raises
+        HandshakeError("rate_limited")."""
+        self.counters["initiations"] += 1
+        ip = source[0] if source is not None else None
+        loaded = self._metered(ip, now)
+        if (loaded or want_cookie) and not verify_mac2(data, self._cookies(source, now)):
             return False
-        b.tokens -= 1
+        e = self._ephemeral.get((ip, initiation_ephemeral(data)), now)
+        s = self._source.get(ip, now)
+        g = self._global
+        g.refill(now, self._global_rate, self._global_burst)
+        for bucket, name in ((e, "ephemeral"), (s, "source"), (g, "global")):
+            if bucket.tokens < 1:
+                self.counters[f"limited_{name}"] += 1
+                raise HandshakeError("rate_limited", f"{name} limit")
+        e.tokens -= 1
+        s.tokens -= 1
         g.tokens -= 1
-        self.allowed += 1
+        self.counters["admitted"] += 1
         return True
+
+    def cookie_reply(
+        self, initiation: bytes, source: Addr | None, now: float, local_static: bytes, psk: bytes
+    ) -> bytes:
+        """The cookie reply to INITIATION: the cookie of SOURCE under the current secret."""
+        self._rotate(now)
+        self.counters["cookie_replies"] += 1
+        cookie = make_cookie(self._secret, source_bytes(source))
+        nonce = self._token_bytes(COOKIE_NONCE_SIZE)
+        return create_cookie_reply(initiation, cookie, local_static, psk, nonce)
+
+    def under_load(self, now: float, source: Addr | None = None) -> bool:
+        """Overall, or for SOURCE's IP (read only: nothing is metered)."""
+        if now < self._load.until:
+            return True
+        if source is None:
+            return False
+        b = self._source_load.table.get(source[0])
+        return b is not None and now < b.until
+
+    def info(self, now: float) -> dict[str, object]:
+        """For `meshctl status` (datapath.encrypted.handshake_guard)."""
+        sources = sum(1 for b in self._source_load.table.values() if now < b.until)
+        counters = {name: self.counters[name] for name in _GUARD_COUNTERS}
+        return {"under_load": now < self._load.until, "sources_under_load": sources, **counters}
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _metered(self, ip: str | None, now: float) -> bool:
+        g = self._load
+        g.refill(now, self._load_rate, self._load_burst)
+        if _meter(g, now, self.load_hold):
+            self.counters["load_episodes"] += 1
+        b = self._source_load.get(ip, now)
+        if _meter(b, now, self.load_hold):
+            self.counters["source_load_episodes"] += 1
+        return now < g.until or now < b.until
+
+    def _rotate(self, now: float) -> None:
+        if now - self._rotated_at >= self.secret_max_age or not self._secret:
+            fresh = now - self._rotated_at < 2 * self.secret_max_age
+            self._previous = self._secret if fresh else b""
+            self._secret = self._token_bytes(COOKIE_SECRET_SIZE)
+            self._rotated_at = now
+            self.counters["secret_rotations"] += 1
+
+    def _cookies(self, source: Addr | None, now: float) -> list[bytes]:
+        """SOURCE's cookie under each secret still accepted: the current one, and the previous
+        one for `secret_max_age` after it was replaced."""
+        self._rotate(now)
+        src = source_bytes(source)
+        out = [make_cookie(self._secret, src)]
+        if self._previous and now - self._rotated_at < self.secret_max_age:
+            out.append(make_cookie(self._previous, src))
+        return out
 
 
 # ---- the session ----------------------------------------------------------------------------
@@ -356,6 +577,8 @@ class _Pending:
     spi: int
     sent_at: float
     retry_at: float
+    mac1: bytes  # the initiation's: a cookie reply to it carries it as associated data
+    cookie_retry: bool  # sent at once because a cookie reply came (at most once per attempt)
 
 
 def _next_timestamp(now_label: bytes, last: bytes) -> bytes:
@@ -378,11 +601,14 @@ class PeerSession:
         rng: random.Random,
         peer: str = "",
         config: SessionConfig | None = None,
-        limiter: HandshakeLimiter | None = None,
+        guard: HandshakeGuard | None = None,
         spis: SpiAllocator | None = None,
         wall_offset: float = 0.0,
         alive: bool = True,
+        now: float | None = None,
     ) -> None:
+        """NOW: when the session begins (loop clock), which anchors the timestamp window;
+        None takes the first `now` any call passes."""
         if len(remote_static) != 32:
             raise ValueError("remote static key must be 32 bytes")
         self.peer = peer
@@ -395,7 +621,7 @@ class PeerSession:
         self._psks: tuple[bytes, ...] = ()
         self.set_psks(psk)
         self._rng = rng
-        self._limiter = limiter if limiter is not None else HandshakeLimiter()
+        self._guard = guard if guard is not None else HandshakeGuard()
         self._spis = spis if spis is not None else SpiAllocator(rng)
         self._wall_offset = wall_offset
         self._alive = alive
@@ -413,7 +639,13 @@ class PeerSession:
         self._wanted = False  # keys were asked for (start) or agreed (a handshake completed)
         self._last_sent_timestamp = b""
         self._last_received_timestamp = b""
-        self._last_now = 0.0
+        self._began: float | None = now
+        # mac1s of initiations acted on, least recently seen first (a copy refreshes its entry,
+        # so one replayed again and again stays remembered).
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._cookie: bytes | None = None  # the peer's last cookie for us
+        self._cookie_at = 0.0
+        self._last_now = 0.0 if now is None else now
         self._out: list[bytes] = []
         self._events: deque[SessionEvent] = deque()
 
@@ -437,7 +669,7 @@ class PeerSession:
     def set_peer_alive(self, alive: bool, now: float) -> None:
         """Membership says the peer is (not) an alive member. While not alive, its handshake
         messages are dropped and we stop initiating; existing SAs run out on their own."""
-        self._last_now = now
+        self._touch(now)
         if alive == self._alive:
             return
         self._alive = alive
@@ -451,7 +683,7 @@ class PeerSession:
 
     def start(self, now: float) -> None:
         """We want keys with this peer (e.g. traffic is waiting). Idempotent."""
-        self._last_now = now
+        self._touch(now)
         self._wanted = True
         if not self._alive:
             return
@@ -468,12 +700,14 @@ class PeerSession:
             return
         self._begin_handshake(now)
 
-    def receive_handshake(self, data: bytes, now: float) -> None:
-        """A handshake message from this peer. Raises HandshakeError (counted in
-        `stats.rejected`) for anything to drop; the caller counts, never logs per message."""
-        self._last_now = now
+    def receive_handshake(self, data: bytes, now: float, source: Addr | None = None) -> None:
+        """A handshake message from this peer, received from SOURCE (IP, port: what a cookie
+        proves; None for callers without addresses). Raises HandshakeError (counted in
+        `stats.rejected`) for anything to drop, including an initiation answered with a cookie
+        reply ("cookie"); the caller counts, never logs per message."""
+        self._touch(now)
         try:
-            self._receive(data, now)
+            self._receive(data, now, source)
         except HandshakeError as e:
             self.stats.rejected[e.reason] += 1
             raise
@@ -515,7 +749,7 @@ class PeerSession:
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> None:
-        self._last_now = now
+        self._touch(now)
         cfg = self.config
         nxt = self._next
         if nxt is not None:
@@ -605,6 +839,8 @@ class PeerSession:
             "bytes_out": cur.outbound.bytes if cur else 0,
             "rekeys": self.stats.rekeys,
             "handshakes": self.stats.handshakes_completed,
+            "cookies_sent": self.stats.cookies_sent,
+            "cookies_received": self.stats.cookies_received,
             "handshake_drops": dict(self.stats.rejected),
         }
 
@@ -612,6 +848,21 @@ class PeerSession:
 
     def _count_dh(self) -> None:
         self.stats.dh_operations += 1
+
+    def _touch(self, now: float) -> None:
+        self._last_now = now
+        if self._began is None:
+            self._began = now
+
+    def _remember(self, mac1: bytes) -> None:
+        self._seen[mac1] = None
+        if len(self._seen) > SEEN_INITIATIONS:
+            self._seen.popitem(last=False)
+
+    def _timestamp_floor(self) -> bytes:
+        """Initiations stamped before this are refused: the session's start less the skew."""
+        began = self._began if self._began is not None else self._last_now
+        return tai64n(began + self._wall_offset - self.config.timestamp_skew)
 
     def _rekey_deadline(self, cur: _Keypair) -> float:
         cfg = self.config
@@ -634,29 +885,54 @@ class PeerSession:
             oldest, _ = self._old.pop(0)
             self._drop_inbound(oldest)
 
-    def _receive(self, data: bytes, now: float) -> None:
+    def _receive(self, data: bytes, now: float, source: Addr | None) -> None:
         kind = message_type(data)
         if not self._alive:
             raise HandshakeError("not_alive")
         if kind is MessageType.INITIATION:
-            psk = verify_initiation_mac(data, self._local_pub, self._psks)
-            if not self._limiter.allow(self._remote, now):
-                raise HandshakeError("rate_limited")
+            self._receive_initiation(data, now, source)
+        elif kind is MessageType.COOKIE_REPLY:
+            self._receive_cookie_reply(data, now)
+        else:
+            self._receive_response(data, now)
+
+    def _receive_initiation(self, data: bytes, now: float, source: Addr | None) -> None:
+        psk = verify_initiation_mac(data, self._local_pub, self._psks)
+        mac1 = initiation_mac1(data)
+        if mac1 in self._seen:
+            self._seen.move_to_end(mac1)
+            raise HandshakeError("replay", "a copy of an initiation already acted on")
+        # Knowing no timestamp of the peer's, we cannot tell a replay from a new initiation by
+        # its timestamp: ask for proof of the source address first.
+        fresh = not self._last_received_timestamp
+        if not self._guard.admit(data, source, now, want_cookie=fresh):
+            self._remember(mac1)  # one cookie reply per initiation, however many copies
+            self._out.append(self._guard.cookie_reply(data, source, now, self._local_pub, psk))
+            self.stats.cookies_sent += 1
+            raise HandshakeError("cookie", "answered with a cookie reply")
+        try:
             received = consume_initiation(self._local, (psk,), data, self._count_dh)
-            if received.initiator_static != self._remote:
-                raise HandshakeError("unknown_peer", "initiator is not this session's peer")
-            if received.timestamp <= self._last_received_timestamp:
-                raise HandshakeError("replay", "initiation timestamp not newer")
-            self._last_received_timestamp = received.timestamp
-            if self._pending is not None:
-                # Both sides initiated: the smaller static key keeps the initiator role, unless
-                # it has given up (then its initiations are evidently not getting through).
-                if self._local_pub < self._remote and not self._gave_up:
-                    self.stats.simultaneous_dropped += 1
-                    return
-                self._cancel_pending()
-            self._respond(received, now)
-            return
+        except HandshakeError:
+            self._remember(mac1)
+            raise
+        self._remember(mac1)
+        if received.initiator_static != self._remote:
+            raise HandshakeError("unknown_peer", "initiator is not this session's peer")
+        if received.timestamp <= self._last_received_timestamp:
+            raise HandshakeError("replay", "initiation timestamp not newer")
+        if received.timestamp < self._timestamp_floor():
+            raise HandshakeError("stale", "initiation older than this session")
+        self._last_received_timestamp = received.timestamp
+        if self._pending is not None:
+            # Both sides initiated: the smaller static key keeps the initiator role, unless it
+            # has given up (then its initiations are evidently not getting through).
+            if self._local_pub < self._remote and not self._gave_up:
+                self.stats.simultaneous_dropped += 1
+                return
+            self._cancel_pending()
+        self._respond(received, now)
+
+    def _receive_response(self, data: bytes, now: float) -> None:
         pending = self._pending
         if pending is None or response_receiver_spi(data) != pending.spi:
             raise HandshakeError("unexpected", "no pending initiation for this response")
@@ -664,26 +940,46 @@ class PeerSession:
         self._pending = None  # its SPI now belongs to the new inbound SA
         self._complete_as_initiator(result, now)
 
+    def _receive_cookie_reply(self, data: bytes, now: float) -> None:
+        pending = self._pending
+        if pending is None or cookie_reply_receiver_spi(data) != pending.spi:
+            raise HandshakeError("unexpected", "no pending initiation for this cookie reply")
+        self._cookie = consume_cookie_reply(data, self._remote, pending.state.psk, pending.mac1)
+        self._cookie_at = now
+        self.stats.cookies_received += 1
+        if not pending.cookie_retry:
+            # The responder is under load (or just met us): show it the cookie at once, rather
+            # than at the next retry. Once per attempt, so cookie replies cannot make us loop.
+            self.stats.cookie_retries += 1
+            self._send_initiation(now, cookie_retry=True)
+
     def _begin_handshake(self, now: float) -> None:
         self._attempts = 0
         self._gave_up = False
         self._send_initiation(now)
 
-    def _send_initiation(self, now: float) -> None:
+    def _send_initiation(self, now: float, *, cookie_retry: bool = False) -> None:
         cfg = self.config
         self._cancel_pending()
         spi = self._spis.allocate()
         stamp = _next_timestamp(tai64n(now + self._wall_offset), self._last_sent_timestamp)
         self._last_sent_timestamp = stamp
+        cookie = self._cookie
+        if cookie is not None and not 0 <= now - self._cookie_at < COOKIE_MAX_AGE:
+            cookie = self._cookie = None  # too old: the responder has replaced its secret
         message, state = create_initiation(
-            self._local, self._remote, self._psks[0], spi, stamp, cfg.cipher, self._count_dh
+            self._local, self._remote, self._psks[0], spi, stamp, cfg.cipher, self._count_dh,
+            cookie,
         )
-        self._attempts += 1
+        if not cookie_retry:
+            self._attempts += 1
         if self._gave_up:
             interval = cfg.slow_retry_interval
         else:
             interval = cfg.rekey_timeout + self._rng.uniform(0.0, cfg.rekey_jitter)
-        self._pending = _Pending(state, spi, now, now + interval)
+        self._pending = _Pending(
+            state, spi, now, now + interval, initiation_mac1(message), cookie_retry
+        )
         self._rekey_wanted = False
         self._out.append(message)
         self.stats.initiations_sent += 1

@@ -1,4 +1,5 @@
-"""PeerSession: handshakes, rekeying without loss, simultaneous initiation, abuse limits.
+"""PeerSession: handshakes, rekeying without loss, simultaneous initiation, abuse limits,
+cookies and the initiation timestamp rules.
 
 Two sessions are wired through a fake link on virtual time (no sleeps, no sockets).
 """
@@ -10,19 +11,19 @@ import dataclasses
 import heapq
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshnet.crypto.handshake import HandshakeError, derive_psk
+from meshnet.crypto.handshake import HandshakeError, MessageType, derive_psk
 from meshnet.crypto.identity import public_bytes
 from meshnet.crypto.sa import RecordError, SpiAllocator, open_record, seal_record
 from meshnet.crypto.session import (
-    PER_PEER_BURST,
     HandshakeFailed,
-    HandshakeLimiter,
+    HandshakeGuard,
     InboundChanged,
     KeepaliveRequested,
     PeerSession,
@@ -60,7 +61,7 @@ def session(
     seed: int = 1,
     config: SessionConfig = FAST,
     psk: bytes = PSK,
-    limiter: HandshakeLimiter | None = None,
+    guard: HandshakeGuard | None = None,
     peer: str = "",
 ) -> PeerSession:
     return PeerSession(
@@ -70,7 +71,7 @@ def session(
         rng=random.Random(seed),
         peer=peer or public_bytes(remote).hex()[:6],
         config=config,
-        limiter=limiter,
+        guard=guard,
     )
 
 
@@ -81,23 +82,60 @@ def drain_events(s: PeerSession) -> list[SessionEvent]:
     return out
 
 
+def kind(m: bytes) -> MessageType:
+    return MessageType(m[4])
+
+
+def exchange(a: PeerSession, b: PeerSession, now: float = T0) -> None:
+    """Deliver what both sides have to send, instantly, until neither has anything (a
+    responder's cookie reply, the initiator's retry with mac2, the response)."""
+    for _ in range(10):
+        moved = False
+        for src, dst in ((a, b), (b, a)):
+            for m in src.handshakes_to_send():
+                moved = True
+                with contextlib.suppress(HandshakeError):
+                    dst.receive_handshake(m, now)
+        if not moved:
+            return
+    raise AssertionError("handshake messages never stopped")
+
+
 def handshake(a: PeerSession, b: PeerSession, now: float = T0) -> None:
-    """a initiates, b responds, a confirms with one record (instant delivery)."""
+    """a initiates, b responds (after a cookie round trip if b asks for one), a confirms with
+    one record (instant delivery)."""
     a.start(now)
-    for m in a.handshakes_to_send():
-        b.receive_handshake(m, now)
-    for m in b.handshakes_to_send():
-        a.receive_handshake(m, now)
+    exchange(a, b, now)
     out = a.outbound()
     assert out is not None
     open_record(b.inbound_sas(), seal_record(out, b""), now)
 
 
+def first_initiation(a: PeerSession, b: PeerSession, now: float = T0) -> bytes:
+    """Let a and b complete a handshake, then have a send a new initiation (a rekey) that b,
+    which now knows a's timestamps, takes without a cookie; return it, undelivered."""
+    handshake(a, b, now)
+    a.handle_timer(now + FAST.rekey_after_time)
+    [m] = a.handshakes_to_send()
+    assert kind(m) is MessageType.INITIATION
+    return m
+
+
 def test_handshake_gives_working_sas_both_ways() -> None:
     a, b = session(KA, KB), session(KB, KA)
     a.start(T0)
-    [m1] = a.handshakes_to_send()
+    [m0] = a.handshakes_to_send()
     assert a.outbound() is None  # no keys yet: the caller queues or drops, never cleartext
+    # b knows none of a's timestamps yet: a must show a cookie first (one round trip).
+    with pytest.raises(HandshakeError) as e:
+        b.receive_handshake(m0, T0)
+    assert e.value.reason == "cookie" and b.stats.dh_operations == 0
+    [cookie] = b.handshakes_to_send()
+    assert kind(cookie) is MessageType.COOKIE_REPLY and not b.inbound_sas()
+    a.receive_handshake(cookie, T0)
+    [m1] = a.handshakes_to_send()  # at once, with mac2
+    assert kind(m1) is MessageType.INITIATION and m1[-16:] != bytes(16)
+    assert a.stats.cookies_received == a.stats.cookie_retries == 1
     b.receive_handshake(m1, T0)
     [m2] = b.handshakes_to_send()
     assert b.outbound() is None  # responder waits for confirmation
@@ -138,6 +176,10 @@ def test_rotation_accepts_any_installed_psk() -> None:
 def test_initiation_from_another_static_key_is_unknown_peer() -> None:
     c, b = session(KC, KB), session(KB, KA)  # b's session is for peer A
     c.start(T0)
+    [m0] = c.handshakes_to_send()
+    with pytest.raises(HandshakeError):
+        b.receive_handshake(m0, T0)  # a cookie first
+    c.receive_handshake(b.handshakes_to_send()[0], T0)
     [m1] = c.handshakes_to_send()
     with pytest.raises(HandshakeError) as e:
         b.receive_handshake(m1, T0)
@@ -147,35 +189,38 @@ def test_initiation_from_another_static_key_is_unknown_peer() -> None:
 
 def test_replayed_initiation_is_rejected() -> None:
     a, b = session(KA, KB), session(KB, KA)
-    a.start(T0)
-    [m1] = a.handshakes_to_send()
-    b.receive_handshake(m1, T0)
+    m1 = first_initiation(a, b)
+    now = T0 + FAST.rekey_after_time
+    b.receive_handshake(m1, now)
     b.handshakes_to_send()
+    dh = b.stats.dh_operations
     with pytest.raises(HandshakeError) as e:
-        b.receive_handshake(m1, T0 + 1)
+        b.receive_handshake(m1, now + 1)
     assert e.value.reason == "replay"
     assert b.handshakes_to_send() == []
+    assert b.stats.dh_operations == dh  # an exact copy costs no DH
 
 
 def test_older_initiation_is_rejected_after_a_newer_one() -> None:
     a, b = session(KA, KB), session(KB, KA)
-    a.start(T0)
-    [old] = a.handshakes_to_send()
-    a.handle_timer(T0 + 5)  # retry: newer timestamp
+    old = first_initiation(a, b)
+    now = T0 + FAST.rekey_after_time
+    a.handle_timer(now + 1)  # retry: newer timestamp
     [new] = a.handshakes_to_send()
-    b.receive_handshake(new, T0 + 5)
+    b.receive_handshake(new, now + 1)
     with pytest.raises(HandshakeError) as e:
-        b.receive_handshake(old, T0 + 5)
+        b.receive_handshake(old, now + 1)
     assert e.value.reason == "replay"
+    assert b.stats.dh_operations > 4  # this one was decrypted: its timestamp said "replay"
 
 
 def test_stray_response_is_unexpected() -> None:
     a, b = session(KA, KB), session(KB, KA)
-    a.start(T0)
-    [m1] = a.handshakes_to_send()
-    b.receive_handshake(m1, T0)
+    m1 = first_initiation(a, b)
+    now = T0 + FAST.rekey_after_time
+    b.receive_handshake(m1, now)
     [m2] = b.handshakes_to_send()
-    a.receive_handshake(m2, T0)
+    a.receive_handshake(m2, now)
     with pytest.raises(HandshakeError) as e:
         a.receive_handshake(m2, T0)  # replayed response
     assert e.value.reason == "unexpected"
@@ -234,6 +279,7 @@ class Sim:
         self.sent: dict[str, int] = {"a": 0, "b": 0}
         self.opened: dict[str, list[bytes]] = {"a": [], "b": []}
         self.errors: list[tuple[str, str]] = []
+        self.cookies = 0  # initiations answered with a cookie reply (not errors)
         self.events: dict[str, list[SessionEvent]] = {"a": [], "b": []}
 
     def _ship(self, src: str, kind: str, data: bytes) -> None:
@@ -289,7 +335,10 @@ class Sim:
                     try:
                         s.receive_handshake(d.data, self.now)
                     except HandshakeError as e:
-                        self.errors.append((d.dst, e.reason))
+                        if e.reason == "cookie":
+                            self.cookies += 1
+                        else:
+                            self.errors.append((d.dst, e.reason))
                 else:
                     try:
                         _, plain = open_record(s.inbound_sas(), d.data, self.now)
@@ -411,27 +460,41 @@ def test_rekey_after_messages() -> None:
 
 
 def test_simultaneous_initiation_resolves_to_one_handshake() -> None:
-    a, b = session(KA, KB, seed=1), session(KB, KA, seed=2)
-    small, large = (a, b) if public_bytes(KA) < public_bytes(KB) else (b, a)
+    # Both sides rekey at the same instant (each knows the other's timestamps already, so no
+    # cookie is asked for).
+    cfg = dataclasses.replace(FAST, responder_rekey_after_time=2.0, rekey_jitter=0.0)
+    a, b = session(KA, KB, seed=1, config=cfg), session(KB, KA, seed=2, config=cfg)
     a.start(T0)
-    b.start(T0)
+    b.start(T0)  # both initiate at first too, so each learns the other's timestamps
+    exchange(a, b, T0)
+    small, large = (a, b) if public_bytes(KA) < public_bytes(KB) else (b, a)
+    out = small.outbound()
+    assert out is not None  # the smaller key kept the initiator role
+    open_record(large.inbound_sas(), seal_record(out, b""), T0)  # confirms large's SA
+    assert large.outbound() is not None
+    dropped = small.stats.simultaneous_dropped
+    now = T0 + 2.1
+    a.handle_timer(now)
+    b.handle_timer(now)
     [ma] = a.handshakes_to_send()
     [mb] = b.handshakes_to_send()
-    a.receive_handshake(mb, T0)
-    b.receive_handshake(ma, T0)
-    assert small.stats.simultaneous_dropped == 1
+    a.receive_handshake(mb, now)
+    b.receive_handshake(ma, now)
+    assert small.stats.simultaneous_dropped == dropped + 1
     assert small.handshakes_to_send() == []  # the smaller key keeps the initiator role
     [resp] = large.handshakes_to_send()  # the larger dropped its own and responded
-    small.receive_handshake(resp, T0)
+    assert kind(resp) is MessageType.RESPONSE
+    small.receive_handshake(resp, now)
     out_s = small.outbound()
     assert out_s is not None
-    open_record(large.inbound_sas(), seal_record(out_s, b"hi"), T0)
+    open_record(large.inbound_sas(), seal_record(out_s, b"hi"), now)
     out_l = large.outbound()
     assert out_l is not None
-    assert open_record(small.inbound_sas(), seal_record(out_l, b"yo"), T0)[1] == b"yo"
-    assert small.stats.handshakes_completed == large.stats.handshakes_completed == 1
-    # The larger side's own pending SPI was given back.
-    assert len(large.inbound_sas()) == 1 and len(small.inbound_sas()) == 1
+    assert open_record(small.inbound_sas(), seal_record(out_l, b"yo"), now)[1] == b"yo"
+    assert small.stats.handshakes_completed == large.stats.handshakes_completed == 2
+    # The larger side's own pending SPI was given back: the new SA and one old one each.
+    assert large._pending is None
+    assert len(large.inbound_sas()) == len(small.inbound_sas()) == 2
 
 
 def test_simultaneous_rekey_in_the_sim_loses_nothing() -> None:
@@ -519,26 +582,115 @@ def test_inbound_changed_events_track_the_spi_table() -> None:
 
 # ---- abuse limits ---------------------------------------------------------------------------
 
-
-def test_limiter_per_peer_and_refill() -> None:
-    lim = HandshakeLimiter(per_peer_rate=5, per_peer_burst=10, global_rate=1000, global_burst=1000)
-    assert sum(lim.allow("p", T0) for _ in range(100)) == 10
-    assert sum(lim.allow("p", T0 + 1.0) for _ in range(100)) == 5
-    assert lim.allow("q", T0 + 1.0)  # another peer has its own bucket
-    assert not lim.allow("p", T0 + 0.5)  # time going backwards refills nothing
+SRC = ("10.0.0.1", 4790)
+NO_LOAD: dict[str, Any] = {"load_rate": 1e9, "load_burst": 1e9, "source_load_rate": 1e9,
+           "source_load_burst": 1e9}
 
 
-def test_limiter_global_and_bounded_table() -> None:
-    lim = HandshakeLimiter(global_rate=50, global_burst=50, max_entries=100)
-    assert sum(lim.allow(i, T0) for i in range(10_000)) == 50
-    assert len(lim) == 100
-    assert sum(lim.allow(i, T0 + 1.0) for i in range(10_000, 20_000)) == 50
+def initiation(key: X25519PrivateKey = KA, cookie: bytes | None = None, stamp: float = T0) -> bytes:
+    from meshnet.crypto.handshake import create_initiation, tai64n
+
+    m, _ = create_initiation(key, public_bytes(KB), PSK, 1234, tai64n(stamp), cookie=cookie)
+    return m
 
 
-def _bogus(rng: random.Random, valid: bytes) -> bytes:
-    body = bytearray(rng.randbytes(len(valid)))
-    body[:8] = valid[:8]  # right marker, type, version, cipher: only mac1 can tell
-    return bytes(body)
+def cookie_of(guard: HandshakeGuard, source: tuple[str, int] | None, now: float) -> bytes:
+    """The cookie GUARD gives SOURCE, read from a cookie reply as the initiator would."""
+    from meshnet.crypto.handshake import consume_cookie_reply, initiation_mac1
+
+    m = initiation()
+    reply = guard.cookie_reply(m, source, now, public_bytes(KB), PSK)
+    return consume_cookie_reply(reply, public_bytes(KB), PSK, initiation_mac1(m))
+
+
+def test_guard_limits_each_ephemeral_not_the_source() -> None:
+    g = HandshakeGuard(**NO_LOAD)
+    m = initiation()
+    assert g.admit(m, SRC, T0) and g.admit(m, SRC, T0)  # EPHEMERAL_BURST = 2
+    with pytest.raises(HandshakeError) as e:
+        g.admit(m, SRC, T0)
+    assert e.value.reason == "rate_limited" and g.counters["limited_ephemeral"] == 1
+    for _ in range(5):  # the same source's new initiations (new ephemerals) still pass
+        assert g.admit(initiation(), SRC, T0 + 0.01)
+    assert g.admit(m, SRC, T0 + 61)  # one more a minute
+    with pytest.raises(HandshakeError):
+        g.admit(m, SRC, T0 + 61)
+
+
+def test_guard_limits_per_source_and_overall() -> None:
+    g = HandshakeGuard(**NO_LOAD)
+    assert sum(_admitted(g, initiation(), SRC, T0) for _ in range(30)) == 10  # SOURCE_BURST
+    assert g.counters["limited_source"] == 20
+    assert g.admit(initiation(), ("10.0.0.2", 4790), T0)  # another source has its own
+    assert sum(_admitted(g, initiation(), SRC, T0 + 1.0) for _ in range(30)) == 5  # 5/s
+    g2 = HandshakeGuard(**NO_LOAD, max_entries=100)
+    sources = [(f"10.1.{i // 250}.{i % 250}", 4790) for i in range(120)]
+    m = [initiation() for _ in range(120)]
+    assert sum(_admitted(g2, m[i], sources[i], T0) for i in range(120)) == 50  # GLOBAL_BURST
+    assert g2.counters["limited_global"] == 70
+    assert len(g2._source.table) == 100 and len(g2._ephemeral.table) == 100  # bounded
+    # Time going backwards refills nothing.
+    assert not _admitted(g2, initiation(), ("10.2.0.1", 4790), T0 - 5)
+
+
+def _admitted(g: HandshakeGuard, m: bytes, source: tuple[str, int], now: float) -> bool:
+    try:
+        return g.admit(m, source, now)
+    except HandshakeError as e:
+        assert e.reason == "rate_limited"
+        return False
+
+
+def test_guard_asks_for_cookies_under_load_and_takes_them() -> None:
+    g = HandshakeGuard()
+    sources = [(f"10.3.0.{i}", 4790) for i in range(1, 31)]
+    # 25 initiations in an instant from different sources: not yet a load.
+    assert all(g.admit(initiation(), src, T0) for src in sources[:25])
+    assert not g.under_load(T0)
+    # The 26th is over the overall rate: load, and no mac2 gets no DH, whoever sends it.
+    assert not g.admit(initiation(), sources[25], T0)
+    assert g.under_load(T0) and g.counters["load_episodes"] == 1
+    assert not g.admit(initiation(), sources[0], T0 + 0.5)
+    # A valid mac2 (the cookie of its own source address) passes.
+    cookie = cookie_of(g, sources[26], T0 + 0.5)
+    assert g.admit(initiation(cookie=cookie), sources[26], T0 + 0.5)
+    # ... and only from that address: the same cookie from another source does not.
+    assert not g.admit(initiation(cookie=cookie), sources[27], T0 + 0.5)
+    # The load passes LOAD_HOLD after the last message over the rate, once the meter refilled.
+    assert not g.under_load(T0 + 2.0)
+    assert g.admit(initiation(), sources[28], T0 + 2.0)
+
+
+def test_guard_load_per_source() -> None:
+    g = HandshakeGuard()
+    noisy, quiet = ("10.4.0.1", 4790), ("10.4.0.2", 4790)
+    assert all(g.admit(initiation(), noisy, T0 + i * 0.01) for i in range(4))  # burst 4
+    assert not g.admit(initiation(), noisy, T0 + 0.05)  # 5 in 50 ms: over 1/s
+    assert g.under_load(T0 + 0.05, noisy) and not g.under_load(T0 + 0.05, quiet)
+    assert not g.under_load(T0 + 0.05)  # the node as a whole is not
+    assert g.admit(initiation(), quiet, T0 + 0.05)  # others are not asked for cookies
+    cookie = cookie_of(g, noisy, T0 + 0.1)
+    assert g.admit(initiation(cookie=cookie), noisy, T0 + 0.1)
+    assert g.counters["source_load_episodes"] == 1
+
+
+def test_cookie_secret_rotation_and_restart() -> None:
+    g = HandshakeGuard(**NO_LOAD)
+    src = SRC
+    cookie = cookie_of(g, src, T0)
+    m = initiation(cookie=cookie)
+    assert g.admit(m, src, T0, want_cookie=True)
+    # Replaced after COOKIE_SECRET_MAX_AGE (120 s), the secret is still accepted for as long.
+    assert g.admit(initiation(cookie=cookie), src, T0 + 200, want_cookie=True)
+    assert g.counters["secret_rotations"] == 2
+    assert g.admit(initiation(cookie=cookie), src, T0 + 319, want_cookie=True)
+    assert not g.admit(initiation(cookie=cookie), src, T0 + 320, want_cookie=True)  # rotated
+    # A restarted responder (a new guard, a new secret) accepts no cookie of its past life.
+    fresh = cookie_of(g, src, T0 + 320)
+    assert g.admit(initiation(cookie=fresh), src, T0 + 320, want_cookie=True)
+    assert not HandshakeGuard(**NO_LOAD).admit(initiation(cookie=fresh), src, T0 + 321,
+                                               want_cookie=True)
+    assert not g.admit(initiation(cookie=bytes(16)), src, T0 + 320, want_cookie=True)
 
 
 def test_flood_of_bogus_initiations_costs_no_dh() -> None:
@@ -554,49 +706,177 @@ def test_flood_of_bogus_initiations_costs_no_dh() -> None:
     assert b.handshakes_to_send() == [] and not b.inbound_sas()
 
 
-def test_flood_of_replayed_initiations_is_rate_limited_before_dh() -> None:
+def _bogus(rng: random.Random, valid: bytes) -> bytes:
+    body = bytearray(rng.randbytes(len(valid)))
+    body[:8] = valid[:8]  # right marker, type, version, cipher: only mac1 can tell
+    return bytes(body)
+
+
+def test_flood_of_copies_of_an_initiation_costs_no_dh() -> None:
     a, b = session(KA, KB), session(KB, KA)
-    a.start(T0)
-    [m1] = a.handshakes_to_send()
-    for _ in range(10_000):
+    m1 = first_initiation(a, b)
+    now = T0 + FAST.rekey_after_time
+    dh = b.stats.dh_operations
+    for i in range(10_000):
         with contextlib.suppress(HandshakeError):
-            b.receive_handshake(m1, T0)
-    # One real handshake (es, ss, ee, se) plus es+ss for each replay the bucket let through.
-    assert b.stats.dh_operations <= 4 + 2 * (PER_PEER_BURST - 1)
-    assert b.stats.rejected["rate_limited"] >= 10_000 - PER_PEER_BURST
+            b.receive_handshake(m1, now + i / 1000, SRC)
+    assert b.stats.dh_operations == dh + 4  # the first one, answered
+    assert b.stats.rejected["replay"] == 9_999
     assert len(b.handshakes_to_send()) == 1  # answered once
-    assert len(b.inbound_sas()) == 1  # bounded state
+    assert len(b.inbound_sas()) == 2  # bounded state: the current SA and the new one
 
 
-def test_flood_over_time_is_bounded_by_the_rate() -> None:
+def test_flood_of_old_initiations_gets_cookie_replies_not_dh() -> None:
+    """Many different captured initiations, more than a session remembers, replayed round
+    robin from the peer's address: the source goes under load, each copy gets a cookie reply
+    (to the genuine peer, which drops it) and no DH; the peer's own next initiation gets
+    through with its cookie."""
     a, b = session(KA, KB), session(KB, KA)
-    a.start(T0)
-    [m1] = a.handshakes_to_send()
-    for i in range(10_000):  # 1,000 a second for 10 s
+    handshake(a, b)
+    captured = []
+    now = T0 + FAST.rekey_after_time
+    for _ in range(40):  # a's rekey and its retries: the attacker captures them, b gets none
+        now += 1.0
+        a.handle_timer(now)
+        captured += a.handshakes_to_send()
+    assert len(captured) > 16  # more than a session remembers
+    b.receive_handshake(captured[-1], now, SRC)  # ... but the last
+    b.handshakes_to_send()
+    dh, cookies = b.stats.dh_operations, b.stats.cookies_sent
+    replies = 0
+    for i in range(4_000):
         with contextlib.suppress(HandshakeError):
-            b.receive_handshake(m1, T0 + i / 1000)
-    admitted = PER_PEER_BURST + 5.0 * 10
-    assert b.stats.dh_operations <= 2 + 2 * admitted + 1
+            b.receive_handshake(captured[i % len(captured)], now + i / 1000, SRC)
+        replies += len(b.handshakes_to_send())
+    # The first few (SOURCE_LOAD_BURST), before the load showed, were decrypted and refused.
+    assert b.stats.dh_operations - dh <= 2 * 4
+    assert b.stats.rejected["cookie"] >= 3_900 and replies == b.stats.cookies_sent - cookies
+    # a's genuine retry: a cookie reply, then the retry with mac2 is answered.
+    now += 4.0
+    a.handle_timer(now + 100)
+    [m] = a.handshakes_to_send()
+    with pytest.raises(HandshakeError) as e:
+        b.receive_handshake(m, now, SRC)
+    assert e.value.reason == "cookie"
+    [reply] = b.handshakes_to_send()
+    a.receive_handshake(reply, now)
+    [retry] = a.handshakes_to_send()
+    b.receive_handshake(retry, now, SRC)
+    [resp] = b.handshakes_to_send()
+    a.receive_handshake(resp, now)
+    assert a.stats.handshakes_completed == 2
 
 
 def test_global_limit_across_peers() -> None:
-    lim = HandshakeLimiter(global_rate=50, global_burst=50)
+    guard = HandshakeGuard()
     b_key = KB
     total_dh = 0
     admitted = 0
     for i in range(120):
         peer_key = X25519PrivateKey.from_private_bytes(bytes([100 + (i % 100), i // 100 + 1]) * 16)
         initiator = session(peer_key, b_key, seed=i)
-        responder = session(b_key, peer_key, limiter=lim)
+        responder = session(b_key, peer_key, guard=guard)
+        src = (f"10.5.0.{i + 1}", 4790)
         initiator.start(T0)
+        [m0] = initiator.handshakes_to_send()
+        with pytest.raises(HandshakeError):  # the responder knows nobody yet: a cookie first
+            responder.receive_handshake(m0, T0, src)
+        initiator.receive_handshake(responder.handshakes_to_send()[0], T0)
         [m1] = initiator.handshakes_to_send()
         try:
-            responder.receive_handshake(m1, T0)
+            responder.receive_handshake(m1, T0, src)
             admitted += 1
         except HandshakeError as e:
             assert e.reason == "rate_limited"
         total_dh += responder.stats.dh_operations
     assert admitted == 50 and total_dh == 4 * 50
+    assert guard.counters["limited_global"] == 70
+
+
+# ---- cookies and timestamps ------------------------------------------------------------------
+
+
+def test_cookie_reply_must_match_the_pending_initiation() -> None:
+    a, b = session(KA, KB), session(KB, KA)
+    a.start(T0)
+    [m0] = a.handshakes_to_send()
+    with pytest.raises(HandshakeError):
+        b.receive_handshake(m0, T0, SRC)
+    [reply] = b.handshakes_to_send()
+    # A forged reply: another initiation's mac1 as associated data (bound to one initiation).
+    other = initiation()
+    forged = b._guard.cookie_reply(other, SRC, T0, public_bytes(KB), PSK)
+    forged = forged[:8] + reply[8:12] + forged[12:]  # a's pending SPI
+    with pytest.raises(HandshakeError) as e:
+        a.receive_handshake(forged, T0)
+    assert e.value.reason == "auth" and a.handshakes_to_send() == []
+    # Made with another cluster key: does not open either.
+    bad = session(KB, KA, psk=OTHER_PSK)._guard.cookie_reply(m0, SRC, T0, public_bytes(KB),
+                                                             OTHER_PSK)
+    with pytest.raises(HandshakeError) as e:
+        a.receive_handshake(bad, T0)
+    assert e.value.reason == "auth"
+    a.receive_handshake(reply, T0)  # the genuine one: the retry with mac2 goes out at once
+    [retry] = a.handshakes_to_send()
+    with pytest.raises(HandshakeError) as e:
+        a.receive_handshake(reply, T0)  # to an initiation no longer pending
+    assert e.value.reason == "unexpected"
+    b.receive_handshake(retry, T0, SRC)
+    assert kind(b.handshakes_to_send()[0]) is MessageType.RESPONSE
+
+
+def test_one_immediate_retry_per_attempt_and_cookies_expire() -> None:
+    a, b = session(KA, KB), session(KB, KA)
+    a.start(T0)
+    [m0] = a.handshakes_to_send()
+    with pytest.raises(HandshakeError):
+        b.receive_handshake(m0, T0, SRC)
+    a.receive_handshake(b.handshakes_to_send()[0], T0)
+    [m1] = a.handshakes_to_send()
+    # The responder replaced its secret meanwhile (a restart): it asks again; the initiator
+    # keeps the new cookie but does not re-send at once a second time (no loops).
+    b2 = session(KB, KA, seed=9)
+    with pytest.raises(HandshakeError):
+        b2.receive_handshake(m1, T0, SRC)
+    a.receive_handshake(b2.handshakes_to_send()[0], T0)
+    assert a.handshakes_to_send() == []
+    assert a.stats.cookies_received == 2 and a.stats.cookie_retries == 1
+    a.handle_timer(T0 + 1.0)  # the next attempt carries the new cookie
+    [m2] = a.handshakes_to_send()
+    b2.receive_handshake(m2, T0 + 1.0, SRC)
+    assert kind(b2.handshakes_to_send()[0]) is MessageType.RESPONSE
+    # Past COOKIE_MAX_AGE the initiator sends no mac2 (the responder will ask again).
+    a.close()
+    a.start(T0 + 200)
+    [m3] = a.handshakes_to_send()
+    assert m3[-16:] == bytes(16)
+
+
+def test_initiation_older_than_the_session_is_stale() -> None:
+    """A peer whose clock is 100 s behind: its initiations are stamped before our session began
+    (less the 10 s skew), so they are refused as stale... until its clock passes that point;
+    meanwhile our own initiations reach it (its window is anchored to its own start)."""
+    late = PeerSession(KA, public_bytes(KB), PSK, rng=random.Random(1), config=FAST,
+                       wall_offset=-100.0)
+    b = PeerSession(KB, public_bytes(KA), PSK, rng=random.Random(2), config=FAST, now=T0)
+    late.start(T0)
+    with pytest.raises(HandshakeError):
+        b.receive_handshake(late.handshakes_to_send()[0], T0, SRC)
+    late.receive_handshake(b.handshakes_to_send()[0], T0)
+    with pytest.raises(HandshakeError) as e:
+        b.receive_handshake(late.handshakes_to_send()[0], T0, SRC)
+    assert e.value.reason == "stale" and b.stats.rejected["stale"] == 1
+    # b initiates: late answers (b's timestamps are ahead of its clock, not behind).
+    late.close()
+    b.start(T0)
+    exchange(b, late, T0)
+    assert b.outbound() is not None
+    # Once late's clock has passed b's start less the skew, its initiations are accepted.
+    now = T0 + 100 - FAST.timestamp_skew + 1
+    late.close()
+    late.start(now)
+    exchange(late, b, now)
+    assert late.outbound() is not None and b.stats.rejected["stale"] == 1
 
 
 def test_spi_allocator_shared_across_sessions_has_no_leaks() -> None:
