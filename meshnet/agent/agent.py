@@ -79,6 +79,40 @@ def _key_op_signed(req: dict[str, Any]) -> bytes:
     return bytes(msgpack.packb([req.get("op"), req.get("key"), req.get("by"), req.get("at")]))
 
 
+def parse_key_op_request(body: bytes) -> dict[str, Any]:
+    """A key operation another member asks of us (what ``_key_op_request`` makes): a small map
+    whose ``op`` and ``key`` (if given) are strings. ValueError for anything else."""
+    try:
+        req = msgpack.unpackb(body, raw=False, max_str_len=256, max_array_len=4,
+                              max_map_len=8, max_bin_len=64)
+    except (ValueError, msgpack.UnpackException) as e:  # msgpack's decoding errors
+        raise ValueError(f"undecodable key operation: {e}") from None
+    if not isinstance(req, dict):
+        raise ValueError("not a map")
+    if not isinstance(req.get("op"), str) or not isinstance(req.get("key", ""), str):
+        raise ValueError("op and key must be strings")
+    return req
+
+
+def parse_key_op_reply(raw: bytes) -> list[str] | str:
+    """A member's answer to a key operation (what ``_key_op_in`` sends): the keys it holds once
+    it applied the operation, or why it did not, as text. Never raises: anything else is
+    "bad reply"."""
+    try:
+        reply = msgpack.unpackb(raw, raw=False)
+    except (ValueError, msgpack.UnpackException):  # msgpack's decoding errors
+        return "bad reply"
+    if not isinstance(reply, dict):
+        return "bad reply"
+    if not reply.get("ok"):
+        error = reply.get("error", "failed")
+        return error if isinstance(error, str) else "failed"
+    keys = reply.get("keys", [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        return "bad reply"
+    return keys
+
+
 class StartError(Exception):
     """The agent cannot start; the message is the one line meshnetd prints."""
 
@@ -662,7 +696,13 @@ class Agent:
             "gossip": {**self.membership.stats, **self.gossip.stats()},
             "store": {"entries": sum(1 for _ in self.state.store.entries()),
                       **self.state.counters} if self.state else {},
-            "dns": self.dns.stats() if self.dns else {},
+            "dns": {**(self.dns.stats() if self.dns else {}),
+                    **(self.ops.counters if self.ops else {})},
+            # task placement, starts and address claims (IPAM confirmations)
+            "tasks": {**(self.services.counters if self.services else {}),
+                      **(self.sandboxes.counters if self.sandboxes else {})},
+            "control": {"bad_requests": self.control.bad_requests, **self.control.counters}
+            if self.control else {},
         }
 
     def _identity_status(self) -> dict[str, Any] | str:
@@ -757,18 +797,15 @@ class Agent:
 
     async def _key_op_in(self, body: bytes, addr: tuple[str, int]) -> bytes | None:
         try:
-            req = msgpack.unpackb(body, raw=False, max_str_len=256, max_array_len=4,
-                                  max_map_len=8, max_bin_len=64)
-            if not isinstance(req, dict):
-                raise ValueError("not a map")
+            req = parse_key_op_request(body)
             refusal = self._key_op_refusal(req)
             if refusal is not None:
                 raise KeyringError(refusal)
-            keys = self._apply_key_op(str(req.get("op")), str(req.get("key", "")))
+            keys = self._apply_key_op(req["op"], req.get("key", ""))
             reply: dict[str, Any] = {"ok": True, "keys": keys}
         except KeyringError as e:
             reply = {"ok": False, "error": str(e)}
-        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        except ValueError:
             return None
         return bytes(msgpack.packb(reply))
 
@@ -791,27 +828,26 @@ class Agent:
         body = self._key_op_request(str(op), key)
         sem = asyncio.Semaphore(KEY_OP_CONCURRENCY)
 
-        async def ask(m: Member) -> tuple[str, dict[str, Any] | str]:
+        async def ask(m: Member) -> tuple[str, list[str] | str]:
             async with sem:
                 try:
                     raw = await self.gossip.request(m.addr, STREAM_KEY_OP, body)  # type: ignore[union-attr]
-                    reply = msgpack.unpackb(raw, raw=False)
-                    return m.name, reply if isinstance(reply, dict) else "bad reply"
                 except (OSError, TimeoutError, asyncio.IncompleteReadError, StreamError,
                         KeyringError, ValueError) as e:
                     return m.name, f"unreachable: {type(e).__name__}"
+                return m.name, parse_key_op_reply(raw)
 
         answers = await asyncio.gather(*(ask(m) for m in peers))
         errors: dict[str, str] = {}
         key_counts: dict[str, int] = {k: 1 for k in local}
         acked = 1
         for name, reply in answers:
-            if isinstance(reply, dict) and reply.get("ok"):
+            if isinstance(reply, list):
                 acked += 1
-                for k in reply.get("keys", []):
-                    key_counts[str(k)] = key_counts.get(str(k), 0) + 1
+                for k in reply:
+                    key_counts[k] = key_counts.get(k, 0) + 1
             else:
-                errors[name] = reply.get("error", "failed") if isinstance(reply, dict) else reply
+                errors[name] = reply
         result: dict[str, Any] = {"op": op, "members": len(peers) + 1, "acked": acked,
                                   "errors": errors}
         if op == "list":

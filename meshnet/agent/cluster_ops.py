@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from meshnet.agent.control import Handler, OpError, SendEvent
+from meshnet.agent.logs import LogOnce
 from meshnet.agent.state_service import StateService
 from meshnet.containment import summary_view
 from meshnet.dns import Resolver, TaskRecord
@@ -63,7 +64,7 @@ class ClusterOps:
         # table -> why this node may not write it (None: it may); the agent sets it from the
         # node's certificate (only admins define networks and services).
         self.may_write: Callable[[str], str | None] = lambda table: None
-        self._dns_error_logged = False
+        self._log_once = LogOnce(log)
         # () -> per-peer datapath numbers, for `network inspect` of encrypted networks (set by
         # the agent when it runs an encrypted datapath).
         self.encrypted_peers: Callable[[], list[dict[str, Any]]] | None = None
@@ -113,12 +114,9 @@ class ClusterOps:
             self.dns_version += 1
             self.resolver.set_records(records, self.dns_version,
                                       networks=list(self.store.networks()))
-        except Exception:
+        except Exception as e:
             self.counters["dns_refresh_errors"] += 1
-            if not self._dns_error_logged:
-                self._dns_error_logged = True
-                log.exception("DNS records could not be rebuilt (logged once; counted in "
-                              "dns_refresh_errors)")
+            self._log_once("rebuilding DNS records", e, "dns_refresh_errors")
 
     # --- networks -----------------------------------------------------------------------------
 

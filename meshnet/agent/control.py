@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from meshnet import api
+from meshnet.agent.logs import LogOnce
 
 log = logging.getLogger("meshnet.control")
 
@@ -45,6 +46,8 @@ class ControlServer:
         self.server: asyncio.AbstractServer | None = None
         self.connections = 0
         self.bad_requests = 0
+        self.counters = {"internal_errors": 0}
+        self._log_once = LogOnce(log)
 
     async def start(self) -> None:
         sock_path = Path(self.path)
@@ -119,7 +122,8 @@ class ControlServer:
             except (ConnectionError, asyncio.CancelledError):
                 raise
             except Exception as e:  # a bug in a handler must not take the agent down
-                log.exception("control operation %s failed", op)
+                self.counters["internal_errors"] += 1
+                self._log_once(f"control operation {op}", e, "control.internal_errors")
                 reply = api.error(f"internal error in {op}: {e}", "internal")
         await self._send(writer, reply, as_json)
         return True

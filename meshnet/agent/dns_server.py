@@ -42,11 +42,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import resource
 import socket
 from collections.abc import Iterable
 from pathlib import Path
 
+from meshnet.agent.logs import LogOnce
 from meshnet.dns import (
     DEFAULT_TIMEOUT,
     MAX_IN_FLIGHT,
@@ -143,6 +145,8 @@ REFUSE_CLOSED = Refuse("closed")
 # What the pool remembers as the client of a forwarded query: where to send its reply.
 _UdpClient = tuple["_UdpListener", Addr]
 _Client = _UdpClient | asyncio.Future[bytes]
+
+log = logging.getLogger("meshnet.dns")
 
 
 def per_listener_share(total: int) -> int:
@@ -402,6 +406,7 @@ class DnsServer:
             "upstream_tcp_fallbacks": 0,  # ... so that attempt went over UDP instead
             "internal_errors": 0,  # a bug caught at the boundary (the fuzz tests want 0)
         }
+        self._log_once = LogOnce(log)
         self._loop: asyncio.AbstractEventLoop | None = None
         # address family -> the address upstream sockets are bound to (port 0)
         self._bind: dict[int, str] = {}
@@ -577,8 +582,9 @@ class DnsServer:
         c = self.counters
         try:
             outs = self.pool.submit(query, client, loop.time(), owner=owner, tcp=tcp)
-        except Exception:  # a bug; never let it reach the loop or end a TCP session
+        except Exception as e:  # a bug; never let it reach the loop or end a TCP session
             c["internal_errors"] += 1
+            self._log_once("answering a DNS query", e, "dns.internal_errors")
             outs = []
         if not outs:
             c["dropped"] += 1
@@ -704,8 +710,9 @@ class DnsServer:
         assert loop is not None
         try:
             out = self.pool.receive(data, addr, loop.time(), qid=qid, attempt=attempt)
-        except Exception:  # a bug; never let it reach the loop
+        except Exception as e:  # a bug; never let it reach the loop
             self.counters["internal_errors"] += 1
+            self._log_once("reading an upstream DNS reply", e, "dns.internal_errors")
             return
         if out is not None:
             self._dispatch(out)

@@ -77,7 +77,10 @@ def _parse(path: Path, name: str) -> NodeRecord:
     """node.json, checked: ValueError (or KeyError/TypeError) says what is wrong."""
     if path.stat().st_size > MAX_NODE_FILE_BYTES:
         raise ValueError("larger than any node record")
-    data = json.loads(path.read_bytes())
+    try:
+        data = json.loads(path.read_bytes())
+    except RecursionError:  # `[[[[...` within the size bound: json's own stack limit
+        raise ValueError("nested too deeply to be a node record") from None
     node_id, boots, incarnation = data["node_id"], data["boots"], data["incarnation"]
     if type(node_id) is not str or not _NODE_ID_RE.fullmatch(node_id):
         raise ValueError("node_id is not 32 hex digits")

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from meshnet.agent.cluster_ops import ClusterOps
+from meshnet.agent.logs import LogOnce
 from meshnet.platform.links import NetDevices, OverlayKernel, norm_ip, norm_mac
 from meshnet.platform.loopthread import LoopThread
 from meshnet.platform.nsfd import PlatformError
@@ -57,7 +58,7 @@ class Overlay:
         self.devices: dict[int, NetDevices] = {}
         self.counters = {"passes": 0, "errors": 0, "bad_endpoints": 0}
         self._bad_endpoints: set[tuple[str, str, str, str]] = set()
-        self._logged: set[str] = set()
+        self._log_once = LogOnce(log)
         self.encrypted: EncryptedOverlay | None = None
 
     def attach_encrypted(self, encrypted: EncryptedOverlay) -> None:
@@ -83,12 +84,6 @@ class Overlay:
     def kick(self) -> None:
         self.wake.set()
 
-    def _log_once(self, what: str, e: BaseException) -> None:
-        kind = f"{what}: {type(e).__name__}: {str(e)[:200]}"
-        if kind not in self._logged and len(self._logged) < MAX_REMEMBERED_BAD:
-            self._logged.add(kind)
-            log.error("%s failed (logged once; counted in errors)", what, exc_info=e)
-
     async def _loop(self) -> None:
         while True:
             self.wake.clear()
@@ -99,7 +94,7 @@ class Overlay:
                 log.warning("overlay reconcile failed: %s", e)
             except Exception as e:  # anything else is a bug: it must not stop the loop for good
                 self.counters["errors"] += 1
-                self._log_once("overlay reconcile", e)
+                self._log_once("overlay reconcile", e, "errors")
             if self.encrypted is not None:  # on its own: a plain network's trouble is not its
                 try:
                     await self.encrypted.reconcile()
@@ -108,7 +103,7 @@ class Overlay:
                     log.warning("encrypted overlay reconcile failed: %s", e)
                 except Exception as e:
                     self.encrypted.counters["errors"] += 1
-                    self._log_once("encrypted overlay reconcile", e)
+                    self._log_once("encrypted overlay reconcile", e, "errors")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), self.period)
 

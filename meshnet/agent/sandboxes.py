@@ -69,6 +69,14 @@ MAX_CLAIM_ROUNDS = 32
 # Competing claims a member reports back; more than a few for one address cannot happen.
 MAX_COMPETITORS = 16
 CONFIRM_CONCURRENCY = 32
+# A member that does not answer a confirmation is asked again, backing off to once a second,
+# until it answers or membership stops listing it (dead or left). The deadline is above the
+# LAN profile's longest suspicion (6 x 1.5 x log10(1,000) x 1 s = 27 s), so a member that is
+# really gone is declared dead before it; past it the allocation fails (the caller retries
+# later) rather than treat silence as "no rival".
+CONFIRM_RETRY_S = 0.1
+CONFIRM_RETRY_MAX_S = 1.0
+CONFIRM_DEADLINE_S = 60.0
 # `meshctl run` output is streamed in chunks of at most this much.
 OUTPUT_CHUNK = 64 * 1024
 STOP_GRACE_S = 5.0
@@ -119,7 +127,8 @@ class Sandboxes:
         # sandbox is gone: two sandboxes whose names hash alike are refused, never share one.
         self.holders: dict[str, str] = {}
         gossip.stream_handlers[STREAM_IPAM] = self._serve_claim
-        self.counters = {"claims": 0, "claims_lost": 0, "confirm_unreachable": 0}
+        self.counters = {"claims": 0, "claims_lost": 0, "confirm_retries": 0,
+                         "confirm_member_gone": 0, "confirm_unreachable": 0}
 
     def ns_prefix(self) -> str:
         """What every sandbox namespace of this agent is named starting with."""
@@ -207,33 +216,54 @@ class Sandboxes:
         return bytes(msgpack.packb([encode_delta(e) for e in rivals[:MAX_COMPETITORS]]))
 
     async def _confirm(self, claim: Entry) -> list[Entry]:
-        """Send the claim to every alive member; gather the competing claims they hold."""
+        """Send the claim to every alive or suspect member; gather the competing claims they
+        hold. A member that does not answer is asked again until it does or membership drops
+        it: silence is never taken for "no rival" (OpError past CONFIRM_DEADLINE_S)."""
         body = encode_delta(claim)
         sem = asyncio.Semaphore(CONFIRM_CONCURRENCY)
+        deadline = time.monotonic() + CONFIRM_DEADLINE_S
 
-        async def ask(m: Member) -> list[Entry]:
-            async with sem:
-                for _ in range(2):
+        def still_member(m: Member) -> bool:
+            return any(p.name == m.name and p.addr == m.addr for p in self.peers())
+
+        async def ask(m: Member) -> list[Entry] | None:
+            """Its competing claims; None once it is no longer a member."""
+            delay = CONFIRM_RETRY_S
+            while True:
+                async with sem:
                     try:
                         raw = await self.gossip.request(m.addr, STREAM_IPAM, body)
-                        out = []
-                        for item in msgpack.unpackb(raw, raw=False, max_array_len=MAX_COMPETITORS,
-                                                    max_bin_len=65536)[:MAX_COMPETITORS]:
-                            if self.store.apply_delta(item, time.time()):
-                                self.state.changed()
-                            out.append(decode_delta(item).entry)
-                        return out
+                        return self._take_competitors(raw)
                     except (OSError, TimeoutError, asyncio.IncompleteReadError, StreamError,
                             KeyringError, ValueError, TypeError, StateProtocolError,
-                            msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
-                        await asyncio.sleep(0.1)
-                # An alive member we cannot reach is about to be declared dead; its claims,
-                # if any, lose their owner's liveness with it.
-                self.counters["confirm_unreachable"] += 1
-                return []
+                            msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+                        self.counters["confirm_retries"] += 1
+                        error = e
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, CONFIRM_RETRY_MAX_S)
+                if not still_member(m):
+                    # Declared dead or gone: its claims, if any, lose their owner's
+                    # liveness with it.
+                    self.counters["confirm_member_gone"] += 1
+                    return None
+                if time.monotonic() >= deadline:
+                    self.counters["confirm_unreachable"] += 1
+                    raise OpError(f"could not confirm address {claim.key} with member {m.name} "
+                                  f"(no answer for {CONFIRM_DEADLINE_S:g} s: "
+                                  f"{type(error).__name__}); not taking silence for consent")
 
         results = await asyncio.gather(*(ask(m) for m in self.peers()))
-        return [e for r in results for e in r]
+        return [e for r in results if r is not None for e in r]
+
+    def _take_competitors(self, raw: bytes) -> list[Entry]:
+        """A member's answer to our claim: the competing claims it holds, which we merge."""
+        out = []
+        for item in msgpack.unpackb(raw, raw=False, max_array_len=MAX_COMPETITORS,
+                                    max_bin_len=65536)[:MAX_COMPETITORS]:
+            if self.store.apply_delta(item, time.time()):
+                self.state.changed()
+            out.append(decode_delta(item).entry)
+        return out
 
     async def allocate(self, network: str, name: str, extra: dict[str, Any]) -> Endpoint:
         """Claim an address, confirm it with every member, re-pick on loss; returns the

@@ -25,6 +25,7 @@ import msgpack
 
 from meshnet.agent.control import Handler, OpError, SendEvent
 from meshnet.agent.gossip import STREAM_LOGS, GossipTransport, StreamError
+from meshnet.agent.logs import LogOnce, error_line
 from meshnet.agent.sandboxes import (
     LaunchFailure,
     Sandboxes,
@@ -200,9 +201,10 @@ class Services:
         self.wake = asyncio.Event()
         self.loop_task: asyncio.Task[None] | None = None
         self.closing = False
-        self.counters = {"scheduler_errors": 0, "services_unplaceable": 0}
+        self.counters = {"scheduler_errors": 0, "services_unplaceable": 0,
+                         "task_start_errors": 0}
         self._unplaceable_logged: set[str] = set()
-        self._errors_logged: set[str] = set()
+        self._log_once = LogOnce(log)
         gossip.stream_handlers[STREAM_LOGS] = self._serve_logs
 
     def handlers(self) -> dict[str, Handler]:
@@ -273,10 +275,7 @@ class Services:
 
     def _scheduler_error(self, what: str, e: BaseException) -> None:
         self.counters["scheduler_errors"] += 1
-        kind = f"{what}: {type(e).__name__}: {str(e)[:200]}"
-        if kind not in self._errors_logged and len(self._errors_logged) < 64:
-            self._errors_logged.add(kind)
-            log.error("%s failed (logged once; counted in scheduler_errors)", what, exc_info=e)
+        self._log_once(what, e, "scheduler_errors")
 
     async def _loop(self) -> None:
         while True:
@@ -349,8 +348,10 @@ class Services:
                 task.state = "starting"
                 try:
                     code = await self._run_once(task)
-                except Exception:  # the kernel said no; retry by the restart policy
-                    log.exception("task %s failed to start", task.name)
+                except Exception as e:  # the kernel said no; retry by the restart policy
+                    self.counters["task_start_errors"] += 1
+                    log.warning("task %s failed to start: %s", task.name,
+                                e if isinstance(e, OpError) else error_line(e))
                     code = START_FAILED
                 task.exit_code = code
                 task.state = "complete" if code == 0 else "failed"
@@ -586,14 +587,10 @@ class Services:
         async def ask(m: Member) -> dict[str, str]:
             try:
                 raw = await self.gossip.request(m.addr, STREAM_LOGS, body)
-                doc = msgpack.unpackb(raw, raw=False)
-                # Only this service's task names, whatever a peer sends back.
-                return {str(k): str(v) for k, v in doc.get("logs", {}).items()
-                        if isinstance(k, str) and
-                        _task_of_log(svc.name, k + LOG_SUFFIX) is not None}
             except (OSError, TimeoutError, asyncio.IncompleteReadError, StreamError,
-                    KeyringError, ValueError, AttributeError):
+                    KeyringError, ValueError):
                 return {}
+            return parse_logs_reply(svc.name, raw)
 
         logs = self.local_logs(svc.name)
         for part in await asyncio.gather(*(ask(m) for m in self.peers())):
@@ -603,6 +600,22 @@ class Services:
             if lines:
                 await send({"stream": "stdout", "data": lines})
         return {"service": svc.name, "tasks": sorted(logs)}
+
+
+def parse_logs_reply(service: str, raw: bytes) -> dict[str, str]:
+    """A member's STREAM_LOGS answer (what ``_serve_logs`` sends): task name -> the tail of its
+    log, for SERVICE's tasks only, whatever a peer sends back; anything else in it is left out.
+    Never raises."""
+    try:
+        doc = msgpack.unpackb(raw, raw=False)
+    except (ValueError, msgpack.UnpackException):  # msgpack's decoding errors
+        return {}
+    logs = doc.get("logs") if isinstance(doc, dict) else None
+    if not isinstance(logs, dict):
+        return {}
+    return {k: v for k, v in logs.items()
+            if isinstance(k, str) and isinstance(v, str) and
+            _task_of_log(service, k + LOG_SUFFIX) is not None}
 
 
 def _task_of_log(service: str, fname: str) -> str | None:

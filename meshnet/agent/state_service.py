@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from meshnet.agent.gossip import STREAM_STATE, GossipTransport, StreamError
+from meshnet.agent.logs import LogOnce
 from meshnet.agent.store_db import StoreDb
 from meshnet.crypto.keyring import KeyringError
 from meshnet.membership import (
@@ -73,7 +74,7 @@ class StateService:
         self._counts = {"bad_deltas": 0, "bad_entries": 0, "anti_entropy": 0,
                         "anti_entropy_failed": 0, "handler_errors": 0, "listener_errors": 0,
                         "refusals_not_logged": 0}
-        self._logged_errors: set[str] = set()
+        self._log_once = LogOnce(log)
         self._refusal_window = (0.0, 0)  # (window start, lines logged in it)
 
     @property
@@ -91,10 +92,7 @@ class StateService:
     def _error_once(self, what: str, exc: BaseException) -> None:
         """A failure that must not stop anything: counted always, logged once per kind."""
         self._counts["handler_errors"] += 1
-        kind = f"{what}: {type(exc).__name__}"
-        if kind not in self._logged_errors and len(self._logged_errors) < 64:
-            self._logged_errors.add(kind)
-            log.error("%s failed (logged once; counted in handler_errors)", what, exc_info=exc)
+        self._log_once(what, exc, "handler_errors")
 
     def log_refusals(self) -> None:
         """Log the store's new refusals, at most REFUSAL_LOG_BURST a window."""

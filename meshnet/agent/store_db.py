@@ -87,6 +87,13 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
+# What load and load_gc_horizon read; a table without them cannot be used.
+_COLUMNS = {
+    "entries": frozenset({"tbl", "key", "value", "hlc", "writer", "tombstone", "sig"}),
+    "meta": frozenset({"name", "value"}),
+}
+
+
 class StoreDbError(Exception):
     """The store database could not be opened or written."""
 
@@ -96,7 +103,9 @@ class _Damaged(Exception):
 
 
 def _damaged(e: BaseException) -> bool:
-    if isinstance(e, _Damaged):
+    # UnicodeDecodeError: sqlite3 could not decode SQLite's error message, which quotes names
+    # read from the file's own (damaged) schema, e.g. "malformed database schema (e\xf7tries)".
+    if isinstance(e, _Damaged | UnicodeDecodeError):
         return True
     return getattr(e, "sqlite_errorcode", None) in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
 
@@ -108,13 +117,13 @@ class StoreDb:
         self.skipped_rows = 0  # malformed rows ``load`` ignored
         try:
             self._db = self._open()
-        except (sqlite3.Error, _Damaged) as e:
+        except (sqlite3.Error, _Damaged, UnicodeDecodeError) as e:
             if not _damaged(e):
                 raise StoreDbError(f"{self.path}: {e}") from None
             self.quarantined = self._quarantine()
             try:
                 self._db = self._open()
-            except (sqlite3.Error, _Damaged) as e2:
+            except (sqlite3.Error, _Damaged, UnicodeDecodeError) as e2:
                 raise StoreDbError(f"{self.path}: {e2}") from None
 
     @classmethod
@@ -131,6 +140,7 @@ class StoreDb:
         db = sqlite3.connect(
             self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
+        db.text_factory = _text_or_bytes
         try:
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()
             if mode is None or str(mode[0]).lower() != "wal":
@@ -143,6 +153,10 @@ class StoreDb:
             columns = {row[1] for row in db.execute("PRAGMA table_info(entries)").fetchall()}
             if "sig" not in columns:  # a database from before signatures (see above)
                 db.execute("ALTER TABLE entries ADD COLUMN sig BLOB")
+            for table, want in _COLUMNS.items():  # a damaged schema text renames columns
+                have = {row[1] for row in db.execute(f"PRAGMA table_info({table})").fetchall()}
+                if not want <= have:
+                    raise _Damaged(f"table {table} lacks columns {sorted(want - have)}")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -253,6 +267,15 @@ class StoreDb:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _text_or_bytes(raw: bytes) -> str | bytes:
+    """SQLite TEXT as str; text that is not UTF-8 (a damaged row) stays bytes, which no check
+    here takes for text, so its row is skipped instead of failing the whole ``load``."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw
 
 
 def _text(value: object, max_bytes: int) -> bool:
