@@ -232,3 +232,25 @@ def test_second_agent_on_same_socket_path_is_clear(agents, key_file, tmp_path: P
     assert "Traceback" not in b.stderr
     assert a.ctl("status").returncode == 0
     wait_for(lambda: not a.exited(), 1, "first agent alive")
+
+
+# Every drop and refusal of #14 (replays and floods) that a control-plane agent can count, by
+# the status section it shows in: a counter that is kept but not shown cannot be watched.
+REFUSAL_COUNTERS = {
+    "gossip": ("fresh_duplicate", "fresh_too_old", "fresh_old_epoch", "fresh_skew",
+               "auth_failures", "answers_bare", "answers_limited", "stale_answers_withheld",
+               "relays_refused", "amplification_drops", "stream_head_timeouts",
+               "stream_over_cap", "streams_refused_total", "streams_refused_per_source",
+               "stream_handler_errors"),
+    "store": ("refused_invalid", "handler_errors"),
+    "dns": ("internal_errors", "dns_refresh_errors"),
+    "control": ("internal_errors", "bad_requests"),
+}
+
+
+def test_status_shows_every_refusal_counter(agents, key_file) -> None:  # type: ignore[no-untyped-def]
+    a: AgentProc = agents(key=key_file).start()
+    st = a.ctl_json("status")
+    missing = {section: [k for k in keys if not isinstance(st.get(section, {}).get(k), int)]
+               for section, keys in REFUSAL_COUNTERS.items()}
+    assert not any(missing.values()), missing

@@ -118,3 +118,8 @@ def test_bad_replicated_values_are_refused_and_loops_keep_running(
     for h in HOSTS:
         store = status_store(c, h)
         assert store["handler_errors"] == 0 and store["listener_errors"] == 0, store
+        # and the schedulers and claims ran clean: placed, started, every claim confirmed
+        tasks_status = c.ctl_json(h, "status")["tasks"]
+        assert tasks_status["scheduler_errors"] == 0 and tasks_status["task_start_errors"] == 0
+        assert tasks_status["claims"] >= 1 and tasks_status["confirm_unreachable"] == 0, \
+            tasks_status
