@@ -243,7 +243,9 @@ REFUSAL_COUNTERS = {
                "stream_over_cap", "streams_refused_total", "streams_refused_per_source",
                "stream_handler_errors"),
     "store": ("refused_invalid", "handler_errors"),
-    "dns": ("internal_errors", "dns_refresh_errors"),
+    "dns": ("internal_errors", "dns_refresh_errors", "upstream_bad_id", "upstream_bad_source",
+            "upstream_bad_question", "upstream_bad_reply", "upstream_owner_overflow",
+            "tcp_evicted"),
     "control": ("internal_errors", "bad_requests"),
 }
 
