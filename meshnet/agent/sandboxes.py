@@ -17,7 +17,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from meshnet.agent.cluster_ops import ClusterOps
 from meshnet.agent.control import OpError, SendEvent
 from meshnet.agent.dns_server import DnsServer, Listener
 from meshnet.agent.gossip import STREAM_IPAM, GossipTransport, StreamError
+from meshnet.agent.logs import LogOnce
 from meshnet.agent.overlay import Overlay
 from meshnet.agent.state_service import StateService
 from meshnet.aioutil import run_to_end
@@ -128,7 +129,9 @@ class Sandboxes:
         self.holders: dict[str, str] = {}
         gossip.stream_handlers[STREAM_IPAM] = self._serve_claim
         self.counters = {"claims": 0, "claims_lost": 0, "confirm_retries": 0,
-                         "confirm_member_gone": 0, "confirm_unreachable": 0}
+                         "confirm_member_gone": 0, "confirm_unreachable": 0,
+                         "sandbox_teardown_errors": 0}
+        self._log_once = LogOnce(log)
 
     def ns_prefix(self) -> str:
         """What every sandbox namespace of this agent is named starting with."""
@@ -173,8 +176,8 @@ class Sandboxes:
                 log.info("killed %d tasks left by a previous run", len(leftovers))
         for ns in node_sandboxes(self.prefix, self.node):
             await _kill_namespace_processes(ns)
-            with contextlib.suppress(Exception):
-                await self.overlay.nl.run(delete_sandbox(ns))
+            await self._teardown("removing a sandbox left by a previous run",
+                                 self.overlay.nl.run(delete_sandbox(ns)))
             log.info("removed sandbox %s left by a previous run", ns)
         for entry in self.store.owned_by(self.node):
             data = entry.data() or {}
@@ -338,8 +341,7 @@ class Sandboxes:
             if isinstance(ep, BaseException):
                 raise ep
             if isinstance(dev, BaseException):  # no devices: withdraw the address too
-                with contextlib.suppress(Exception):
-                    await self.state.delete(ENDPOINTS, key)
+                await self._teardown("withdrawing an address", self.state.delete(ENDPOINTS, key))
                 raise dev
         except BaseException:
             self.holders.pop(ns, None)
@@ -386,21 +388,30 @@ class Sandboxes:
     async def _remove(self, handle: SandboxHandle) -> None:
         self.live.pop(handle.ns, None)
         try:
-            with contextlib.suppress(Exception):
-                await self.state.delete(ENDPOINTS, handle.key)
+            await self._teardown("withdrawing an endpoint",
+                                 self.state.delete(ENDPOINTS, handle.key))
             if handle.listener is not None:
-                with contextlib.suppress(Exception):
-                    await self.dns.remove_listener(handle.listener)
+                await self._teardown("removing a DNS listener",
+                                     self.dns.remove_listener(handle.listener))
             if handle.cgroup is not None and self.cgroups is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(self.cgroups.destroy, handle.cgroup)
+                await self._teardown("removing a task cgroup",
+                                     asyncio.to_thread(self.cgroups.destroy, handle.cgroup))
             if not handle.ns_taken:  # a namespace we found already there is not ours to end
                 await _kill_namespace_processes(handle.ns)
-                with contextlib.suppress(Exception):
-                    await self.overlay.nl.run(delete_sandbox(handle.ns))
+                await self._teardown("deleting a sandbox namespace",
+                                     self.overlay.nl.run(delete_sandbox(handle.ns)))
         finally:
             if self.holders.get(handle.ns) == handle.name:
                 del self.holders[handle.ns]
+
+    async def _teardown(self, what: str, step: Awaitable[object]) -> None:
+        """One teardown step: a failure is counted and logged in one line, and the steps after
+        it still run (a half-removed sandbox must not keep the rest of it alive)."""
+        try:
+            await step
+        except Exception as e:
+            self.counters["sandbox_teardown_errors"] += 1
+            self._log_once(what, e, "tasks.sandbox_teardown_errors")
 
     async def close(self) -> None:
         for handle in list(self.live.values()):

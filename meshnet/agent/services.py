@@ -202,7 +202,7 @@ class Services:
         self.loop_task: asyncio.Task[None] | None = None
         self.closing = False
         self.counters = {"scheduler_errors": 0, "services_unplaceable": 0,
-                         "task_start_errors": 0}
+                         "task_start_errors": 0, "task_teardown_errors": 0}
         self._unplaceable_logged: set[str] = set()
         self._log_once = LogOnce(log)
         gossip.stream_handlers[STREAM_LOGS] = self._serve_logs
@@ -434,8 +434,11 @@ class Services:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task.runner
         self.tasks.pop(task.name, None)
-        with contextlib.suppress(Exception):
+        try:
             await self.state.delete(TASKS, self._task_key(task))
+        except Exception as e:  # the task is gone here; its record is cleaned by the next pass
+            self.counters["task_teardown_errors"] += 1
+            self._log_once("withdrawing a task record", e, "tasks.task_teardown_errors")
 
     # --- control API ---------------------------------------------------------------------------
 
