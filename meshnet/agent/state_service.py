@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from meshnet.agent.control import OpError
 from meshnet.agent.gossip import STREAM_STATE, GossipTransport, StreamError
 from meshnet.agent.logs import LogOnce
 from meshnet.agent.store_db import StoreDb
@@ -43,7 +44,7 @@ from meshnet.membership import (
     MemberReaped,
     MemberUpdated,
 )
-from meshnet.state import StateProtocolError, Store
+from meshnet.state import StateProtocolError, Store, StoreFull
 from meshnet.state.validate import check_value
 
 log = logging.getLogger("meshnet.state")
@@ -199,7 +200,10 @@ class StateService:
     # --- local writes (control API) ---------------------------------------------------------
 
     async def put(self, table: str, key: str, value: dict[str, Any]) -> None:
-        self.store.put(table, key, value, time.time())
+        try:
+            self.store.put(table, key, value, time.time())
+        except StoreFull as e:  # a bound, not a bug: the user reads why (counted in the store)
+            raise OpError(str(e), "store_full") from None
         self.changed()
         await self.flush()
 

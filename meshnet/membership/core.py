@@ -50,6 +50,7 @@ from meshnet.membership.lifeguard import (
     suspicion_timeout,
 )
 from meshnet.membership.messages import (
+    CACHE_STAT_KEYS,
     COMPOUND_OVERHEAD,
     COMPOUND_PART_OVERHEAD,
     MAX_CLAIM_INCARNATION,
@@ -68,6 +69,7 @@ from meshnet.membership.messages import (
     Nack,
     Ping,
     PushPull,
+    PushPullOverBudget,
     PushPullState,
     Suspect,
     User,
@@ -165,6 +167,7 @@ _STAT_KEYS = (
     "push_pulls_failed",
     "push_pulls_served",
     "push_pulls_bad",
+    "push_pulls_over_budget",
     "push_pulls_skipped",
     "reconnects",
     "reaped",
@@ -183,6 +186,7 @@ _STAT_KEYS = (
     "stale_answers_withheld",
     "answers_limited",
     "relays_refused",
+    *CACHE_STAT_KEYS,
 )
 # Alive messages held until their sender's certificate arrives (by name, newest kept).
 MAX_HELD = 1024
@@ -374,7 +378,10 @@ class Membership:
         self._queue = BroadcastQueue()
         self._limit_n = -1  # retransmit limit memo: (member count it was computed for, limit)
         self._limit = 0
-        self._decode_cache = decode_cache if decode_cache is not None else DecodeCache()
+        self.stats: dict[str, int] = dict.fromkeys(_STAT_KEYS, 0)
+        # A cache of our own counts its clears in our stats (a shared one keeps its own).
+        self._decode_cache = decode_cache if decode_cache is not None else DecodeCache(
+            stats=self.stats)
         self._decode_cache.meta.setdefault(meta_bytes, meta)
         self._tombstones: dict[str, int] = {}
         self._heap: list[tuple[float, int, int, object]] = []
@@ -386,7 +393,6 @@ class Membership:
         self._inflight: dict[Addr, float] = {}  # outbound push-pull -> expiry
         self._joining: set[Addr] = set()  # seeds we sent a join push-pull to
         self._events: deque[MemberEvent] = deque()
-        self.stats: dict[str, int] = dict.fromkeys(_STAT_KEYS, 0)
 
         self._probe: _Probe | None = None
         # Probes past their interval, unanswered, still listening for a late ack (see _probe_tick).
@@ -607,6 +613,9 @@ class Membership:
         """An inbound push-pull: merge the peer's state, return ours (None: drop the stream)."""
         try:
             pp = decode_push_pull(data, self.config.max_push_pull_bytes, self._cache())
+        except PushPullOverBudget:
+            self.stats["push_pulls_over_budget"] += 1
+            return None
         except MembershipProtocolError:
             self.stats["push_pulls_bad"] += 1
             return None
@@ -620,6 +629,9 @@ class Membership:
         self._joining.discard(addr)
         try:
             pp = decode_push_pull(data, self.config.max_push_pull_bytes, self._cache())
+        except PushPullOverBudget:
+            self.stats["push_pulls_over_budget"] += 1
+            return
         except MembershipProtocolError:
             self.stats["push_pulls_bad"] += 1
             return

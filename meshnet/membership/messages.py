@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from meshnet import wire
+from meshnet import decode_budget, wire
 from meshnet.membership.types import (
     STATE_CODES,
     Addr,
@@ -25,12 +25,16 @@ from meshnet.membership.types import (
 )
 
 __all__ = [
+    "CACHE_STAT_KEYS",
     "COMPOUND_OVERHEAD",
     "COMPOUND_PART_OVERHEAD",
+    "DECODE_CACHE_BYTES",
     "DECODE_CACHE_ENTRIES",
+    "DECODE_CACHE_ENTRY_BYTES",
     "MAX_CLAIM_INCARNATION",
     "MAX_COMPOUND_PARTS",
     "MAX_INCARNATION",
+    "MAX_PUSH_PULL_DECODE_BYTES",
     "MAX_PUSH_PULL_MEMBERS",
     "PUSH_PULL_VERSION",
     "Ack",
@@ -44,6 +48,7 @@ __all__ = [
     "Nack",
     "Ping",
     "PushPull",
+    "PushPullOverBudget",
     "PushPullState",
     "Suspect",
     "User",
@@ -89,6 +94,13 @@ SEQ_MOD = 1 << 32
 # Members in one push-pull: bounded by what fits MAX_STREAM_BYTES at the smallest entry (~20 B);
 # checked against the declared array length before the entries are walked.
 MAX_PUSH_PULL_MEMBERS = 100_000
+# Estimated bytes of Python objects one push-pull's msgpack may decode to (meshnet.decode_budget
+# charges 64 bytes a container and 64 a slot). Honest bodies need at most ~68 MiB: MAX_PUSH_PULL_
+# MEMBERS rows of 9 fields (640 bytes each) and as many certificates; the rest is room for a newer
+# peer's extra fields. Without it, 20 MiB of empty arrays decoded to 1.3 GB (65x). Decodes run one
+# at a time on the event loop, so this bounds push-pull decoding's peak; bodies under 768 KiB
+# (~3,000 members) cannot reach it and are decoded without the hooks.
+MAX_PUSH_PULL_DECODE_BYTES = 96 * 1024 * 1024
 # Version of the push-pull body; a newer peer's extra fields are ignored, an older one refused.
 PUSH_PULL_VERSION = 1
 # A user (delegate) message must fit in one packet alongside a ping.
@@ -316,10 +328,22 @@ def encode_push_pull_raw(
 
 MetaCache = dict[bytes, NodeMeta]
 
-# Entries in each of a DecodeCache's two tables before it is cleared (it only saves work). 16384
+# Entries in each of a DecodeCache's three tables before it is cleared (it only saves work). 16384
 # decoded metadata objects of at most 512 bytes each stay near 10 MB, and the table holds every
 # member of a 5,000-node simulation; broadcast parts are short-lived (a few seconds of gossip).
 DECODE_CACHE_ENTRIES = 16_384
+# Estimated bytes the whole cache (its three tables together) may hold before it is cleared.
+# The entry bound alone let padded entries in (a decoder accepts arrays longer than it knows, so a
+# part may be a whole 64 KB datagram): 16,384 of them in two tables held ~1 GB. An entry is
+# charged its key's length and DECODE_CACHE_ENTRY_BYTES (the dict slot, the key's header and the
+# decoded message's objects: ~300 bytes measured), plus what it holds beyond that: an alive part
+# its copy of the metadata, a packet its tuple, metadata its NodeMeta (up to 7x its size, measured
+# with 123 two-letter labels: charged META_DECODED_PER_BYTE). So 64 MiB holds 30,000-100,000
+# honest gossip parts and packets (charged 0.5-2 KB each) or ~13,000 metadata of the full 512
+# bytes; the simulator's shared cache holds ~2 MB at 1,000 nodes.
+DECODE_CACHE_BYTES = 64 * 1024 * 1024
+DECODE_CACHE_ENTRY_BYTES = 512
+META_DECODED_PER_BYTE = 8
 
 
 class DecodeCache:
@@ -330,17 +354,41 @@ class DecodeCache:
     are frozen and may be shared). Every broadcast reaches each member about
     RetransmitMult x log10(n) times, so most parts a member receives were decoded before, and a
     gossip round sends one packet to gossip_nodes members. A core owns one by default; the
-    simulator gives all its cores one, as the same bytes reach them all. Bounded: a table past
-    ``max_entries`` is cleared.
+    simulator gives all its cores one, as the same bytes reach them all.
+
+    Bounded: a table past ``max_entries``, or the whole past ``max_bytes`` (estimated, see
+    DECODE_CACHE_BYTES), clears all three tables (packets share the parts' messages, and alives
+    the metadata's NodeMeta, so a table is never emptied while another still holds its objects);
+    counted in ``stats`` (``decode_cache_clears``, ``decode_cache_clears_bytes``), the core's
+    counters when it made the cache.
     """
 
-    __slots__ = ("max_entries", "meta", "packets", "parts")
+    __slots__ = ("max_bytes", "max_entries", "meta", "packets", "parts", "stats", "used")
 
-    def __init__(self, max_entries: int = DECODE_CACHE_ENTRIES) -> None:
+    def __init__(self, max_entries: int = DECODE_CACHE_ENTRIES,
+                 max_bytes: int = DECODE_CACHE_BYTES, stats: dict[str, int] | None = None) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self.meta: MetaCache = {}
         self.parts: dict[bytes, Message] = {}
         self.packets: dict[bytes, tuple[Message, ...]] = {}
+        self.used = 0  # estimated bytes held (entries put in self.meta directly are not counted)
+        self.stats = stats if stats is not None else {}
+        for key in CACHE_STAT_KEYS:
+            self.stats.setdefault(key, 0)
+
+    def _make_room(self, table: dict[bytes, Any], cost: int) -> None:
+        """Clear everything (counted) if ``table`` is full or ``cost`` more bytes would not fit."""
+        if len(table) >= self.max_entries:
+            self.stats["decode_cache_clears"] += 1
+        elif self.used + cost > self.max_bytes:
+            self.stats["decode_cache_clears_bytes"] += 1
+        else:
+            return
+        self.meta.clear()
+        self.parts.clear()
+        self.packets.clear()
+        self.used = 0
 
     def decode(self, data: bytes | memoryview) -> tuple[Message, ...] | list[Message]:
         """decode_packet through the cache; the result is shared: read it, never change it."""
@@ -354,44 +402,65 @@ class DecodeCache:
         # Only packets of frozen broadcast parts: a ping or an ack is unique to one probe.
         if not all(type(m) in _CACHED_CLASSES for m in msgs):
             return msgs
-        if len(packets) >= self.max_entries:
-            packets.clear()
-        kept = packets[data] = tuple(msgs)
+        cost = len(data) + DECODE_CACHE_ENTRY_BYTES + 8 * len(msgs)
+        self._make_room(packets, cost)
+        kept = self.packets[data] = tuple(msgs)
+        self.used += cost
         return kept
 
     def decode_part(self, part: bytes) -> Message | None:
         """One non-compound message (``part`` starts with its type byte), through the cache."""
         t = part[0]
         if t not in _CACHED_TYPES:
-            return _decode_one(t, memoryview(part)[1:], self.meta)
+            return _decode_one(t, memoryview(part)[1:], self)
         parts = self.parts
         msg = parts.get(part)
         if msg is None:
-            msg = _decode_one(t, memoryview(part)[1:], self.meta)
+            msg = _decode_one(t, memoryview(part)[1:], self)
             assert msg is not None
-            if len(parts) >= self.max_entries:
-                parts.clear()
-            parts[part] = msg
+            cost = len(part) + DECODE_CACHE_ENTRY_BYTES
+            if type(msg) is Alive:
+                cost += len(msg.meta_bytes)
+            self._make_room(parts, cost)
+            self.parts[part] = msg
+            self.used += cost
         return msg
 
+    def add_meta(self, raw: bytes, meta: NodeMeta) -> None:
+        cost = DECODE_CACHE_ENTRY_BYTES + (1 + META_DECODED_PER_BYTE) * len(raw)
+        self._make_room(self.meta, cost)
+        self.meta[raw] = meta
+        self.used += cost
 
-def _decode_meta(raw: object, cache: MetaCache | None) -> tuple[NodeMeta, bytes]:
+
+# Counters a DecodeCache keeps (in the core's stats when the core made it).
+CACHE_STAT_KEYS = ("decode_cache_clears", "decode_cache_clears_bytes")
+
+
+def _decode_meta(raw: object, cache: DecodeCache | MetaCache | None) -> tuple[NodeMeta, bytes]:
     """Decode (or look up an already-validated copy of) encoded metadata."""
     if type(raw) is not bytes:
         raise _err("meta: expected bytes")
-    if cache is not None:
-        hit = cache.get(raw)
-        if hit is not None:
-            return hit, raw
-        meta = NodeMeta.decode(raw)
+    if cache is None:
+        return NodeMeta.decode(raw), raw
+    if isinstance(cache, DecodeCache):
+        hit = cache.meta.get(raw)
+        if hit is None:
+            hit = NodeMeta.decode(raw)
+            cache.add_meta(raw, hit)
+        return hit, raw
+    hit = cache.get(raw)
+    if hit is None:
+        hit = NodeMeta.decode(raw)
         if len(cache) >= DECODE_CACHE_ENTRIES:
             cache.clear()
-        cache[raw] = meta
-        return meta, raw
-    return NodeMeta.decode(raw), raw
+        cache[raw] = hit
+    return hit, raw
 
 
-def _decode_one(t: int, view: memoryview, cache: MetaCache | None) -> Message | None:
+def _decode_one(
+    t: int, view: memoryview, cache: DecodeCache | MetaCache | None
+) -> Message | None:
     """Decode one non-compound message; None for a type we do not know (newer peer)."""
     if t == MsgType.PING:
         b = _body(view, 3, "ping")
@@ -519,17 +588,24 @@ def make_compound(parts: list[bytes]) -> bytes:
 _COMPOUND_HEADERS = [struct.Struct(f">BB{n}H") for n in range(MAX_COMPOUND_PARTS + 1)]
 
 
+class PushPullOverBudget(MembershipProtocolError):
+    """A push-pull whose decoding would build more than MAX_PUSH_PULL_DECODE_BYTES."""
+
+
 def decode_push_pull(
     data: bytes | memoryview,
     max_bytes: int = wire.MAX_STREAM_BYTES,
     cache: DecodeCache | MetaCache | None = None,
+    budget: int = MAX_PUSH_PULL_DECODE_BYTES,
 ) -> PushPull:
-    """Decode a push-pull stream payload (request or reply)."""
+    """Decode a push-pull stream payload (request or reply); PushPullOverBudget if its msgpack
+    would decode to more than ``budget`` bytes (estimated: meshnet.decode_budget)."""
     meta_cache = _meta_table(cache)
     t, rest = wire.unframe(data, max_bytes=max_bytes, exc=MembershipProtocolError)
     if t != MsgType.PUSH_PULL:
         raise _err("stream: expected push-pull")
-    b = wire.unpack(rest, max_bytes=max_bytes, exc=MembershipProtocolError)
+    b = decode_budget.unpack(rest, decode_budget.Budget(budget), max_bytes=max_bytes,
+                             exc=MembershipProtocolError, over=PushPullOverBudget)
     if type(b) is not list or len(b) < 4:
         raise _err("push-pull: expected array of >= 4")
     if type(b[0]) is not int or b[0] < PUSH_PULL_VERSION:
@@ -563,7 +639,7 @@ def decode_push_pull(
         raw = row[3]
         meta = meta_cache.get(raw) if meta_cache is not None and type(raw) is bytes else None
         if meta is None:
-            meta, raw = _decode_meta(raw, meta_cache)
+            meta, raw = _decode_meta(raw, cache)
         name = row[0]
         # A name equal to already-validated metadata's passes check_name: skip the call.
         if (type(name) is not str or name != meta.name) and check_name(name) != meta.name:

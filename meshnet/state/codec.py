@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, NamedTuple
 
-from meshnet import wire
+from meshnet import decode_budget, wire
 from meshnet.state.hlc import Hlc
 from meshnet.state.types import (
     MAX_BUCKET_BITS,
@@ -46,11 +46,13 @@ from meshnet.state.types import (
 
 __all__ = [
     "BUCKET_HASH_BYTES",
+    "MAX_STREAM_DECODE_BYTES",
     "PROTOCOL_VERSION",
     "Decoded",
     "DigestGroup",
     "EntriesMsg",
     "MsgType",
+    "OverBudget",
     "decode_delta",
     "decode_digest",
     "decode_digest_groups",
@@ -80,6 +82,19 @@ BUCKET_HASH_BYTES = 8
 MAX_REQUEST_GROUPS = MAX_TABLES
 # A delta is one gossip user message; nothing larger arrives in a datagram.
 MAX_DELTA_BYTES = wire.MAX_DATAGRAM_BYTES
+# Estimated bytes of Python objects one anti-entropy message (a digest, or entries with their
+# values; at most max_diff_bytes, 20 MiB) may decode to (meshnet.decode_budget). An honest
+# full-size message of the smallest entries (an endpoint: ~160 bytes encoded, ~1.15 KB estimated
+# with its decoded value) needs ~145 MiB, a full digest ~67 MiB (64 tables of 4,096 alternative
+# pairs); without a budget 20 MiB of empty arrays decoded to 1.3 GB. Bodies under 1.25 MiB
+# cannot reach it and are decoded without the hooks (values always are: the store counts them).
+MAX_STREAM_DECODE_BYTES = 160 * 1024 * 1024
+# A value alone is at most MAX_VALUE_BYTES, so its estimate never reaches this.
+_VALUE_CEILING = MAX_VALUE_BYTES * decode_budget.MAX_BYTES_PER_INPUT_BYTE
+
+
+class OverBudget(StateProtocolError):
+    """A message whose decoding would build more than MAX_STREAM_DECODE_BYTES."""
 
 
 def _err(msg: str) -> StateProtocolError:
@@ -108,12 +123,25 @@ def check_writer(value: object) -> str:
 
 def decode_value(value: bytes) -> dict[str, Any]:
     """Decode a stored/received value: a msgpack map with string keys, nothing else."""
+    return decode_value_sized(value)[0]
+
+
+def decode_value_sized(
+    value: bytes, budget: decode_budget.Budget | None = None
+) -> tuple[dict[str, Any], int]:
+    """decode_value, and the bytes its decoded objects are estimated at (decode_budget's
+    charge): what the store counts the value as holding. ``budget``: the message's it came in,
+    also charged (OverBudget past it)."""
     if len(value) > MAX_VALUE_BYTES:
         raise _err("value too large")
-    data = wire.unpack(value, max_bytes=MAX_VALUE_BYTES, exc=StateProtocolError)
+    if budget is None:
+        budget = decode_budget.Budget(_VALUE_CEILING)
+    before = budget.left
+    data = decode_budget.unpack(value, budget, max_bytes=MAX_VALUE_BYTES, exc=StateProtocolError,
+                                over=OverBudget, always_charge=True)
     if type(data) is not dict or not all(type(k) is str for k in data):
         raise _err("value: expected a map with str keys")
-    return data
+    return data, before - budget.left
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,25 +150,27 @@ class Decoded:
 
     entry: Entry
     data: dict[str, Any] | None
+    size: int = 0  # estimated bytes of ``data`` (decode_value_sized)
 
 
-def _entry(raw: object) -> Decoded:
+def _entry(raw: object, budget: decode_budget.Budget | None = None) -> Decoded:
     if type(raw) is not list or len(raw) < 5:
         raise _err("entry: expected array of >= 5")
     table = check_table(raw[0])
     key = check_key(raw[1])
     value = raw[2]
     data: dict[str, Any] | None
+    size = 0
     if value is None:
         data = None
     elif type(value) is bytes:
-        data = decode_value(value)
+        data, size = decode_value_sized(value, budget)
     else:
         raise _err("entry value: expected bin or nil")
     hlc = Hlc.unpack(check_hlc_int(raw[3]))
     writer = check_writer(raw[4])
     sig = check_sig(raw[5]) if len(raw) > 5 else b""
-    return Decoded(Entry(table, key, value, hlc, writer, sig), data)
+    return Decoded(Entry(table, key, value, hlc, writer, sig), data, size)
 
 
 def check_sig(value: object) -> bytes:
@@ -173,11 +203,18 @@ def encode_delta(e: Entry) -> bytes:
     return wire.frame(MsgType.DELTA, [entry_body(e)])
 
 
-def _body(data: bytes | memoryview, want: MsgType, max_bytes: int, n: int) -> list[Any]:
+def _body(
+    data: bytes | memoryview, want: MsgType, max_bytes: int, n: int,
+    budget: decode_budget.Budget | None = None,
+) -> list[Any]:
     msg_type, rest = wire.unframe(data, max_bytes=max_bytes, exc=StateProtocolError)
     if msg_type != want:
         raise _err(f"expected message type {want.name}, got {msg_type}")
-    body = wire.unpack(rest, max_bytes=max_bytes, exc=StateProtocolError)
+    if budget is None:
+        body = wire.unpack(rest, max_bytes=max_bytes, exc=StateProtocolError)
+    else:
+        body = decode_budget.unpack(rest, budget, max_bytes=max_bytes, exc=StateProtocolError,
+                                    over=OverBudget)
     if type(body) is not list or len(body) < n:
         raise _err(f"{want.name}: expected array of >= {n}")
     return body
@@ -243,7 +280,8 @@ def _alts(raw: object, level: int) -> dict[int, int]:
 
 def decode_digest_groups(data: bytes | memoryview) -> dict[str, DigestGroup]:
     """table -> DigestGroup(level, hashes, alts)."""
-    body = _body(data, MsgType.DIGEST, wire.MAX_STREAM_BYTES, 2)
+    body = _body(data, MsgType.DIGEST, wire.MAX_STREAM_BYTES, 2,
+                 decode_budget.Budget(MAX_STREAM_DECODE_BYTES))
     _version(body[0])
     groups = body[1]
     if type(groups) is not list or len(groups) > MAX_TABLES:
@@ -304,12 +342,13 @@ def _array_header(n: int) -> bytes:
 
 
 def decode_entries(data: bytes | memoryview, max_bytes: int = wire.MAX_STREAM_BYTES) -> EntriesMsg:
-    body = _body(data, MsgType.ENTRIES, max_bytes, 3)
+    budget = decode_budget.Budget(MAX_STREAM_DECODE_BYTES)  # the body and its values
+    body = _body(data, MsgType.ENTRIES, max_bytes, 3, budget)
     _version(body[0])
     raw_entries, raw_requests = body[1], body[2]
     if type(raw_entries) is not list:
         raise _err("entries: expected array")
-    entries = [_entry(r) for r in raw_entries]
+    entries = [_entry(r, budget) for r in raw_entries]
     if raw_requests is None:
         return EntriesMsg(entries, None)
     if type(raw_requests) is not list or len(raw_requests) > MAX_REQUEST_GROUPS:

@@ -121,6 +121,15 @@ What is left, bounded: a horizon tombstone we send is signed by us, and the peer
 not let us delete in that table (e.g. a worker's tombstone of a network); the peer then keeps its
 old write and offers it at each exchange, and we refuse it by the horizon each time (one entry).
 
+Byte budget
+-----------
+Every entry held is charged ``STORE_ENTRY_BYTES`` plus its key's and value's lengths plus the
+estimate of its decoded value (``codec.decode_value_sized``); the total (``stats.bytes_held``) stays
+under ``max_bytes`` (``MAX_STORE_BYTES``). A write that would take it over, and makes its entry
+larger, is refused: a remote one as over capacity (``_REFUSED``, counted in ``refused_bytes``), a
+local one with StoreFull, a row of the disk copy skipped (counted, left on disk). A write that
+does not grow the store (a tombstone, a smaller value, a re-announcement) is always taken.
+
 Pure: no I/O, no clock (``now`` in seconds is passed in), no global random.
 """
 
@@ -163,7 +172,8 @@ from meshnet.state.types import (
     entry_order,
 )
 
-__all__ = ["NO_HORIZON", "Changes", "Horizon", "Store", "StoreFull"]
+__all__ = ["MAX_STORE_BYTES", "NO_HORIZON", "STORE_ENTRY_BYTES", "Changes", "Horizon", "Store",
+           "StoreFull"]
 
 _T = TypeVar("_T")
 
@@ -183,6 +193,17 @@ _REFUSED_INVALID = 4  # its value fails the validator (see "Refused writes" abov
 _REFUSED_UNAUTHORIZED = 5  # the authorizer refused it for good (Refusal.final)
 _DEFERRED = 6  # the authorizer refused it for now (see "Signatures and authorization")
 
+# Estimated bytes all entries may hold (see "Byte budget"). A 1,000-node cluster running 10,000
+# tasks (bench/placement.py's scale) holds ~22,000 rows: a task and an endpoint per task, a
+# certificate per node, services and networks, ~2 KiB each with the decoded value and the
+# indexes (an endpoint measures 1.3 KiB and is charged 1.8 KiB): ~45 MiB. 256 MiB is 5x that, or
+# ~2,000 services at the 64 KiB value cap. Without it the bound was max_entries x MAX_VALUE_BYTES
+# (1,000,000 x 64 KiB = 61 GiB) before the decoded values.
+MAX_STORE_BYTES = 256 * 1024 * 1024
+# An entry's own objects beyond its key, value and decoded value: the slot, the Entry, its HLC and
+# signature, the key again in the index tuple and its digest bucket's set. Measured ~830 bytes
+# for a tombstone.
+STORE_ENTRY_BYTES = 1024
 # Distinct table names in StoreStats.refused_by_table; refusals in further tables count as OTHER.
 MAX_REFUSED_TABLE_NAMES = 16
 OTHER_TABLES = "(other)"
@@ -200,7 +221,7 @@ def _tomb_order(e: Entry) -> Horizon:
 
 
 class StoreFull(ValueError):
-    """A local write would exceed ``max_entries`` or ``MAX_TABLES``."""
+    """A local write would exceed ``max_entries``, ``MAX_TABLES`` or ``max_bytes``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +256,12 @@ class _Slot:
     data: dict[str, Any] | None  # decoded value; None for a tombstone
     ehash: int
     bucket: int
+    size: int  # estimated bytes of ``data`` (codec.decode_value_sized)
+
+
+def _cost(key: str, value: bytes | None, size: int) -> int:
+    """What an entry is charged against ``max_bytes`` (see "Byte budget")."""
+    return STORE_ENTRY_BYTES + len(key) + (0 if value is None else len(value)) + size
 
 
 class _Table:
@@ -312,6 +339,7 @@ class Store:
 
     node_id: str
     config: StoreConfig = field(default_factory=StoreConfig)
+    max_bytes: int = MAX_STORE_BYTES  # see "Byte budget"
 
     def __post_init__(self) -> None:
         try:
@@ -587,13 +615,13 @@ class Store:
         if len(blob) > MAX_VALUE_BYTES:
             raise ValueError(f"value of {len(blob)} bytes exceeds {MAX_VALUE_BYTES}")
         try:
-            data = codec.decode_value(blob)  # what every other replica will see
+            data, size = codec.decode_value_sized(blob)  # what every other replica will see
         except StateProtocolError as e:
             raise ValueError(f"bad value: {e}") from None
         reason = self._check(table, key, data)  # what every other replica will check
         if reason is not None:
             raise ValueError(reason)
-        return self._local_write(table, key, blob, data, now)
+        return self._local_write(table, key, blob, data, now, size)
 
     def delete(self, table: str, key: str, now: float) -> Entry | None:
         """Tombstone (table, key); None if there is nothing live to delete."""
@@ -609,7 +637,7 @@ class Store:
         out = []
         for e in self.owned_by(node):
             slot = self._entries[(e.table, e.key)]
-            out.append(self._local_write(e.table, e.key, e.value, slot.data, now))
+            out.append(self._local_write(e.table, e.key, e.value, slot.data, now, slot.size))
         return out
 
     def put_network(self, net: Network, now: float) -> Entry:
@@ -622,19 +650,33 @@ class Store:
         return self.put(ENDPOINTS, ep.key, ep.to_value(), now)
 
     def _local_write(
-        self, table: str, key: str, blob: bytes | None, data: dict[str, Any] | None, now: float
+        self, table: str, key: str, blob: bytes | None, data: dict[str, Any] | None, now: float,
+        size: int = 0,
     ) -> Entry:
         k = (table, key)
-        if k not in self._entries:
+        old = self._entries.get(k)
+        if old is None:
             if len(self._entries) >= self.config.max_entries:
                 raise StoreFull("store holds max_entries")
             if table not in self._tables and len(self._tables) >= MAX_TABLES:
                 raise StoreFull("store holds MAX_TABLES tables")
+        if self._over_bytes(old, key, blob, size):
+            self.stats.refused_bytes += 1
+            raise StoreFull(f"store full: writing {table[:64]}/{key[:64]} would take what the "
+                            f"store holds over {self.max_bytes:,} bytes (MAX_STORE_BYTES)")
         self._clock = self._clock.tick(now)
         e = self._signed(Entry(table, key, blob, self._clock, self.node_id))
-        self._install(k, e, data)
+        self._install(k, e, data, size=size)
         self._enqueue(e)
         return e
+
+    def _over_bytes(self, slot: _Slot | None, key: str, value: bytes | None, size: int) -> bool:
+        """Whether holding ``value`` (decoded ``size``) at ``key`` in place of ``slot`` would
+        take the store over ``max_bytes`` and grow it (a write that does not grow it is always
+        taken)."""
+        new = _cost(key, value, size)
+        old = 0 if slot is None else _cost(key, slot.entry.value, slot.size)
+        return new > old and self.stats.bytes_held - old + new > self.max_bytes
 
     def _signed(self, e: Entry) -> Entry:
         """``e`` with our signature, if we have a signer (only ever for our own writes)."""
@@ -653,13 +695,14 @@ class Store:
         """Seed from the persisted copy (before serving). No events, no deltas, not dirty; the
         clock moves past every loaded HLC so the next local write beats them. Returns the count
         of entries taken (a malformed value is skipped; one the validator refuses is refused as
-        a remote write is, and marked removed so the next ``take_dirty`` drops it from disk)."""
+        a remote write is, and marked removed so the next ``take_dirty`` drops it from disk; one
+        past ``max_entries`` or ``max_bytes`` is skipped, counted, and left on disk)."""
         self._horizon = max(self._horizon, gc_horizon)
         n = 0
         refused: set[tuple[str, str]] = set()
         for e in entries:
             try:
-                data = None if e.value is None else codec.decode_value(e.value)
+                data, size = (None, 0) if e.value is None else codec.decode_value_sized(e.value)
                 if e.sig:
                     codec.check_sig(e.sig)
             except StateProtocolError:
@@ -670,6 +713,10 @@ class Store:
             if slot is not None and entry_order(e) <= entry_order(slot.entry):
                 continue
             if slot is None and len(self._entries) >= self.config.max_entries:
+                self.stats.refused_capacity += 1
+                continue
+            if self._over_bytes(slot, e.key, e.value, size):
+                self.stats.refused_bytes += 1  # skipped, left on disk (a later bound may take it)
                 continue
             if data is not None:
                 reason = self._check(e.table, e.key, data)
@@ -678,7 +725,7 @@ class Store:
                     refused.add(k)
                     continue
             self._clock = max(self._clock, e.hlc)
-            self._install(k, e, data, quiet=True)
+            self._install(k, e, data, quiet=True, size=size)
             n += 1
         for k in refused:
             if k not in self._entries:
@@ -769,6 +816,9 @@ class Store:
         then converges in the next exchange)."""
         try:
             remote = codec.decode_digest_groups(remote_digest)
+        except codec.OverBudget:
+            self.stats.over_budget += 1
+            raise
         except StateProtocolError:
             self.stats.bad_messages += 1
             raise
@@ -822,6 +872,9 @@ class Store:
         older. For step 3 returns None. Raises StateProtocolError on malformed input."""
         try:
             msg = codec.decode_entries(data, self.config.max_diff_bytes)
+        except codec.OverBudget:
+            self.stats.over_budget += 1
+            raise
         except StateProtocolError:
             self.stats.bad_messages += 1
             raise
@@ -972,6 +1025,9 @@ class Store:
                 self.stats.stale += 1
                 return _STALE
             other_copy = order == held_order  # the same write, signed otherwise
+        if self._over_bytes(slot, e.key, e.value, dec.size):
+            self.stats.refused_bytes += 1
+            return _REFUSED
         refused = self._screen(e, dec.data, now)
         if refused is not None:
             return refused
@@ -984,7 +1040,7 @@ class Store:
                 return _STALE
             self.stats.copies_replaced += 1
         self.stats.applied += 1
-        self._install(k, e, dec.data)
+        self._install(k, e, dec.data, size=dec.size)
         if self._expired(e, pms):
             self._collect(k, self._entries[k])
         return _APPLIED
@@ -1019,6 +1075,7 @@ class Store:
         return owner if type(owner) is str else None
 
     def _uninstall(self, k: tuple[str, str], slot: _Slot) -> None:
+        self.stats.bytes_held -= _cost(k[1], slot.entry.value, slot.size)
         t = self._tables[k[0]]
         t.remove(k[1], slot.bucket, slot.ehash)
         if t.count == 0:
@@ -1031,7 +1088,8 @@ class Store:
                 del self._owners[owner]
 
     def _install(
-        self, k: tuple[str, str], e: Entry, data: dict[str, Any] | None, quiet: bool = False
+        self, k: tuple[str, str], e: Entry, data: dict[str, Any] | None, quiet: bool = False,
+        size: int = 0,
     ) -> None:
         old = self._entries.get(k)
         old_visible = self._visible(old)
@@ -1040,8 +1098,9 @@ class Store:
             bucket = old.bucket
         else:
             bucket = _bucket_of(k[1])
-        slot = _Slot(e, data, _hash_entry(e), bucket)
+        slot = _Slot(e, data, _hash_entry(e), bucket, size)
         self._entries[k] = slot
+        self.stats.bytes_held += _cost(k[1], e.value, size)
         r = self._refused.get(k)
         if r is not None and (r.order < entry_order(e) or r.matches(e)):
             # The key now holds something newer than the refused write (or that very write).

@@ -259,6 +259,10 @@ class StoreStats:
     refused_skew: int = 0  # remote writes stamped beyond max_clock_skew ahead
     refused_horizon: int = 0  # old writes of keys whose tombstones were collected
     refused_capacity: int = 0  # writes refused by max_entries / MAX_TABLES
+    refused_bytes: int = 0  # writes (local ones too) refused by store.MAX_STORE_BYTES
+    bytes_held: int = 0  # what the entries held are estimated at (store.py, "Byte budget")
+    # anti-entropy messages refused unread: decoding would pass codec.MAX_STREAM_DECODE_BYTES
+    over_budget: int = 0
     deltas_too_large: int = 0  # local writes too large to gossip (anti-entropy only)
     deltas_evicted: int = 0  # queued deltas dropped by max_queued_deltas
     tombstones_collected: int = 0
