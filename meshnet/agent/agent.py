@@ -844,7 +844,7 @@ class Agent:
         for name, reply in answers:
             if isinstance(reply, list):
                 acked += 1
-                for k in reply:
+                for k in set(reply):  # a key listed twice is still one member's
                     key_counts[k] = key_counts.get(k, 0) + 1
             else:
                 errors[name] = reply

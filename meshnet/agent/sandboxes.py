@@ -259,13 +259,18 @@ class Sandboxes:
         return [e for r in results if r is not None for e in r]
 
     def _take_competitors(self, raw: bytes) -> list[Entry]:
-        """A member's answer to our claim: the competing claims it holds, which we merge."""
+        """A member's answer to our claim: the competing claims it holds, which we merge. Only
+        claims our store accepted count as rivals: one the schema or the signature check
+        refused (a forged older claim) would otherwise beat ours every round."""
         out = []
         for item in msgpack.unpackb(raw, raw=False, max_array_len=MAX_COMPETITORS,
                                     max_bin_len=65536)[:MAX_COMPETITORS]:
             if self.store.apply_delta(item, time.time()):
                 self.state.changed()
-            out.append(decode_delta(item).entry)
+            entry = decode_delta(item).entry
+            held = self.store.entry(entry.table, entry.key)
+            if held is not None and (held.hlc, held.writer) == (entry.hlc, entry.writer):
+                out.append(entry)
         return out
 
     async def allocate(self, network: str, name: str, extra: dict[str, Any]) -> Endpoint:

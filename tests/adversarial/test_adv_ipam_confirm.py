@@ -118,3 +118,21 @@ def test_a_member_declared_dead_stops_being_asked() -> None:
     assert time.monotonic() - start < 0.9
     assert fake_self.counters["confirm_member_gone"] == 1
     assert fake_self.counters["confirm_unreachable"] == 0
+
+
+def test_a_rival_the_store_refuses_does_not_count() -> None:
+    """A forged older claim that fails the schema (found by fuzzing: it used to beat ours every
+    round until "could not settle"): merged nowhere, so no rival."""
+    from dataclasses import replace
+
+    from meshnet.state.store import StoreConfig
+    from meshnet.state.validate import check_value
+    mine = claim("10.9.0.5", "a", 2_000)
+    forged = claim("10.9.0.5", "b", 1_000)
+    from meshnet import wire
+    bad = dict(wire.unpack(forged.value, max_bytes=4096, exc=ValueError), mac="zz")  # type: ignore[arg-type]
+    forged = replace(forged, value=wire.pack(bad))
+    fake_self = claimant(Transport(failures=0, rivals=[forged]), [[PEER]])
+    fake_self.store = Store("a", StoreConfig(validator=check_value))
+    assert confirm(fake_self, mine) == []
+    assert fake_self.store.entry(forged.table, forged.key) is None
