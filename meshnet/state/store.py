@@ -696,11 +696,19 @@ class Store:
         clock moves past every loaded HLC so the next local write beats them. Returns the count
         of entries taken (a malformed value is skipped; one the validator refuses is refused as
         a remote write is, and marked removed so the next ``take_dirty`` drops it from disk; one
-        past ``max_entries`` or ``max_bytes`` is skipped, counted, and left on disk)."""
+        past ``max_entries`` or ``max_bytes``, or stamped beyond ``max_clock_skew`` ahead of NOW,
+        is skipped, counted, and left on disk)."""
         self._horizon = max(self._horizon, gc_horizon)
         n = 0
         refused: set[tuple[str, str]] = set()
+        future_ms = int(now * 1000) + self._skew_ms
         for e in entries:
+            if e.hlc.wall_ms > future_ms:
+                # Beyond the skew a peer would accept: taking it would move our clock so far
+                # ahead that every later write of ours is refused. Skipped and left on disk
+                # (when the clock gets there, a later start takes it).
+                self.stats.refused_skew += 1
+                continue
             try:
                 data, size = (None, 0) if e.value is None else codec.decode_value_sized(e.value)
                 if e.sig:

@@ -305,3 +305,4 @@ async def test_a_full_store_is_a_clear_error_for_the_cli() -> None:
     with pytest.raises(OpError, match="store full: writing networks/n1") as err:
         await svc.put("networks", "n1", {"name": "n1"})
     assert err.value.code == "store_full" and store.stats.refused_bytes == 1
+

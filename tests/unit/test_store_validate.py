@@ -252,3 +252,22 @@ def test_digest_alternatives_are_ignored_by_a_store_without_refusals() -> None:
     c = forced("c")  # holds nothing: b's alternative is not c's, c must still send its entries
     c.put("networks", "n3", {**NET, "name": "n3"}, T0)
     assert exchange(b, c, T0 + 1)[0] == 1
+
+
+def test_a_persisted_row_from_the_far_future_does_not_move_the_clock() -> None:
+    """Found by fuzzing the store's rows: one row stamped far ahead moved the store's clock past
+    what peers accept, so every later write of this node was refused (refused_skew), even
+    after a restart. It is skipped on load, counted, and the clock stays near now."""
+    from meshnet import wire
+    from meshnet.state import Entry, Hlc
+    from meshnet.state.store import Store
+
+    now = 1_800_000_000.0
+    future = Entry("networks", "n", wire.pack({"x": 1}), Hlc(int(now * 1000) + 10**9, 0), "b")
+    ok = Entry("networks", "m", wire.pack({"x": 2}), Hlc(int(now * 1000) - 1000, 0), "b")
+    store = Store("a")
+    assert store.load([future, ok], now) == 1
+    assert store.stats.refused_skew == 1
+    assert store.entry("networks", "n") is None
+    written = store.put("networks", "k", {"x": 3}, now)
+    assert written.hlc.wall_ms <= int(now * 1000) + 1
