@@ -41,6 +41,7 @@ from meshnet.membership import (
 )
 from meshnet.membership.lifeguard import suspicion_bounds
 from meshnet.sim import Simulator
+from meshnet.wire import FRESHNESS_OVERHEAD
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -116,6 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     gc.freeze()
     sim.on_event = hook
     bytes0 = sim.total_bytes_sent()
+    packets0 = sum(node.packets_sent for node in sim.nodes)
     refuted0 = sum(node.core.stats["refuted_suspicions"] for node in sim.nodes)
     wall0 = time.perf_counter()
     cpu0 = time.process_time()
@@ -143,6 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     cpu = time.process_time() - cpu0
     virtual = args.duration
     total_bytes = sim.total_bytes_sent() - bytes0
+    packets = sum(node.packets_sent for node in sim.nodes) - packets0
     refuted = sum(node.core.stats["refuted_suspicions"] for node in sim.nodes) - refuted0
 
     lo, hi = suspicion_bounds(cfg.suspicion_mult, cfg.suspicion_max_timeout_mult, n, 1.0)
@@ -178,6 +181,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "false_suspect_events": false_suspect_events,
         "refuted_suspicions": refuted,
         "bytes_per_node_per_s": round(total_bytes / (n * virtual)),
+        "datagrams_per_node_per_s": round(packets / (n * virtual), 2),
+        # What the per-sender freshness value (#14) adds to every datagram, in those bytes.
+        "freshness_bytes_per_node_per_s": round(FRESHNESS_OVERHEAD * packets / (n * virtual)),
         "suspicion_min_s": round(lo * cfg.probe_interval, 2),
         "suspicion_max_s": round(hi * cfg.probe_interval, 2),
         "memberlist_expected_suspicion_min_s": round(ml_lo, 2),
