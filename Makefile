@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all lab test lint typecheck bench bootstrap clean lab-down
+.PHONY: all lab test lint typecheck bench chaos bootstrap clean lab-down
 
 all: test
 
@@ -30,7 +30,12 @@ lab-down: bootstrap
 	$(VENV)/bin/meshnet-lab down
 
 bench: bootstrap
-	@set -e; for b in bench/*.py; do echo "== $$b"; $(PY) $$b --json; done
+	@set -e; for b in bench/*.py; do [ $$b = bench/chaos.py ] && continue; echo "== $$b"; $(PY) $$b --json; done
+
+# The chaos soak: 7 hosts, 30 minutes, every fault kind (SEED=... to choose the schedule).
+SEED ?= 1
+chaos: bootstrap
+	$(PY) bench/chaos.py --hosts 7 --duration 1800 --seed $(SEED) --json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -5,6 +5,11 @@ may still believe about its previous life. A record that cannot be used (unparse
 incarnation membership would refuse) is set aside under a new name, with one log line, and the
 node starts afresh: the first push-pull tells it the incarnation the cluster holds for it, and
 it comes back above that. Failing instead would make `Restart=on-failure` loop for good.
+
+A full disk does not stop the node either: the record it cannot write is kept in memory (one
+warning line), the node runs on, and the write is retried when space returns (fsutil.DEFERRED,
+retried by the store's loop). Its next start may then count from an older record, which is safe:
+the cluster tells it the incarnation it holds, as above.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from meshnet.fsutil import atomic_write, remove_stale_temporaries
+from meshnet.agent.logs import error_line
+from meshnet.fsutil import DEFERRED, remove_stale_temporaries
 from meshnet.membership import MAX_CLAIM_INCARNATION
 
 log = logging.getLogger("meshnet.agent")
@@ -69,7 +75,11 @@ def load_or_create(state_dir: str, name: str) -> NodeRecord:
     record.name = name
     record.boots += 1
     record.incarnation += 1
-    save(state_dir, record)
+    try:
+        save(state_dir, record)
+    except OSError as e:
+        raise StateDirError(f"state dir {state_dir}: cannot write {NODE_FILE}: "
+                            f"{e.strerror or error_line(e)}") from None
     return record
 
 
@@ -96,5 +106,14 @@ def _parse(path: Path, name: str) -> NodeRecord:
                       fresh_epoch=fresh_epoch)
 
 
-def save(state_dir: str, record: NodeRecord) -> None:
-    atomic_write(Path(state_dir) / NODE_FILE, json.dumps(asdict(record)).encode() + b"\n")
+def save(state_dir: str, record: NodeRecord) -> bool:
+    """Write node.json; False if the disk is full (kept and retried later, one warning line
+    per outage). Any other OSError is raised."""
+    path = Path(state_dir) / NODE_FILE
+    was_pending = path in DEFERRED.pending
+    if DEFERRED.write(path, json.dumps(asdict(record)).encode() + b"\n"):
+        return True
+    if not was_pending:
+        log.warning("cannot write %s: the disk is full; running on with the record in memory, "
+                    "written when space returns (counted in store.file_save_errors)", path)
+    return False

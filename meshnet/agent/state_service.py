@@ -4,7 +4,11 @@
 - Anti-entropy rides every push-pull: right after one succeeds with a peer, we run
   digest -> diff -> diff with that peer on the STATE stream (two request/reply round trips).
 - Every change is written to SQLite (WAL) off the event loop, in batches; local writes are
-  durable before the control API answers.
+  durable before the control API answers, except on a full disk: a batch that cannot be saved
+  is kept in memory (merged with later changes), the failure is logged as one line per outage
+  and counted (`status`: store.save_errors, store.disk_full, store.unsaved), and the save is
+  retried every SAVE_RETRY_S until it succeeds. The write itself stands (it is in the store and
+  gossiped), so the control API answers as usual: the cluster holds it, this disk will.
 - Membership events drive ownership: a dead or left member's endpoints vanish from every view
   at once, with no write; they come back if it comes back.
 - Every value is checked by the schema (meshnet/state/validate.py) before the store takes it:
@@ -31,9 +35,10 @@ from typing import Any
 
 from meshnet.agent.control import OpError
 from meshnet.agent.gossip import STREAM_STATE, GossipTransport, StreamError
-from meshnet.agent.logs import LogOnce
-from meshnet.agent.store_db import StoreDb
+from meshnet.agent.logs import LogOnce, error_line
+from meshnet.agent.store_db import StoreDb, StoreDbError
 from meshnet.crypto.keyring import KeyringError
+from meshnet.fsutil import DEFERRED
 from meshnet.membership import (
     Addr,
     MemberAlive,
@@ -44,7 +49,8 @@ from meshnet.membership import (
     MemberReaped,
     MemberUpdated,
 )
-from meshnet.state import StateProtocolError, Store, StoreFull
+from meshnet.state import Entry, StateProtocolError, Store, StoreFull
+from meshnet.state.store import Horizon
 from meshnet.state.validate import check_value
 
 log = logging.getLogger("meshnet.state")
@@ -58,12 +64,16 @@ FLUSH_DELAY_S = 0.05
 # thousands of bad writes must not flood the log).
 REFUSAL_LOG_BURST = 10
 REFUSAL_LOG_WINDOW_S = 60.0
+# A save that failed (a full disk) is tried again this often, with every change kept meanwhile.
+SAVE_RETRY_S = 2.0
 
 
 class StateService:
-    def __init__(self, store: Store, db: StoreDb, node: str) -> None:
+    def __init__(self, store: Store, db: StoreDb | None, node: str,
+                 state_dir: str | None = None) -> None:
         self.store = store
-        self.db = db
+        self.db = db  # None until it can be opened (a full disk at start)
+        self.state_dir = state_dir
         self.node = node
         self.loop = asyncio.get_running_loop()
         self.gossip: GossipTransport | None = None
@@ -74,7 +84,13 @@ class StateService:
         self.notify_scheduled = False
         self._counts = {"bad_deltas": 0, "bad_entries": 0, "anti_entropy": 0,
                         "anti_entropy_failed": 0, "handler_errors": 0, "listener_errors": 0,
-                        "refusals_not_logged": 0}
+                        "refusals_not_logged": 0, "save_errors": 0}
+        # Changes not yet on disk (a save failed): (table, key) -> entry, or None if removed.
+        self._unsaved: dict[tuple[str, str], Entry | None] = {}
+        self._unsaved_horizon: Horizon | None = None
+        self._save_failing: str | None = None  # the error of the outage going on, if any
+        self._disk_full = False
+        self.retry_timer: asyncio.TimerHandle | None = None
         self._log_once = LogOnce(log)
         self._refusal_window = (0.0, 0)  # (window start, lines logged in it)
 
@@ -85,6 +101,10 @@ class StateService:
         _by_table), refused_deferred, authorizer_errors, copies_replaced, ...), as `status`
         shows them under "store"."""
         out: dict[str, Any] = dict(self._counts)
+        out["unsaved"] = len(self._unsaved)
+        out["disk_full"] = self._disk_full or bool(DEFERRED.pending)
+        out["file_save_errors"] = DEFERRED.failures
+        out["files_unsaved"] = len(DEFERRED.pending)
         for f in dataclasses.fields(self.store.stats):
             value = getattr(self.store.stats, f.name)
             out[f.name] = dict(value) if isinstance(value, dict) else value
@@ -121,18 +141,39 @@ class StateService:
         """Load the last-known copy from disk so it is served at once, before any peer answers."""
         if store.validator is None:
             store.set_validator(check_value)  # the schema, before anything is loaded
-        db = await asyncio.to_thread(StoreDb.in_state_dir, state_dir)
-        entries = await asyncio.to_thread(db.load)
-        horizon = await asyncio.to_thread(db.load_gc_horizon)
-        loaded = store.load(entries, time.time(), horizon)
-        if db.quarantined is not None:
-            log.warning("store file was unreadable; moved aside to %s", db.quarantined)
-        log.info("store loaded", extra={"fields": {"entries": loaded}})
-        service = cls(store, db, node)
+        db: StoreDb | None = None
+        try:
+            db = await asyncio.to_thread(StoreDb.in_state_dir, state_dir)
+        except StoreDbError as e:
+            if not e.disk_full:
+                raise
+            # No room even to open it (a new file on a full disk): run from memory (peers
+            # fill the store) and open it on a later save, once there is room.
+            log.error("cannot open the store database (disk full): %s; running from memory, "
+                      "saved when space returns (counted in store.save_errors)",
+                      " ".join(str(e).split())[:300])
+        if db is not None:
+            entries = await asyncio.to_thread(db.load)
+            horizon = await asyncio.to_thread(db.load_gc_horizon)
+            loaded = store.load(entries, time.time(), horizon)
+            if db.quarantined is not None:
+                log.warning("store file was unreadable; moved aside to %s", db.quarantined)
+            if db.exclusive:
+                log.warning("store opened in exclusive locking mode: the disk has no room for "
+                            "its shared index")
+            log.info("store loaded", extra={"fields": {"entries": loaded}})
+        service = cls(store, db, node, state_dir)
+        if db is None:
+            service._counts["save_errors"] += 1
+            service._disk_full = True
+            service._save_failing = "cannot open the store database"
+            service._arm_retry()
         service.log_refusals()
         # What we still own gets a fresh HLC so it beats any delete made while we were away.
         store.reannounce(node, time.time())
         service.changed()
+        if DEFERRED.pending:  # node.json could not be written at start: a full disk
+            service._arm_retry()
         return service
 
     def attach(self, gossip: GossipTransport) -> None:
@@ -143,8 +184,14 @@ class StateService:
     async def close(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
         await self.flush()
-        await asyncio.to_thread(self.db.close)
+        if self._unsaved:
+            log.warning("stopping with %d change(s) not saved to disk (peers hold them)",
+                        len(self._unsaved))
+        if self.db is not None:
+            await asyncio.to_thread(self.db.close)
 
     # --- change plumbing ----------------------------------------------------------------------
 
@@ -174,12 +221,70 @@ class StateService:
         await self.flush()
 
     async def flush(self) -> None:
-        """Write every pending change to SQLite; returns once it is durable."""
+        """Write every pending change to SQLite; returns once it is durable, or, if the save
+        fails (a full disk), once the changes are kept for the retry. Never raises."""
         async with self.flush_lock:
             changes = self.store.take_dirty()
-            if changes.upserts or changes.removed:
-                await asyncio.to_thread(self.db.save, changes.upserts, changes.removed,
-                                        changes.gc_horizon)
+            if not (changes.upserts or changes.removed or self._unsaved):
+                return
+            # Merge into what earlier failed saves left: the latest change per key wins.
+            for entry in changes.upserts:
+                self._unsaved[(entry.table, entry.key)] = entry
+            for k in changes.removed:
+                self._unsaved[k] = None
+            self._unsaved_horizon = changes.gc_horizon
+            batch = self._unsaved
+            upserts = [v for v in batch.values() if v is not None]
+            removed = [k for k, v in batch.items() if v is None]
+            try:
+                if self.db is None:
+                    if self.state_dir is None:
+                        raise StoreDbError("no store database")
+                    self.db = await asyncio.to_thread(StoreDb.in_state_dir, self.state_dir)
+                await asyncio.to_thread(self.db.save, upserts, removed, self._unsaved_horizon)
+            except Exception as e:
+                self._save_failed(e)
+                return
+            n = len(batch)
+            self._unsaved = {}  # all on disk now (only flush, under the lock, changes it)
+            if self._save_failing is not None:
+                log.warning("store saved to disk again (%d change(s) caught up)", n)
+                self._save_failing = None
+                self._disk_full = False
+
+    def _save_failed(self, e: BaseException) -> None:
+        """A save failed: counted always, one line per outage, retried every SAVE_RETRY_S."""
+        self._counts["save_errors"] += 1
+        full = isinstance(e, StoreDbError) and e.disk_full
+        self._disk_full = full
+        if self._save_failing is None:
+            what = str(e) if isinstance(e, StoreDbError) else error_line(e)
+            self._save_failing = what
+            log.error("cannot save the store to disk%s: %s; keeping %d change(s) in memory and "
+                      "retrying every %gs (counted in store.save_errors)",
+                      " (disk full)" if full else "", " ".join(what.split())[:300],
+                      len(self._unsaved), SAVE_RETRY_S)
+        self._arm_retry()
+
+    def _arm_retry(self) -> None:
+        if self.retry_timer is None:
+            self.retry_timer = self.loop.call_later(SAVE_RETRY_S, self._on_retry)
+
+    def _on_retry(self) -> None:
+        self.retry_timer = None
+        self.loop.create_task(self._retry())
+
+    async def _retry(self) -> None:
+        try:
+            if DEFERRED.pending:
+                left = await asyncio.to_thread(DEFERRED.retry)
+                if not left:
+                    log.warning("files that could not be written (disk full) are written now")
+            await self.flush()
+        except Exception as e:  # a bug: counted, logged once; the next retry runs as usual
+            self._error_once("retrying a save", e)
+        if self._unsaved or DEFERRED.pending:
+            self._arm_retry()
 
     def _arm_timer(self) -> None:
         deadline = self.store.get_timer()

@@ -33,6 +33,10 @@ and every old row reads as unsigned. The change is additive, so the schema versi
 older agent still reads and writes the file (its statements name their columns, and a row it
 rewrites becomes unsigned, which is what it holds).
 
+A full disk makes ``save`` raise ``StoreDbError`` with ``disk_full`` set; the transaction is
+rolled back whole, so the file holds the previous commit and the caller keeps the batch and
+saves it again later (agent/state_service.py).
+
 Damage we cannot recover from (a disk error, a file that is not a database) is not fatal
 either: the damaged files are moved aside as ``store.db.corrupt-N`` and the agent starts empty;
 its peers refill it by anti-entropy.
@@ -41,6 +45,7 @@ its peers refill it by anti-entropy.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sqlite3
 from collections.abc import Iterable
@@ -67,6 +72,7 @@ SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 5.0
 # sqlite3 result codes that mean the file itself is damaged (not a lock or an I/O hiccup).
 _SQLITE_CORRUPT = 11
+_SQLITE_FULL = 13
 _SQLITE_NOTADB = 26
 
 _SCHEMA = """
@@ -95,7 +101,28 @@ _COLUMNS = {
 
 
 class StoreDbError(Exception):
-    """The store database could not be opened or written."""
+    """The store database could not be opened or written; ``disk_full``: for want of space
+    (SQLITE_FULL, or ENOSPC/EDQUOT), which the agent expects and retries."""
+
+    def __init__(self, message: str, *, disk_full: bool = False) -> None:
+        super().__init__(message)
+        self.disk_full = disk_full
+
+
+def _no_space(directory: Path) -> bool:
+    """Less room left in DIRECTORY's file system than a WAL index needs (32 KiB)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
+
+
+def _is_full(e: BaseException) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF == _SQLITE_FULL:
+        return True
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class _Damaged(Exception):
@@ -115,11 +142,24 @@ class StoreDb:
         self.path = Path(path)
         self.quarantined: Path | None = None  # where a damaged database was moved, if it was
         self.skipped_rows = 0  # malformed rows ``load`` ignored
+        # Opened in exclusive locking mode (a full disk had no room for the -shm file).
+        self.exclusive = False
         try:
             self._db = self._open()
-        except (sqlite3.Error, _Damaged, UnicodeDecodeError) as e:
+        except (sqlite3.Error, _Damaged, UnicodeDecodeError, OSError) as e:
+            if not _damaged(e) and (_is_full(e) or _no_space(self.path.parent)):
+                # WAL keeps its index in the -shm file, which needs room on disk; in exclusive
+                # locking mode SQLite keeps that index in memory, so a full disk can still be
+                # read (writes fail with SQLITE_FULL until space returns). Only this agent
+                # uses the file, so the lock costs nothing but a debugging shell's reads.
+                try:
+                    self._db = self._open(exclusive=True)
+                    self.exclusive = True
+                    return
+                except (sqlite3.Error, _Damaged, UnicodeDecodeError, OSError) as e2:
+                    raise StoreDbError(f"{self.path}: {e2}", disk_full=True) from None
             if not _damaged(e):
-                raise StoreDbError(f"{self.path}: {e}") from None
+                raise StoreDbError(f"{self.path}: {e}", disk_full=_is_full(e)) from None
             self.quarantined = self._quarantine()
             try:
                 self._db = self._open()
@@ -130,7 +170,7 @@ class StoreDb:
     def in_state_dir(cls, state_dir: str | os.PathLike[str]) -> StoreDb:
         return cls(Path(state_dir) / STORE_DB_FILE)
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self, *, exclusive: bool = False) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
             # create it 0600 ourselves: SQLite would use the umask, and the -wal/-shm files it
@@ -142,6 +182,8 @@ class StoreDb:
         )
         db.text_factory = _text_or_bytes
         try:
+            if exclusive:
+                db.execute("PRAGMA locking_mode=EXCLUSIVE")
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()
             if mode is None or str(mode[0]).lower() != "wal":
                 raise StoreDbError(f"{self.path}: cannot enable WAL mode (got {mode})")
@@ -252,7 +294,7 @@ class StoreDb:
                     db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as e:
-            raise StoreDbError(f"{self.path}: {e}") from None
+            raise StoreDbError(f"{self.path}: {e}", disk_full=_is_full(e)) from None
 
     def close(self) -> None:
         self._db.close()

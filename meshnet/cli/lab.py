@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from meshnet.lab import Lab, LabError, default_prefix
+from meshnet.lab.chaos import FAULT_KINDS, parse_faults, run_chaos
 from meshnet.lab.lab import AGENT_START_TIMEOUT_S, MAX_HOSTS, UNDERLAY_MTU, format_table
 
 PROG = "meshnet-lab"
@@ -101,12 +102,61 @@ def build_parser() -> argparse.ArgumentParser:
     pa = sub.add_parser("partition", help="split the hosts into groups that cannot talk")
     pa.add_argument("groups", nargs="+", metavar="H1,H2")
 
-    sub.add_parser("heal", help="remove the partition")
+    sub.add_parser("heal", help="remove the partition and every one-way block")
+
+    bl = sub.add_parser("block", help="drop every underlay packet from SRC to DST (one way)")
+    bl.add_argument("src")
+    bl.add_argument("dst")
+
+    ub = sub.add_parser("unblock", help="remove the one-way block from SRC to DST")
+    ub.add_argument("src")
+    ub.add_argument("dst")
+
+    li = sub.add_parser("link", help="take a host's underlay link down (its switch port, as a "
+                        "pulled cable) or bring it up")
+    li.add_argument("host")
+    li.add_argument("state", choices=("up", "down"))
+
+    pz = sub.add_parser("pause", help="SIGSTOP a host's agent (a GC or VM stall)")
+    pz.add_argument("host")
+
+    rs = sub.add_parser("resume", help="SIGCONT a paused agent")
+    rs.add_argument("host")
+
+    cr = sub.add_parser("crash", help="fail a whole host: link down, agent and tasks SIGKILLed")
+    cr.add_argument("host")
+
+    rc = sub.add_parser("recover", help="after crash: link up and the agent started again")
+    rc.add_argument("host")
+    rc.add_argument("--timeout", type=float, default=AGENT_START_TIMEOUT_S)
 
     lo = sub.add_parser("loss", help="drop PERCENT%% of a host's underlay packets (0 removes)")
     lo.add_argument("host")
     lo.add_argument("percent", type=_percent)
+    ch = sub.add_parser(
+        "chaos",
+        help="run a seeded schedule of faults against a fresh lab, then check the invariants",
+    )
+    ch.add_argument("--hosts", type=_host_count, default=5, help="lab size (default 5)")
+    ch.add_argument("--seed", type=int, default=1, help="draws the schedule (default 1)")
+    ch.add_argument("--duration", type=_seconds, default=120.0,
+                    help="seconds of faults (default 120)")
+    ch.add_argument("--faults", default="all",
+                    help=f"comma-separated kinds (default all: {','.join(FAULT_KINDS)})")
+    ch.add_argument("--max-down", type=int, default=None,
+                    help="most hosts down at once (default: fewer than half)")
+    ch.add_argument("--json", action="store_true", help="the report as one JSON document")
     return p
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be 1..86400 seconds, not {value:g}")
+    return value
 
 
 def _strip_dashdash(argv: list[str]) -> list[str]:
@@ -160,6 +210,27 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         lab.heal()
     elif verb == "loss":
         lab.loss(args.host, args.percent)
+    elif verb == "chaos":
+        try:
+            kinds = parse_faults(args.faults)
+        except ValueError as e:
+            parser.error(f"--faults: {e}")
+        return run_chaos(lab, args.hosts, args.seed, args.duration, kinds, args.max_down,
+                         args.json)
+    elif verb == "block":
+        lab.block(args.src, args.dst)
+    elif verb == "unblock":
+        lab.unblock(args.src, args.dst)
+    elif verb == "link":
+        lab.link(args.host, args.state == "up")
+    elif verb == "pause":
+        lab.pause(args.host)
+    elif verb == "resume":
+        lab.resume(args.host)
+    elif verb == "crash":
+        lab.crash(args.host)
+    elif verb == "recover":
+        lab.recover(args.host, timeout=args.timeout)
     else:  # pragma: no cover - argparse rejects unknown verbs
         parser.error(f"unknown verb {verb}")
     return 0

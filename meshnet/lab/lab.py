@@ -17,6 +17,12 @@ Files under the run directory RUN (default /run/meshnet-lab/P, or $MESHNET_LAB_R
     RUN/hI/meshnet.sock  the agent's control socket
     RUN/hI/meshnetd.log  the agent's stdout and stderr
 
+Faults (each recorded in the manifest, idempotent, undone by `down`): partition / block (one-way)
+/ heal and loss (nftables table meshnet_lab in each host), link (the host's switch port),
+pause / resume (SIGSTOP / SIGCONT), crash / recover (link down, agent and task cgroups
+SIGKILLed), and state_tmpfs / fill_state / free_state: the one thing made outside the
+namespaces, a tmpfs mounted (in the root mount namespace) on RUN/hI/state.
+
 `down` works from the manifest and, as a fallback for a lab that crashed before writing it,
 sweeps namespaces named P-underlay / P-h<digits>, every process inside them, and meshnetd
 processes whose --state-dir lies under RUN.
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import ipaddress
 import json
 import os
@@ -62,6 +69,8 @@ BRIDGE = "br0"
 NFT_TABLE = "meshnet_lab"
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+# fill_state's file in a tmpfs state dir (not ".*.tmp": the agent deletes those at start).
+FILLER = "lab-filler"
 # How long `down` lets an agent shut down cleanly after SIGTERM before SIGKILL (the brief's 5 s).
 TERM_GRACE_S = 5.0
 # After SIGKILL the kernel needs a moment to tear a process down; more than this means stuck.
@@ -173,6 +182,7 @@ def _stop_processes(procs: Sequence[ProcRef], grace: float) -> list[int]:
     live = [(p, s) for p, s in procs if _alive(p, s)]
     for pid, _ in live:
         _signal(pid, signal.SIGTERM)
+        _signal(pid, signal.SIGCONT)  # a paused (SIGSTOPped) agent acts on SIGTERM only now
     survivors = _wait_dead(live, grace, reap=True) if grace > 0 else live
     for pid, _ in survivors:
         _signal(pid, signal.SIGKILL)
@@ -181,6 +191,38 @@ def _stop_processes(procs: Sequence[ProcRef], grace: float) -> list[int]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
     return [p for p, _ in _wait_dead(survivors, KILL_WAIT_S, reap=True)]
+
+
+def _mountpoints() -> list[str]:
+    """Mount points in our mount namespace (/proc/self/mountinfo field 5, unescaped)."""
+    try:
+        text = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) > 4:
+            out.append(re.sub(r"\\([0-7]{3})", lambda g: chr(int(g.group(1), 8)), fields[4]))
+    return out
+
+
+def _is_mountpoint(path: Path) -> bool:
+    return str(path) in _mountpoints()
+
+
+def _umount(path: str) -> str | None:
+    """Unmount PATH (every mount stacked there); lazily if busy. None, or what went wrong."""
+    for _ in range(8):
+        if path not in _mountpoints():
+            return None
+        res = subprocess.run(["umount", path], capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            res = subprocess.run(["umount", "-l", path], capture_output=True, text=True,
+                                 check=False)
+            if res.returncode != 0:
+                return f"umount {path}: {res.stderr.strip()}"
+    return None if path not in _mountpoints() else f"umount {path}: still mounted"
 
 
 def _log_tail(path: Path, limit: int = 200) -> str:
@@ -334,12 +376,15 @@ class Lab:
         agent_args: Sequence[str] = (),
         underlay_mtu: int = UNDERLAY_MTU,
         workers: Sequence[str] = (),
+        tmpfs_state: dict[str, int] | None = None,
     ) -> None:
         """Create the underlay and N hosts; with start_agents, start meshnetd on each (with
         AGENT_ARGS added to its flags) and wait for every control socket. On any failure
         everything made so far is removed again. UNDERLAY_MTU is the MTU of the switch and
         of every host's eth0 (1500 by default; 9000 models a jumbo-frame network). WORKERS
-        (host names) get certificates with the worker role; the others are admins."""
+        (host names) get certificates with the worker role; the others are admins.
+        TMPFS_STATE {host: bytes}: those hosts' state dirs are tmpfs mounts of that size,
+        mounted before their agents first start (see state_tmpfs)."""
         self._require_root()
         if not 1 <= hosts <= MAX_HOSTS:
             raise LabError(f"--hosts must be between 1 and {MAX_HOSTS}, not {hosts}")
@@ -353,6 +398,10 @@ class Lab:
         unknown = sorted(set(workers) - {f"h{i}" for i in range(1, hosts + 1)})
         if unknown:
             raise LabError(f"--workers: no host {unknown[0]} in a lab of {hosts}")
+        tmpfs_state = dict(tmpfs_state or {})
+        unknown = sorted(set(tmpfs_state) - {f"h{i}" for i in range(1, hosts + 1)})
+        if unknown:
+            raise LabError(f"tmpfs_state: no host {unknown[0]} in a lab of {hosts}")
         meshnetd = _venv_tool("meshnetd") if start_agents else None
         if start_agents and meshnetd is None:
             raise LabError("meshnetd not found next to the Python interpreter or on PATH")
@@ -387,6 +436,10 @@ class Lab:
             "hosts": {},
             "partition": None,
             "loss": {},
+            # One-way drops [src, dst]; hosts whose bridge port is down; tmpfs state dirs.
+            "blocks": [],
+            "links_down": [],
+            "tmpfs": {},
         }
         for i, h in enumerate(names):
             ip = str(addrs[i])
@@ -427,6 +480,8 @@ class Lab:
                 self.host_dir(h).mkdir(mode=0o700, exist_ok=True)
                 (self.host_dir(h) / "state").mkdir(mode=0o700, exist_ok=True)
             self._make_certificates(m, names)
+            for h, size in sorted(tmpfs_state.items()):
+                self._mount_state_tmpfs(m, h, size)
             if start_agents:
                 assert meshnetd is not None
                 for h in names:
@@ -549,12 +604,20 @@ class Lab:
         rec = m["hosts"][h]
         if not self._running(h, rec):
             raise LabError(f"agent on {h} is not running")
-        pid, start = rec["pid"], rec["starttime"]
-        _signal(pid, signal.SIGKILL)
-        if _wait_dead([(pid, start)], KILL_WAIT_S, reap=True):
-            raise LabError(f"agent on {h} (pid {pid}) survived SIGKILL")
+        self._kill_agent(m, h)
+
+    def _kill_agent(self, m: dict[str, Any], h: str) -> None:
+        """SIGKILL H's agent (paused or not) if it runs, wait until it is gone, record it."""
+        rec = m["hosts"][h]
+        if self._running(h, rec):
+            pid, start = rec["pid"], rec["starttime"]
+            _signal(pid, signal.SIGKILL)
+            _signal(pid, signal.SIGCONT)  # SIGKILL ends a stopped process too; no harm
+            if _wait_dead([(pid, start)], KILL_WAIT_S, reap=True):
+                raise LabError(f"agent on {h} (pid {pid}) survived SIGKILL")
         self._procs.pop(h, None)
         rec["pid"] = rec["starttime"] = None
+        rec.pop("paused", None)
         self._save(m)
 
     def start(self, host: str, *, timeout: float = AGENT_START_TIMEOUT_S) -> None:
@@ -655,6 +718,15 @@ class Lab:
                 if res.returncode != 0 and "Cannot find device" not in res.stderr:
                     errors.append(f"ip link del {link['name']}: {res.stderr.strip()}")
 
+        # 5. tmpfs state dirs (recorded, and any other mount under the run dir left by a lab
+        #    that crashed before recording it), now that nothing uses them.
+        mounts = {str(v["path"]) for v in (m.get("tmpfs") or {}).values()} if m else set()
+        mounts.update(self._mounts_under_run_dir())
+        for path in sorted(mounts, key=len, reverse=True):
+            err = _umount(path)
+            if err:
+                errors.append(err)
+
         if errors:
             # Keep the manifest: a second `down` retries with the same records.
             raise LabError("; ".join(errors))
@@ -687,6 +759,12 @@ class Lab:
                 p.rmdir()
         with contextlib.suppress(OSError):
             d.rmdir()  # only if empty
+
+    def _mounts_under_run_dir(self) -> list[str]:
+        """Mounts at RUN/h<N>/state (only there: run_dir may be user-chosen)."""
+        root = re.escape(str(self.run_dir.resolve()).rstrip("/"))
+        state = re.compile(rf"{root}/h[1-9][0-9]*/state")
+        return [p for p in _mountpoints() if state.fullmatch(p)]
 
     # ------------------------------------------------------------ inspection and commands
 
@@ -777,12 +855,203 @@ class Lab:
         self._apply_faults(m, list(m["hosts"]))
 
     def heal(self) -> None:
-        """Remove the partition (loss settings stay)."""
+        """Remove the partition and every one-way block (loss settings and links stay)."""
         self._require_root()
         m = self._require()
         m["partition"] = None
+        m["blocks"] = []
         self._save(m)
         self._apply_faults(m, list(m["hosts"]))
+
+    def block(self, src: str, dst: str) -> None:
+        """Drop every underlay packet from host SRC to host DST (one way: DST's packets still
+        reach SRC). Blocks add up; heal() or unblock() removes them."""
+        self._require_root()
+        m = self._require()
+        s, d = self._host(m, src), self._host(m, dst)
+        if s == d:
+            raise LabError(f"block needs two different hosts, not {s} and {d}")
+        blocks: list[list[str]] = m.setdefault("blocks", [])
+        if [s, d] not in blocks:
+            blocks.append([s, d])
+            self._save(m)
+        self._apply_faults(m, [d])
+
+    def unblock(self, src: str, dst: str) -> None:
+        """Remove the block from SRC to DST (if any)."""
+        self._require_root()
+        m = self._require()
+        s, d = self._host(m, src), self._host(m, dst)
+        blocks: list[list[str]] = m.setdefault("blocks", [])
+        if [s, d] in blocks:
+            blocks.remove([s, d])
+            self._save(m)
+        self._apply_faults(m, [d])
+
+    # ------------------------------------------------------------ faults (links, processes)
+
+    def link(self, host: str, up: bool) -> None:
+        """The host's underlay link down or up: its port on the switch (hN in the underlay
+        namespace), so its eth0 loses carrier as with a pulled cable. Idempotent."""
+        self._require_root()
+        m = self._require()
+        h = self._host(m, host)
+        down: list[str] = m.setdefault("links_down", [])
+        if up:
+            if h in down:
+                down.remove(h)
+        elif h not in down:
+            down.append(h)
+        self._save(m)
+        self._set_link(h, up)
+
+    def _set_link(self, h: str, up: bool) -> None:
+        try:
+            netns.ip("link", "set", h, "up" if up else "down", ns=self.underlay_ns)
+        except NetnsError as e:
+            raise LabError(str(e)) from e
+
+    def pause(self, host: str) -> None:
+        """SIGSTOP the host's agent (a GC or VM stall); its tasks run on. Idempotent."""
+        self._require_root()
+        m = self._require()
+        h = self._host(m, host)
+        rec = m["hosts"][h]
+        if not self._running(h, rec):
+            raise LabError(f"agent on {h} is not running")
+        rec["paused"] = True
+        self._save(m)
+        _signal(rec["pid"], signal.SIGSTOP)
+
+    def resume(self, host: str) -> None:
+        """SIGCONT the host's agent after pause(). Idempotent."""
+        self._require_root()
+        m = self._require()
+        h = self._host(m, host)
+        rec = m["hosts"][h]
+        if self._running(h, rec):
+            _signal(rec["pid"], signal.SIGCONT)
+        if rec.pop("paused", None) is not None:
+            self._save(m)
+
+    def paused(self, host: str) -> bool:
+        m = self._require()
+        h = self._host(m, host)
+        return bool(m["hosts"][h].get("paused")) and self._running(h, m["hosts"][h])
+
+    def crash(self, host: str) -> None:
+        """The whole host fails at once: its underlay link goes down, then its agent and every
+        task process of that host (found through its task cgroups) are SIGKILLed and those
+        cgroups removed, as a power cut would leave them. Idempotent; recover() undoes it."""
+        self._require_root()
+        m = self._require()
+        h = self._host(m, host)
+        down: list[str] = m.setdefault("links_down", [])
+        if h not in down:
+            down.append(h)
+            self._save(m)
+        self._set_link(h, False)
+        self._kill_agent(m, h)
+        name = f"{self.cgroup_prefix}{h}"
+        parents = [p for p in cgroups.find_parents(name) if p.name == name]
+        stuck = cgroups.sweep(parents)
+        if stuck:
+            raise LabError(f"task cgroups {stuck} of {h} could not be emptied")
+
+    def recover(self, host: str, *, timeout: float = AGENT_START_TIMEOUT_S) -> None:
+        """After crash(): link up, the agent started again (same state dir); waits for its
+        socket. Also fine after kill() or link(host, False) alone."""
+        self._require_root()
+        m = self._require()
+        h = self._host(m, host)
+        self.link(h, True)
+        if not self._running(h, m["hosts"][h]):
+            self.start(h, timeout=timeout)
+
+    # ------------------------------------------------------------ faults (disk)
+
+    def state_dir(self, host: str) -> Path:
+        return self.host_dir(host) / "state"
+
+    def state_tmpfs(self, host: str, size_bytes: int) -> None:
+        """Put the host's state dir on a tmpfs of SIZE_BYTES (what is in it is copied in),
+        mounted in the root mount namespace; the agent must not be running (start it after).
+        down() unmounts it. Also available as up(..., tmpfs_state={host: size})."""
+        self._require_root()
+        m = self._require()
+        h = self._host(m, host)
+        if self._running(h, m["hosts"][h]):
+            raise LabError(f"agent on {h} is running; kill it before putting its state on tmpfs")
+        if (m.get("tmpfs") or {}).get(h):
+            raise LabError(f"the state dir of {h} is already a tmpfs")
+        self._mount_state_tmpfs(m, h, size_bytes)
+
+    def _mount_state_tmpfs(self, m: dict[str, Any], h: str, size: int) -> None:
+        if not 64 * 1024 <= size <= 1 << 30:
+            raise LabError(f"tmpfs size must be between 64 KiB and 1 GiB, not {size}")
+        state = self.state_dir(h)
+        m.setdefault("tmpfs", {})[h] = {"path": str(state.resolve()), "size": size}
+        self._save(m)  # recorded before it is made
+        old = state.with_name("state.disk")
+        if state.exists():
+            os.replace(state, old)
+        state.mkdir(mode=0o700)
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700",
+                              f"{self.prefix}-{h}-state", str(state)],
+                             capture_output=True, text=True, check=False)
+        try:
+            if res.returncode != 0:
+                raise LabError(f"mount tmpfs on {state}: {res.stderr.strip()}")
+            if old.exists():
+                try:
+                    shutil.copytree(old, state, symlinks=True, dirs_exist_ok=True)
+                except (OSError, shutil.Error) as e:
+                    raise LabError(f"cannot copy {h}'s state into a {size}-byte tmpfs: "
+                                   f"{e}") from None
+        except LabError:
+            _umount(str(state))
+            shutil.rmtree(state, ignore_errors=True)
+            if old.exists():
+                os.replace(old, state)
+            m["tmpfs"].pop(h, None)
+            self._save(m)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _tmpfs_dir(self, host: str) -> Path:
+        m = self._require()
+        h = self._host(m, host)
+        if not (m.get("tmpfs") or {}).get(h):
+            raise LabError(f"the state dir of {h} is not a tmpfs (use state_tmpfs first)")
+        return self.state_dir(h)
+
+    def fill_state(self, host: str) -> int:
+        """Fill the host's tmpfs state dir with a filler file until it is full (ENOSPC);
+        returns the bytes the filler took. Idempotent: a second call tops it up."""
+        self._require_root()
+        state = self._tmpfs_dir(host)
+        written = 0
+        chunk = b"\0" * 65536
+        with open(state / FILLER, "ab") as f:
+            for size in (65536, 4096, 512, 1):
+                while True:
+                    try:
+                        n = os.write(f.fileno(), chunk[:size])
+                    except OSError as e:
+                        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                            break
+                        raise LabError(f"filling {state}: {e.strerror}") from None
+                    if n == 0:
+                        break
+                    written += n
+        return written
+
+    def free_state(self, host: str) -> None:
+        """Delete the filler fill_state() made (if any)."""
+        self._require_root()
+        state = self._tmpfs_dir(host)
+        with contextlib.suppress(FileNotFoundError):
+            (state / FILLER).unlink()
 
     def loss(self, host: str, percent: int) -> None:
         """Drop PERCENT% of the host's underlay packets, each way, at random; 0 removes it."""
@@ -803,10 +1072,13 @@ class Lab:
         blocked: list[str] = []
         if any(host in g for g in groups):
             blocked = [m["hosts"][o]["underlay_ip"] for g in groups if host not in g for o in g]
+        # One-way blocks towards this host: dropped as they arrive (its sends are untouched).
+        blocked_in = sorted({m["hosts"][s]["underlay_ip"] for s, d in m.get("blocks") or []
+                             if d == host} - set(blocked))
         pct = int(m.get("loss", {}).get(host, 0))
         # Creating then deleting first makes the script idempotent: the table always starts anew.
         lines = [f"table inet {NFT_TABLE}", f"delete table inet {NFT_TABLE}"]
-        if not blocked and not pct:
+        if not blocked and not blocked_in and not pct:
             return "\n".join(lines) + "\n"
         rules_in: list[str] = []
         rules_out: list[str] = []
@@ -814,6 +1086,8 @@ class Lab:
             addrs = ", ".join(blocked)
             rules_in.append(f"ip saddr {{ {addrs} }} drop")
             rules_out.append(f"ip daddr {{ {addrs} }} drop")
+        if blocked_in:
+            rules_in.append(f"ip saddr {{ {', '.join(blocked_in)} }} drop")
         if pct:
             # numgen yields 0..99 and nft rejects "< 100" as out of range: 100% is a plain drop.
             rnd = f"numgen random mod 100 < {pct} " if pct < 100 else ""
