@@ -47,6 +47,7 @@ MEMBERSHIP_KEYS: dict[str, type] = {
     "gossip_nodes": int,
     "push_pull_interval": float,
     "reap_after": float,
+    "reconnect_timeout": float,
     "udp_payload": int,
 }
 

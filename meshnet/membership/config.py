@@ -92,9 +92,12 @@ class MembershipConfig:
     udp_payload: int = wire.DEFAULT_UDP_PAYLOAD
     # Dead and left members are forgotten after this long (memberlist#253: left never reaped).
     reap_after: float = 60.0
-    # serf-style reconnect: every reconnect_interval, push-pull with one random dead member with
-    # probability dead/alive, so a healed partition merges back before reap_after.
+    # serf-style reconnect: every reconnect_interval, push-pull with one random failed member
+    # with probability failed/alive, so a healed partition merges back. Failed: held dead, or
+    # reaped while dead (its address kept, bounded) less than reconnect_timeout ago: serf's
+    # reconnect_timeout, 24 h, so a partition that outlasts reap_after still heals.
     reconnect_interval: float = 10.0
+    reconnect_timeout: float = 86_400.0
     max_push_pull_concurrent: int = MAX_PUSH_PULL_CONCURRENT
     max_push_pull_bytes: int = wire.MAX_STREAM_BYTES
     # An outbound push-pull the shell never reports back on is forgotten after this long
@@ -110,6 +113,8 @@ class MembershipConfig:
             raise ValueError("probe_grace must be in 0..probe_interval")
         if self.gossip_interval <= 0 or self.push_pull_interval <= 0:
             raise ValueError("intervals must be positive")
+        if self.reconnect_interval <= 0 or self.reconnect_timeout < 0:
+            raise ValueError("reconnect_interval must be positive, reconnect_timeout >= 0")
         if not 200 <= self.udp_payload <= wire.MAX_DATAGRAM_BYTES:
             raise ValueError("udp_payload out of range")
         if self.awareness_max_multiplier < 1:

@@ -34,6 +34,7 @@ helper nacked penalizes our health without accusing the target until our health 
 from __future__ import annotations
 
 import heapq
+import itertools
 import random
 from collections import deque
 from collections.abc import Callable
@@ -124,6 +125,10 @@ MAX_PENDING_EVENTS = 65_536
 # Reaped members remembered (name -> incarnation) so that a stale alive from a lagging peer does
 # not resurrect them. FIFO-evicted; each entry is ~100 bytes.
 MAX_TOMBSTONES = 10_000
+# Members reaped while dead (failed, never left or revoked) whose address we keep trying, as
+# serf keeps its failed members for reconnect_timeout: name -> (addr, incarnation, reaped at).
+# FIFO-evicted; each entry is ~150 bytes, so at most ~1.5 MB.
+MAX_FORMER = 10_000
 
 # A helper nacks this fraction of a probe timeout after an unanswered ping-req (the Lifeguard
 # paper's 80%). The origin sent the ping-req one probe timeout T into its probe and listens until
@@ -170,6 +175,10 @@ _STAT_KEYS = (
     "push_pulls_over_budget",
     "push_pulls_skipped",
     "reconnects",
+    "reconnects_former",
+    "former_returned",
+    "former_expired",
+    "told_dead",
     "reaped",
     "user_messages",
     "user_dropped",
@@ -295,6 +304,7 @@ class Membership:
         "_delegate",
         "_events",
         "_fetched",
+        "_former",
         "_gossip_at",
         "_grace",
         "_heap",
@@ -319,6 +329,7 @@ class Membership:
         "_recent_probes",
         "_reconnect_at",
         "_relays",
+        "_returned",
         "_ring",
         "_rng",
         "_seq",
@@ -384,6 +395,9 @@ class Membership:
             stats=self.stats)
         self._decode_cache.meta.setdefault(meta_bytes, meta)
         self._tombstones: dict[str, int] = {}
+        # Failed members past reap_after that we still try to reach (see _reconnect).
+        self._former: dict[str, tuple[Addr, int, float]] = {}
+        self._returned = False  # set when a former member comes back (see _merge_and_chain)
         self._heap: list[tuple[float, int, int, object]] = []
         self._heap_seq = 0
         self._heap_ok: tuple[float, int, int, object] | None = None  # top known valid
@@ -507,6 +521,7 @@ class Membership:
         node = self._nodes.get(name)
         self._held.pop(name, None)
         self._want.discard(name)
+        self._former.pop(name, None)  # never tried again
         if node is None or node is self._me:
             return False
         self.stats["members_dropped"] += 1
@@ -620,8 +635,9 @@ class Membership:
             self.stats["push_pulls_bad"] += 1
             return None
         self.stats["push_pulls_served"] += 1
-        self._merge(pp, now)
-        return self._encode_state(join=False, now=now, peer=pp)
+        self._merge_and_chain(pp, now)
+        return self._encode_state(join=False, now=now, peer=pp,
+                                  extra=self._told_dead(pp, addr, now))
 
     def receive_stream_reply(self, data: bytes, addr: Addr, now: float) -> None:
         self._inflight.pop(addr, None)
@@ -638,7 +654,71 @@ class Membership:
         self.stats["push_pulls_completed"] += 1
         # A joiner learns the whole cluster from this reply; re-gossiping every member to a
         # cluster that already knows them would be a broadcast storm of N messages per joiner.
-        self._merge(pp, now, quiet_new=joined)
+        inc = self._me.incarnation
+        self._merge_and_chain(pp, now, quiet_new=joined)
+        # The other half of _told_dead: a responder we reaped is told so, once at once and
+        # then by _reconnect (it is kept as a former member), until it refutes.
+        extra = None
+        for name, at, tomb in self._reaped_senders(pp, addr, now):
+            if name not in self._former:
+                self._remember(name, at, tomb, now)
+                extra = [self._dead_row(name, at, tomb)]
+        # If it told us we are dead (_told_dead), it holds us reaped and our refutation's
+        # gossip may reach nobody on its side: hand the new alive over in person.
+        told = self._me.incarnation > inc and any(
+            st.name == self.name and st.state is DEAD for st in pp.states)
+        if extra is None and not told:
+            return
+        if self._start_push_pull_to(addr, now, extra) and extra is not None:
+            self.stats["reconnects_former"] += 1
+
+    def _merge_and_chain(self, pp: PushPull, now: float, quiet_new: bool = False) -> None:
+        """_merge; if that brought back a member we had reaped as failed, a partition has
+        probably healed: at once try one more such member (one push-pull per member that
+        came back, so the chain is bounded by the former list and ends where nobody answers)."""
+        self._returned = False
+        self._merge(pp, now, quiet_new)
+        if self._returned:
+            self._returned = False
+            self._reconnect_former(now, None)
+
+    def _told_dead(self, pp: PushPull, addr: Addr, now: float) -> list[list[object]] | None:
+        """Rows for a reply: a requester we reaped, whose own row is not above the incarnation
+        we reaped it at, is told so (dead at that incarnation). It is evidently running: it
+        refutes with a signed alive above our tombstone, which we would otherwise ignore
+        forever."""
+        if not self._tombstones:
+            return None
+        return [self._dead_row(*r) for r in self._reaped_senders(pp, addr, now)] or None
+
+    def _reaped_senders(self, pp: PushPull, addr: Addr,
+                        now: float) -> list[tuple[str, Addr, int]]:
+        """(name, address, tombstone) of the sender's own alive row in PP if we reaped it at
+        or above that incarnation; never for a member whose certificate is revoked or expired
+        (nor for one that left: its own row says left)."""
+        tombs = self._tombstones
+        out: list[tuple[str, Addr, int]] = []
+        if not tombs:
+            return out
+        trust = self._trust
+        for st in pp.states:
+            tomb = tombs.get(st.name)
+            if tomb is None or st.incarnation > tomb or st.state is not ALIVE:
+                continue  # above it: _merge_signed takes it back if its chain proves it
+            # The sender's own row: with identity the one it signs, else its address's.
+            if trust is not None:
+                if not st.alive_sig or trust.current(st.name, now) is None:
+                    continue
+            elif st.meta.addr[0] != addr[0]:
+                continue
+            out.append((st.name, st.meta.addr, tomb))
+        return out
+
+    def _dead_row(self, name: str, addr: Addr, inc: int) -> list[object]:
+        """A push-pull row saying NAME is dead at INC (the metadata is a stub: a dead row's
+        metadata is never applied)."""
+        self.stats["told_dead"] += 1
+        return [name, inc, _STATE_CODE[DEAD], NodeMeta(name, addr).encode()]
 
     def stream_failed(self, addr: Addr, now: float) -> None:
         self._inflight.pop(addr, None)
@@ -727,7 +807,7 @@ class Membership:
             else:
                 del self._relays[seq]  # type: ignore[arg-type]
         elif kind == _T_REAP:
-            self._reap(self._nodes[key], now)  # type: ignore[index]
+            self._reap(self._nodes[key], now, remember=True)  # type: ignore[index]
         else:
             self._inflight.pop(key, None)  # type: ignore[call-overload]
             self.stats["push_pulls_failed"] += 1
@@ -1067,7 +1147,9 @@ class Membership:
         if held is not None:
             self._on_alive(held, now)
 
-    def _on_alive(self, a: Alive, now: float, quiet: bool = False) -> None:
+    def _on_alive(self, a: Alive, now: float, quiet: bool = False, proven: int = -1) -> None:
+        """PROVEN: a newer incarnation of the node that a token checked against this alive's
+        anchor proves (a push-pull row, see _merge_signed); it counts against a tombstone."""
         if a.incarnation > MAX_CLAIM_INCARNATION:
             self.stats["claims_out_of_bound"] += 1
             return
@@ -1084,7 +1166,7 @@ class Membership:
             return
         if node is None:
             tomb = self._tombstones.get(name)
-            if tomb is not None and a.incarnation <= tomb:
+            if tomb is not None and a.incarnation <= tomb and proven <= tomb:
                 return
             if len(self._nodes) >= MAX_MEMBERS:
                 self.stats["members_refused"] += 1
@@ -1092,6 +1174,9 @@ class Membership:
             if not self._signed_alive(a, now):
                 return
             self._tombstones.pop(name, None)
+            if self._former and self._former.pop(name, None) is not None:
+                self.stats["former_returned"] += 1
+                self._returned = True
             node = _Node(a.meta, a.meta_bytes, a.incarnation, ALIVE, now)
             node.alive_sig, node.anchor = a.sig, a.anchor
             self._nodes[name] = node
@@ -1261,6 +1346,12 @@ class Membership:
             return
         node = self._nodes.get(d.node)
         if node is None:
+            if d.sender == d.node and self._former and d.node in self._former and (
+                self._trust is None or self._trust.verify(
+                    d.node, LEFT_DOMAIN, left_payload(d.incarnation, d.node), d.sig, now
+                ) is True
+            ):
+                del self._former[d.node]  # it left while we held it failed: let it go
             return
         trust = self._trust
         if trust is not None:
@@ -1304,7 +1395,19 @@ class Membership:
         node.addr = addr
         at[addr] = node
 
-    def _reap(self, node: _Node, now: float) -> None:
+    def _remember(self, name: str, addr: Addr, incarnation: int, now: float) -> None:
+        """Keep a failed member we reaped for _reconnect (FIFO-bounded by MAX_FORMER)."""
+        former = self._former
+        former.pop(name, None)
+        if len(former) >= MAX_FORMER:
+            del former[next(iter(former))]
+        former[name] = (addr, incarnation, now)
+
+    def _reap(self, node: _Node, now: float, remember: bool = False) -> None:
+        """Forget NODE. REMEMBER (the reap timer): if it failed (dead, not left), keep its
+        address for _reconnect; a member dropped for its certificate or that left is not."""
+        if remember and node.state is DEAD:
+            self._remember(node.name, node.addr, node.incarnation, now)
         del self._nodes[node.name]
         if self._at_addr.get(node.addr) is node:
             del self._at_addr[node.addr]
@@ -1323,10 +1426,12 @@ class Membership:
 
     # ------------------------------------------------------------------ internals: push-pull
 
-    def _encode_state(self, join: bool, now: float = 0.0, peer: PushPull | None = None) -> bytes:
+    def _encode_state(self, join: bool, now: float = 0.0, peer: PushPull | None = None,
+                      extra: list[list[object]] | None = None) -> bytes:
         """Our push-pull state. With identity each row carries the node's own signature of its
         metadata (and of its leave), our certificate always goes along, and so do those the
-        peer asked for (all of them when it is joining)."""
+        peer asked for (all of them when it is joining). EXTRA: rows about members we no longer
+        hold (_dead_row), appended."""
         code = _STATE_CODE
         user = b""
         if self._delegate is not None:
@@ -1337,6 +1442,8 @@ class Membership:
                 [n.name, n.incarnation, code[n.state], n.meta_bytes]
                 for n in self._nodes.values()
             ]
+            if extra:
+                rows += extra
             return encode_push_pull_raw(join, rows, user)
         # Signatures (64 bytes a row, as much again as a row itself) go only where they are
         # news: in a request, on our own row (the peer may not know us yet); in a reply, on the
@@ -1362,6 +1469,8 @@ class Membership:
                     me.alive_sig, me.left_sig, me.anchor,
                     me.token if me.tok_inc == me.incarnation > me.meta_inc else b""]
             rows.append(mine)
+            if extra:
+                rows += extra
             return encode_push_pull_raw(join, rows, user, certs, sorted(self._want)[:MAX_WANT])
         rows = []
         for n in self._nodes.values():
@@ -1396,6 +1505,8 @@ class Membership:
                 raw = trust.raw_cert(name, now)
                 if raw is not None and raw not in certs:
                     certs.append(raw)
+        if extra:
+            rows += extra
         want = sorted(self._want)[:MAX_WANT]
         return encode_push_pull_raw(join, rows, user, certs, want)
 
@@ -1458,10 +1569,19 @@ class Membership:
                     node.incarnation == st.incarnation and node.meta_inc >= st.meta_inc:
                 continue  # nothing new: no signature to check
             if node is None and st.state is not ALIVE:
+                if st.state is LEFT and st.left_sig and st.name in self._former:
+                    self._on_dead(Dead(st.incarnation, st.name, st.name, st.left_sig), now)
                 continue  # as unsigned: a member we never saw alive is not taken on hearsay
             if st.alive_sig:
+                proven = -1
+                if node is None and st.token and st.anchor and st.incarnation > st.meta_inc \
+                        and st.name in self._tombstones and \
+                        reaches(st.token, st.incarnation - st.meta_inc, st.anchor):
+                    # Reaped at an incarnation its signed alive is not above, but its chain
+                    # proves a later refutation (made while we were apart): it is back.
+                    proven = st.incarnation
                 self._on_alive(Alive(st.meta_inc, st.meta, st.meta_bytes, st.alive_sig,
-                                     st.anchor), now, quiet=quiet_new)
+                                     st.anchor), now, quiet=quiet_new, proven=proven)
             if st.token and st.incarnation > st.meta_inc:
                 self._on_alive_token(AliveToken(st.incarnation, st.name, st.token), now)
             if st.state is LEFT:
@@ -1505,18 +1625,21 @@ class Membership:
         elif st.state is LEFT and not st.left_sig:
             return
         elif st.incarnation >= me.incarnation:
-            self._refute(st.incarnation, None, now)
+            # Told we are dead in a push-pull: the teller may have reaped us (a reconnect, see
+            # _reconnect), and its tombstone takes only a signed alive above it, not a token.
+            self._refute(st.incarnation, None, now, full=st.state is DEAD)
 
     def _start_push_pull(self, node: _Node, now: float) -> bool:
         return self._start_push_pull_to(node.addr, now)
 
-    def _start_push_pull_to(self, addr: Addr, now: float) -> bool:
+    def _start_push_pull_to(self, addr: Addr, now: float,
+                            extra: list[list[object]] | None = None) -> bool:
         if len(self._inflight) >= self.config.max_push_pull_concurrent or (
             addr in self._inflight
         ) or addr == self._me.addr:
             self.stats["push_pulls_skipped"] += 1
             return False
-        self._streams.append((self._encode_state(join=False, now=now), addr))
+        self._streams.append((self._encode_state(join=False, now=now, extra=extra), addr))
         expires = now + self.config.stream_timeout
         self._inflight[addr] = expires
         self._push_timer(expires, _T_STREAM, addr)
@@ -1537,19 +1660,60 @@ class Membership:
             self._start_push_pull(peers[0], now)
 
     def _reconnect(self, now: float) -> None:
-        """serf's reconnect: push-pull with a random dead member, with probability dead/alive."""
+        """serf's reconnect: push-pull with a random failed member, with probability
+        failed/alive. Failed: held dead, or reaped while dead less than reconnect_timeout ago
+        (_former; serf keeps its failed members that long), so a partition that outlasts
+        reap_after still heals."""
         self._reconnect_at = now + self.config.reconnect_interval
         self._check_certs(now)
         if self._leaving:
             return
-        if not self._n_dead:
+        former = self._former
+        if former:
+            self._expire_former(now)
+        n = self._n_dead + len(former)
+        if not n:
             return
-        if self._rng.random() >= self._n_dead / max(1, self._n_live):
+        if self._rng.random() >= n / max(1, self._n_live):
             return
-        dead = [n for n in self._ring if n.state is DEAD]
-        node = dead[int(self._rng.random() * len(dead))]
+        i = int(self._rng.random() * n)
+        if i >= self._n_dead:
+            self._reconnect_former(now, i - self._n_dead)
+            return
+        dead = [m for m in self._ring if m.state is DEAD]
+        node = dead[i]
         if self._start_push_pull(node, now):
             self.stats["reconnects"] += 1
+
+    def _expire_former(self, now: float) -> None:
+        """Forget former members reaped more than reconnect_timeout ago (oldest first)."""
+        former = self._former
+        cutoff = now - self.config.reconnect_timeout
+        while former:
+            name = next(iter(former))
+            if former[name][2] > cutoff:
+                break
+            del former[name]
+            self.stats["former_expired"] += 1
+
+    def _reconnect_former(self, now: float, index: int | None) -> None:
+        """Push-pull with former member number INDEX (None: a random one), telling it that it
+        is dead (_dead_row): it refutes with a signed alive above our tombstone, and its reply
+        brings it back to us."""
+        former = self._former
+        if not former or self._leaving:
+            return
+        if index is None:
+            index = int(self._rng.random() * len(former))
+        name = next(itertools.islice(former, index, None))
+        addr = former[name][0]
+        trust = self._trust
+        if addr in self._at_addr or (trust is not None and trust.current(name, now) is None):
+            # Another member holds its address now, or its certificate expired or was revoked.
+            del former[name]
+            return
+        if self._start_push_pull_to(addr, now, [self._dead_row(name, addr, former[name][1])]):
+            self.stats["reconnects_former"] += 1
 
     # ------------------------------------------------------------------ internals: sending
 
