@@ -316,6 +316,7 @@ class Chaos:
         self.down: dict[str, str] = {}  # host -> the fault holding it down
         self.removed: set[str] = set()  # services an acknowledged rm removed
         self.probes: list[threading.Thread] = []
+        self.unconverged: list[Violation] = []  # what the last convergence wait still saw
         self.lock = threading.Lock()  # the probes' thread shares the report and the rng
         self.rng = random.Random(schedule.seed ^ 0x5EED)
 
@@ -357,7 +358,9 @@ class Chaos:
         self.expected.services["frontend"] = {"network": APPNET, "replicas": FRONTEND_REPLICAS}
         secs = self.converge(CONVERGE_TIMEOUT_S * 2)
         if secs is None:
-            raise LabError("the cluster did not converge after deploying appnet")
+            self.report.violations = self.unconverged
+            raise LabError("the cluster did not converge after deploying appnet: " + "; ".join(
+                f"[{v.invariant}] {v.detail}" for v in self.unconverged[:3]))
         self.act("deployed", converged_s=secs)
 
     def _must(self, host: str, *args: str) -> None:
@@ -378,9 +381,12 @@ class Chaos:
         return invariants.check_dns(self.lab, hosts, self.expected)
 
     def converge(self, timeout: float) -> float | None:
+        """Seconds until invariants 1, 3 and 5 hold, or None (then `self.unconverged` holds
+        what still failed)."""
         start = time.monotonic()
         while time.monotonic() - start < timeout:
-            if not self.converged():
+            self.unconverged = self.converged()
+            if not self.unconverged:
                 return round(time.monotonic() - start, 2)
             time.sleep(0.5)
         return None
@@ -553,7 +559,11 @@ class Chaos:
         secs = self.converge(CONVERGE_TIMEOUT_S)
         self.report.convergence.append({"round": rnd.index, "after": self.now(),
                                         "seconds": secs})
-        self.act("converged" if secs is not None else "not converged", seconds=secs)
+        if secs is not None:
+            self.act("converged", seconds=secs)
+        else:
+            self.act("not converged", still=[f"[{v.invariant}] {v.detail}"
+                                             for v in self.unconverged[:3]])
 
     def _probe_during(self) -> None:
         live = self.live()
