@@ -515,11 +515,12 @@ class Chaos:
         self.lab.up(len(self.hosts), tmpfs_state={disk: DISK_TMPFS_BYTES} if disk else {})
 
     def stop(self) -> None:
-        """Heal whatever is left and remove what the run made (logs stay for a look)."""
+        """Heal whatever is left and remove what the run made; the agents' logs stay (in the
+        lab's run dir) only when the run failed, for a look."""
         try:
             self.heal_all()
         finally:
-            self.lab.down(keep_logs=True)
+            self.lab.down(keep_logs=not self.report.ok)
 
     def run(self) -> Report:
         self.t0 = time.monotonic()
