@@ -23,9 +23,13 @@ LAB = str(Path(sys.executable).parent / "meshnet-lab")
 @pytest.mark.timeout(900)  # a run that never converges takes ~6 min to say which invariant
 def test_chaos_run_with_every_fault_kind_holds_every_invariant() -> None:
     prefix = f"mnch{os.getpid() % 10000}"
-    r = subprocess.run([LAB, "--prefix", prefix, "chaos", "--hosts", "5", "--duration", "90",
-                        "--seed", str(SEED), "--json"], capture_output=True, text=True,
-                       timeout=900, check=False)
+    try:
+        r = subprocess.run([LAB, "--prefix", prefix, "chaos", "--hosts", "5", "--duration",
+                            "90", "--seed", str(SEED), "--json"], capture_output=True,
+                           text=True, timeout=840, check=False)
+    finally:  # a run killed by a timeout cleans nothing up itself
+        subprocess.run([LAB, "--prefix", prefix, "down"], capture_output=True, timeout=120,
+                       check=False)
     assert r.stdout.strip(), r.stderr[-3000:]
     rep = json.loads(r.stdout.strip().splitlines()[-1])
     violations = [f"[{v['invariant']}] {v['detail']}" for v in rep["violations"]]
