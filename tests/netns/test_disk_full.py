@@ -9,9 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from conftest import Cluster, wait
 
 from meshnet.lab import Lab
-from tests.netns.conftest import Cluster, wait
 
 pytestmark = pytest.mark.netns
 

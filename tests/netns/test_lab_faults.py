@@ -10,11 +10,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from conftest import Cluster, send_udp_from, task_trees, wait
 
 from meshnet.lab import Lab, LabError
 from meshnet.platform import netns, nsfd
 from meshnet.platform.sandbox import processes_with_env
-from tests.netns.conftest import Cluster, send_udp_from, task_trees, wait
 
 pytestmark = pytest.mark.netns
 
