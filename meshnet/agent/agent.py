@@ -295,7 +295,8 @@ class Agent:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         try:
-            self.record = identity.load_or_create(self.config.state_dir, self.config.name)
+            self.record = identity.load_or_create(self.config.state_dir, self.config.name,
+                                                  self.wall_clock())
         except identity.StateDirError as e:
             raise StartError(str(e)) from None
         self.keyring = self._load_keyring()

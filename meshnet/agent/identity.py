@@ -1,15 +1,18 @@
 """The node's record in the state dir: who it is and how many times it has started.
 
 The incarnation is stored so a restarted node announces itself above anything the cluster
-may still believe about its previous life. A record that cannot be used (unparseable, or an
-incarnation membership would refuse) is set aside under a new name, with one log line, and the
-node starts afresh: the first push-pull tells it the incarnation the cluster holds for it, and
-it comes back above that. Failing instead would make `Restart=on-failure` loop for good.
+may still believe about its previous life, and each start begins at least at the wall clock in
+milliseconds: refutations raise the incarnation in memory only, and with identity a claim
+about us above what this life has signed is refused, so the cluster could not lift a node that
+restarted below the incarnation it holds for it (found by the chaos soak, #15). A record that
+cannot be used (unparseable, or an incarnation membership would refuse) is set aside under a
+new name, with one log line, and the node starts afresh (from the clock). Failing instead
+would make `Restart=on-failure` loop for good.
 
 A full disk does not stop the node either: the record it cannot write is kept in memory (one
 warning line), the node runs on, and the write is retried when space returns (fsutil.DEFERRED,
-retried by the store's loop). Its next start may then count from an older record, which is safe:
-the cluster tells it the incarnation it holds, as above.
+retried by the store's loop). Its next start may then count from an older record, which the
+clock covers.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ from pathlib import Path
 from meshnet.agent.logs import error_line
 from meshnet.fsutil import DEFERRED, remove_stale_temporaries
 from meshnet.membership import MAX_CLAIM_INCARNATION
+
+# A start never begins higher than this from the clock (a clock gone wild must leave room for
+# refutations below membership's bound); 2**62 ms is a hundred million years.
+MAX_START_INCARNATION = 1 << 62
 
 log = logging.getLogger("meshnet.agent")
 # node.json is a few dozen bytes; anything much bigger is not ours.
@@ -50,7 +57,7 @@ class NodeRecord:
     fresh_epoch: int = 0
 
 
-def load_or_create(state_dir: str, name: str) -> NodeRecord:
+def load_or_create(state_dir: str, name: str, now: float | None = None) -> NodeRecord:
     """Read node.json (creating the dir and file on first start) and count this boot."""
     directory = Path(state_dir)
     try:
@@ -74,7 +81,12 @@ def load_or_create(state_dir: str, name: str) -> NodeRecord:
                         path, e, aside.name)
     record.name = name
     record.boots += 1
-    record.incarnation += 1
+    # Above the saved one, and above the wall clock in ms: a previous life that refuted
+    # suspicions raised its incarnation in memory only, and with identity the cluster's claims
+    # above what this life has signed are refused, so "the cluster tells it" cannot lift it.
+    # A life would need more than one refutation a millisecond to outrun the clock.
+    record.incarnation = max(record.incarnation + 1,
+                             0 if now is None else min(int(now * 1000), MAX_START_INCARNATION))
     try:
         save(state_dir, record)
     except OSError as e:

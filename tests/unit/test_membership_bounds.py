@@ -139,3 +139,15 @@ def test_garbage_node_json_is_set_aside(tmp_path: Path) -> None:
     (tmp_path / identity.NODE_FILE).write_bytes(b"\x00garbage{")
     assert identity.load_or_create(str(tmp_path), "n1").incarnation == 1
     assert len(list(tmp_path.glob("node.json.bad-*"))) == 1
+
+
+def test_a_start_begins_at_the_wall_clock_in_ms(tmp_path: Path) -> None:
+    """Refutations raise the incarnation in memory only; each start begins at least at the
+    clock in ms, so it is above what a previous life reached (test_membership_reconnect)."""
+    now = 1_800_000_000.5
+    first = identity.load_or_create(str(tmp_path), "n1", now)
+    assert first.incarnation == int(now * 1000)
+    again = identity.load_or_create(str(tmp_path), "n1", now - 3600)  # clock set back
+    assert again.incarnation == first.incarnation + 1
+    later = identity.load_or_create(str(tmp_path), "n1", now + 5)
+    assert later.incarnation == int((now + 5) * 1000)

@@ -247,3 +247,29 @@ def test_a_member_that_refuted_by_token_while_reaped_still_comes_back(pki: Pki) 
     took = net.run(60.0, until=net.all_alive)
     assert net.all_alive(), {m.name: net.view(m) for m in net.nodes}
     assert took <= CFG.reconnect_interval + 1.0
+
+
+def test_a_node_restarted_after_refutations_rejoins(pki: Pki) -> None:
+    """Found by the chaos soak (seed 1, 7 hosts: h7 crashed after refuting suspicions up to
+    incarnation 4 and restarted at 3, from node.json). With identity, the others' claims about
+    it above what its new life had signed were refused (claims_above_signed), so it never
+    refuted them and stayed out for good. A start now begins at the wall clock in ms
+    (identity.load_or_create), always above a previous life's refutations: modelled here by
+    starting the new life 1,000 above, as a restart a second later does."""
+    net = Net(pki, 4)
+    victim = net.nodes[3]
+    for _ in range(3):  # suspicions it refutes, raising its incarnation in memory only
+        victim._on_suspect(Suspect(victim.local().incarnation, victim.name, "n1"), net.now)
+        net.run(3.0)
+    old = victim.local().incarnation
+    assert old >= 3
+    net.stopped.add(victim.name)
+    net.run(30.0, until=lambda: all(net.view(m).get(victim.name) != A for m in net.nodes[:3]))
+    reborn = Membership(CFG, NodeMeta(victim.name, addr(4)), random.Random(99), net.now,
+                        incarnation=old + 1000, trust=victim._trust)
+    net.nodes[3] = reborn
+    net.by_addr[addr(4)] = reborn
+    net.stopped.discard(victim.name)
+    reborn.join([addr(1)], net.now)
+    took = net.run(60.0, until=net.all_alive)
+    assert net.all_alive() and took < 10.0, {m.name: net.view(m) for m in net.nodes}
