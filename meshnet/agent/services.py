@@ -404,8 +404,10 @@ class Services:
             code = await task.proc.wait()
             return code if code >= 0 else 128 - code
         finally:
-            logf.close()
-            await run_to_end(self._teardown(task, handle))
+            try:
+                logf.close()
+            finally:
+                await run_to_end(self._teardown(task, handle))
 
     def _start_failed(self, task: Task, logf: _CappedLog, why: str) -> int:
         """The task cannot start as specified on this host: say so in its log, and fail it."""
@@ -664,22 +666,36 @@ def _containment_json(value: object) -> dict[str, Any] | str:
 
 
 class _CappedLog:
-    """Append-only log that rotates to NAME.1 when it reaches LOG_CAP_BYTES."""
+    """Append-only log that rotates to NAME.1 when it reaches LOG_CAP_BYTES. Best effort: a
+    write the disk refuses (full) is dropped and counted, never raised, so a full state dir
+    cannot stop a task or leave its sandbox behind (found by the chaos soak, #15)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.f = open(path, "ab")  # noqa: SIM115 (closed by close())
         self.size = self.f.tell()
+        self.dropped = 0  # bytes of output the disk refused
+        self.error: OSError | None = None
 
     def write(self, data: bytes) -> None:
-        if self.size + len(data) > LOG_CAP_BYTES:
-            self.f.close()
-            os.replace(self.path, self.path.with_suffix(".log.1"))
-            self.f = open(self.path, "ab")  # noqa: SIM115
-            self.size = 0
-        self.f.write(data)
-        self.f.flush()
-        self.size += len(data)
+        try:
+            if self.size + len(data) > LOG_CAP_BYTES:
+                self.f.close()
+                os.replace(self.path, self.path.with_suffix(".log.1"))
+                self.f = open(self.path, "ab")  # noqa: SIM115
+                self.size = 0
+            self.f.write(data)
+            self.f.flush()
+            self.size += len(data)
+        except OSError as e:
+            self.dropped += len(data)
+            self.error = e
 
     def close(self) -> None:
-        self.f.close()
+        try:
+            self.f.close()
+        except OSError as e:
+            self.error = e
+        if self.error is not None:
+            log.warning("%s: %d bytes of the task's output not logged: %s", self.path.name,
+                        self.dropped, error_line(self.error))
