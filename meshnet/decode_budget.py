@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgpack
-
 from meshnet import wire
 
 __all__ = ["CONTAINER_BYTES", "ELEMENT_BYTES", "MAX_BYTES_PER_INPUT_BYTE", "Budget",
@@ -78,26 +76,10 @@ def unpack(
     exceed what is left (the caller wants the estimate in ``budget.used``)."""
     if not always_charge and len(data) * MAX_BYTES_PER_INPUT_BYTE <= budget.left:
         return wire.unpack(data, max_bytes=max_bytes, exc=exc)
-    if len(data) > max_bytes:
-        raise exc(f"body of {len(data)} bytes exceeds {max_bytes}")
-    if len(data) == 0:
-        raise exc("empty body")
-    limit = min(max_bytes, wire.MAX_MSGPACK_CONTAINER)
     try:
-        return msgpack.unpackb(  # wire.unpack's options, plus the hooks
-            data,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            max_str_len=limit,
-            max_bin_len=limit,
-            max_array_len=limit,
-            max_map_len=limit,
-            max_ext_len=0,
-            list_hook=budget.list_hook,
-            object_hook=budget.map_hook,
-        )
-    except BudgetExceeded:
-        raise over(f"decoding would build over {budget.limit} bytes") from None
-    except Exception as e:  # msgpack raises a zoo of types (ValueError, ExtraData, StackError..)
-        raise exc(f"bad msgpack body: {type(e).__name__}") from None
+        return wire.unpack(data, max_bytes=max_bytes, exc=exc, list_hook=budget.list_hook,
+                           map_hook=budget.map_hook)
+    except exc:
+        if budget.left < 0:  # a hook ran out (wire.unpack turns what it raised into exc)
+            raise over(f"decoding would build over {budget.limit} bytes") from None
+        raise

@@ -15,6 +15,7 @@ exception type from its decoders (``MembershipProtocolError`` and friends) and n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import msgpack
@@ -87,10 +88,13 @@ def unpack(
     *,
     max_bytes: int = MAX_DATAGRAM_BYTES,
     exc: type[Exception] = WireError,
+    list_hook: Callable[[list[Any]], Any] | None = None,
+    map_hook: Callable[[dict[Any, Any]], Any] | None = None,
 ) -> Any:
     """Decode exactly one msgpack object occupying all of ``data``.
 
-    Raises ``exc`` (and only ``exc``) on anything malformed, oversized or trailing.
+    Raises ``exc`` (and only ``exc``) on anything malformed, oversized or trailing, or raised
+    by a hook (decode_budget's hooks charge every container as it is built).
     """
     if len(data) > max_bytes:
         _fail(exc, f"body of {len(data)} bytes exceeds {max_bytes}")
@@ -108,6 +112,8 @@ def unpack(
             max_array_len=limit,
             max_map_len=limit,
             max_ext_len=0,
+            list_hook=list_hook,
+            object_hook=map_hook,
         )
     except Exception as e:  # msgpack raises a zoo of types (ValueError, ExtraData, StackError..)
         raise exc(f"bad msgpack body: {type(e).__name__}") from None
