@@ -560,11 +560,21 @@ class Chaos:
         secs = self.converge(CONVERGE_TIMEOUT_S)
         self.report.convergence.append({"round": rnd.index, "after": self.now(),
                                         "seconds": secs})
+        self.sample_rss()
         if secs is not None:
             self.act("converged", seconds=secs)
         else:
             self.act("not converged", still=[f"[{v.invariant}] {v.detail}"
                                              for v in self.unconverged[:3]])
+
+    def sample_rss(self) -> None:
+        """Keep the largest agent peak (VmHWM) seen: sampled after every round, since an agent
+        killed or crashed later takes its peak with it."""
+        try:
+            peaks = [_rss_mb(s.pid) for s in self.lab.status() if s.pid]
+        except (LabError, OSError):
+            return
+        self.report.max_rss_mb = max([self.report.max_rss_mb, *peaks])
 
     def _probe_during(self) -> None:
         live = self.live()
@@ -617,8 +627,7 @@ class Chaos:
             requests=FINAL_REQUESTS, stats=stats, dns_names=sorted(self.removed))
         self.report.final_served = stats.get("served", 0)
         self.report.final_failed = stats.get("failed", 0)
-        self.report.max_rss_mb = max((_rss_mb(s.pid) for s in self.lab.status() if s.pid),
-                                     default=0.0)
+        self.sample_rss()
         self.report.tracebacks = sum(_tracebacks(self.lab, h) for h in self.hosts)
 
 
