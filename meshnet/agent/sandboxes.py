@@ -51,7 +51,7 @@ from meshnet.platform.sandbox import (
     create_sandbox,
     delete_sandbox,
     etc_files,
-    node_sandboxes,
+    node_sandbox_leftovers,
     sandbox_node_prefix,
     sandbox_ns_name,
     write_identity,
@@ -174,7 +174,7 @@ class Sandboxes:
             await asyncio.to_thread(sweep, elsewhere)
             if leftovers:
                 log.info("killed %d tasks left by a previous run", len(leftovers))
-        for ns in node_sandboxes(self.prefix, self.node):
+        for ns in node_sandbox_leftovers(self.prefix, self.node):
             await _kill_namespace_processes(ns)
             await self._teardown("removing a sandbox left by a previous run",
                                  self.overlay.nl.run(delete_sandbox(ns)))

@@ -353,6 +353,13 @@ class Lab:
     def _our_namespaces(self) -> list[str]:
         return [n for n in netns.list_netns() if self._ns_re.fullmatch(n)]
 
+    def _our_netns_etc(self) -> list[str]:
+        try:
+            return sorted(p.name for p in Path("/etc/netns").iterdir()
+                          if self._ns_re.fullmatch(p.name))
+        except OSError:
+            return []
+
     def hosts(self) -> list[str]:
         m = self._load()
         return list(m["hosts"]) if m else []
@@ -710,6 +717,10 @@ class Lab:
             except NetnsError as e:
                 errors.append(str(e))
             shutil.rmtree(Path("/etc/netns") / n, ignore_errors=True)  # a sandbox's resolv.conf
+        # A sandbox whose namespace died with its agent's mount namespace leaves its
+        # /etc/netns directory behind.
+        for n in self._our_netns_etc():
+            shutil.rmtree(Path("/etc/netns") / n, ignore_errors=True)
 
         # 4. Links recorded outside any namespace of ours (none today; kept for safety).
         for link in m.get("links", []) if m else []:

@@ -163,6 +163,20 @@ def node_sandboxes(prefix: str, node: str) -> list[str]:
             if is_node_sandbox(n, prefix, node)]
 
 
+def node_sandbox_leftovers(prefix: str, node: str) -> list[str]:
+    """NODE's sandboxes as node_sandboxes, plus those whose namespace is gone but whose
+    /etc/netns/NAME directory stayed (a namespace's name can die with its agent's mount
+    namespace; the directory is on the host's /etc). What a restarted agent removes."""
+    head = sandbox_node_prefix(prefix, node)
+    try:
+        dirs = [p.name for p in NETNS_ETC.iterdir() if p.name.startswith(head)]
+    except OSError:
+        dirs = []
+    names = set(node_sandboxes(prefix, node))
+    names.update(n for n in dirs if is_node_sandbox(n, prefix, node))
+    return sorted(names)
+
+
 def host_ifname(ns_name: str) -> str:
     """The name of the host end of NS_NAME's veth."""
     digest = hashlib.sha256(ns_name.encode()).hexdigest()[:HOST_IFNAME_HEX]

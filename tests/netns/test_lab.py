@@ -85,6 +85,12 @@ def test_down_sweeps_by_prefix_without_a_manifest(lab_factory: LabFactory) -> No
     before = snapshot()
     lab = lab_factory()
     lab.up(2, start_agents=False)
+    # A sandbox whose namespace died with its agent's mount namespace leaves only this.
+    orphan = Path("/etc/netns") / f"{lab.prefix}-s-0123abcd-gone.1-0123456789ab"
+    stranger = Path("/etc/netns") / f"{lab.prefix}x-s-keep"  # another lab's prefix
+    orphan.mkdir(parents=True)
+    (orphan / "resolv.conf").write_text("nameserver 127.0.0.11\n")
+    stranger.mkdir()
     lab.manifest_path.write_text("{")  # torn or lost records
     with pytest.raises(LabError, match="corrupt"):
         lab.status()
@@ -93,9 +99,14 @@ def test_down_sweeps_by_prefix_without_a_manifest(lab_factory: LabFactory) -> No
     with pytest.raises(LabError, match="already up"):
         lab.up(2, start_agents=False)
     lab.manifest_path.write_text("{")
-    Lab(lab.prefix, lab.run_dir).down()
-    assert ours(lab) == []
-    assert snapshot() == before
+    try:
+        Lab(lab.prefix, lab.run_dir).down()
+        assert ours(lab) == []
+        assert snapshot() == before
+        assert not orphan.exists()
+        assert stranger.is_dir()
+    finally:
+        stranger.rmdir()
 
 
 def test_exec_runs_in_the_host_namespace_and_hosts_reach_each_other(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from meshnet.platform import nsfd
 from meshnet.platform.sandbox import (
     SandboxExists,
     create_sandbox,
+    node_sandbox_leftovers,
     node_sandboxes,
     sandbox_ns_name,
 )
@@ -45,6 +47,16 @@ def test_restarted_agent_sweeps_exactly_its_own(cluster: Callable[[int], Cluster
     assert node_sandboxes(p, "h1") == [neighbour]
     assert all(len(n) <= 64 and n.startswith(f"{p}-") for n in nsfd.list_netns(f"{p}-"))
 
+    # Sandboxes whose namespace is gone but whose /etc/netns directory stayed: h2's is swept
+    # by h2's restart, h1's is not h2's to touch.
+    etc = Path("/etc/netns")
+    h2_orphan, h1_orphan = (etc / sandbox_ns_name(p, h, "orphan") for h in ("h2", "h1"))
+    for d in (h2_orphan, h1_orphan):
+        d.mkdir()
+        (d / "resolv.conf").write_text("nameserver 127.0.0.11\n")
+    assert node_sandbox_leftovers(p, "h2") == sorted(
+        [*keep, sandbox_ns_name(p, "h2", "old"), h2_orphan.name])
+
     c.lab.kill("h2")
     c.lab.start("h2")
     wait(lambda: running(c, "h1", "keep") == [1, 2] and
@@ -52,6 +64,8 @@ def test_restarted_agent_sweeps_exactly_its_own(cluster: Callable[[int], Cluster
          lambda: f"h2's tasks back, `old` swept: {node_sandboxes(p, 'h2')}")
     assert node_sandboxes(p, "h1") == [neighbour]
     assert sorted(nsfd.list_netns(f"{p}-")) == sorted([*keep, neighbour])
+    assert not h2_orphan.exists()
+    assert h1_orphan.is_dir()
 
 
 def test_existing_namespace_is_never_shared(cluster: Callable[[int], Cluster]) -> None:
