@@ -6,7 +6,7 @@ query goes to :meth:`Resolver.answer` with the asking listener's network scope; 
 as its owner, whose :class:`~meshnet.dns.SendUpstream` leave from a fresh socket each and whose
 :class:`~meshnet.dns.ReplyClient` go back to the client on the listener it asked on.
 
-Listeners come in two kinds (DESIGN.md §4, issue 4):
+Listeners come in two kinds (docs/design.md §4, issue 4):
 
 - host-side ones (``--dns-listen``, tests, benchmarks): ``networks=None``, they see every name;
 - one per sandbox on 127.0.0.11:53 inside the sandbox's network namespace, scoped to the networks

@@ -1,6 +1,6 @@
 """meshctl: parse arguments, call the local agent's control API, print the answer.
 
-Exit codes (DESIGN.md §4): 0 done; 1 the operation failed; 2 usage error; 3 no agent.
+Exit codes (docs/design.md §4): 0 done; 1 the operation failed; 2 usage error; 3 no agent.
 """
 
 from __future__ import annotations

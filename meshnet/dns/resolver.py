@@ -6,7 +6,7 @@ The agent builds :class:`TaskRecord` values from the replicated store and hands 
 back whatever bytes come out, forward the query upstream (:class:`Forward`), or drop it
 (:class:`Drop`).
 
-Names (DESIGN.md §4), all case-insensitive, each optionally followed by a domain suffix
+Names (docs/design.md §4), all case-insensitive, each optionally followed by a domain suffix
 (``meshnet.`` by default):
 
 - ``<service>``, ``tasks.<service>``: the addresses of the service's running tasks, on every

@@ -55,7 +55,7 @@ starts when *it* heard the suspicion, not when it was raised. Around that:
 memberlist derives k from the multiplier (k = mult - 2), which at mult 1.5 would be negative and
 turn the dynamic timeout off; we keep k as its own setting (2, memberlist's value at mult 4).
 The numbers behind the choice are measured by ``bench/membership.py`` (N=1000, LAN timings) and
-recorded in docs/design-notes.md (Membership); rerun it to check them.
+recorded in docs/design.md (§8, Membership); rerun it to check them.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Each side declares the other dead, then reaps it (forgets it). After the heal both sides must
 still find each other: the core keeps reaped-while-dead members' addresses and keeps trying
 them (serf's reconnect), and a push-pull tells a member it was declared dead so it refutes
-with an alive the other side's tombstones accept (docs/design-notes.md, Membership).
+with an alive the other side's tombstones accept (docs/design.md §8, Membership).
 """
 
 from __future__ import annotations
