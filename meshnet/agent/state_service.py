@@ -50,7 +50,9 @@ from meshnet.membership import (
     MemberUpdated,
 )
 from meshnet.state import Entry, StateProtocolError, Store, StoreFull
+from meshnet.state.authz import OWNED_TABLES, owner_of
 from meshnet.state.store import Horizon
+from meshnet.state.types import StoreEvent
 from meshnet.state.validate import check_value
 
 log = logging.getLogger("meshnet.state")
@@ -78,6 +80,8 @@ class StateService:
         self.loop = asyncio.get_running_loop()
         self.gossip: GossipTransport | None = None
         self.listeners: list[Callable[[], None]] = []
+        # Told of each change the store reports (the agent's event hub: `meshctl events`).
+        self.change_listeners: list[Callable[[StoreEvent], None]] = []
         self.timer: asyncio.TimerHandle | None = None
         self.flush_task: asyncio.Task[None] | None = None
         self.flush_lock = asyncio.Lock()
@@ -155,7 +159,10 @@ class StateService:
         if db is not None:
             entries = await asyncio.to_thread(db.load)
             horizon = await asyncio.to_thread(db.load_gc_horizon)
+            entries, dropped = others_owned_dropped(entries, node)
             loaded = store.load(entries, time.time(), horizon)
+            if dropped:
+                log.info("store: %d records owned by other nodes left to their owners", dropped)
             if db.quarantined is not None:
                 log.warning("store file was unreadable; moved aside to %s", db.quarantined)
             if db.exclusive:
@@ -206,8 +213,14 @@ class StateService:
 
     def _notify(self) -> None:
         self.notify_scheduled = False
-        while self.store.next_event() is not None:
-            pass  # listeners re-read the views; the events only tell us something changed
+        while (event := self.store.next_event()) is not None:
+            # listeners re-read the views; the events only tell them something changed
+            for on_change in self.change_listeners:
+                try:
+                    on_change(event)
+                except Exception as e:
+                    self._counts["listener_errors"] += 1
+                    self._error_once("store change listener", e)
         self.log_refusals()
         for listener in self.listeners:
             try:  # one listener's failure must not keep the others from hearing of the change
@@ -365,7 +378,10 @@ class StateService:
             reply = self.store.apply_entries(diff, time.time())
             self.changed()
             if reply:
-                await self.gossip.request(addr, STREAM_STATE, bytes([AE_ENTRIES]) + reply)
+                last = await self.gossip.request(addr, STREAM_STATE, bytes([AE_ENTRIES]) + reply)
+                if last:  # step 4: tombstones for writes of ours beyond the peer's horizon
+                    self.store.apply_entries(last, time.time())
+                    self.changed()
             self._counts["anti_entropy"] += 1
         except StateProtocolError:
             self._counts["bad_entries"] += 1
@@ -382,14 +398,27 @@ class StateService:
             if body[0] == AE_DIGEST:
                 return self.store.diff_for(body[1:])
             if body[0] == AE_ENTRIES:
+                step4: bytes | None = None
                 try:
-                    self.store.apply_entries(body[1:], time.time())
+                    step4 = self.store.apply_entries(body[1:], time.time())
                 except StateProtocolError:
                     self._counts["bad_entries"] += 1
                 self.changed()
-                return b""
+                return step4 or b""
         except StateProtocolError:
             self._counts["bad_entries"] += 1
         except Exception as e:  # a bug: answer nothing; the peer counts a failed exchange
             self._error_once("serving anti-entropy", e)
         return None
+
+
+def others_owned_dropped(entries: list[Entry], node: str) -> tuple[list[Entry], int]:
+    """The disk copy without the records other nodes own (tasks, endpoints), and how many went.
+    They are facts about other hosts that only their owner may change or delete: a copy saved
+    before an owner's delete (killed before the save, or a full disk) would otherwise come back
+    as a ghost once the tombstone is collected everywhere, and only an exchange with that owner
+    could remove it. The owner and any peer give them back at the first exchange (join starts
+    one), and they are hidden until their owner is live anyway."""
+    kept = [e for e in entries
+            if e.table not in OWNED_TABLES or owner_of(e.key) in (None, node)]
+    return kept, len(entries) - len(kept)

@@ -317,6 +317,7 @@ class Chaos:
         self.removed: set[str] = set()  # services an acknowledged rm removed
         self.probes: list[threading.Thread] = []
         self.unconverged: list[Violation] = []  # what the last convergence wait still saw
+        self.last_unconverged: list[Violation] = []  # its last failed poll (see waited_on)
         self.lock = threading.Lock()  # the probes' thread shares the report and the rng
         self.rng = random.Random(schedule.seed ^ 0x5EED)
 
@@ -348,12 +349,13 @@ class Chaos:
     def deploy(self) -> None:
         h = self.hosts[0]
         self._must(h, "network", "create", APPNET)
-        self._must(h, "service", "create", "backend", "--network", APPNET, "--replicas",
-                   str(BACKEND_REPLICAS), "--limit-memory", "128M", *TASK_MOUNT, "--", *DEMO,
-                   "serve")
-        self._must(h, "service", "create", "frontend", "--network", APPNET, "--replicas",
-                   str(FRONTEND_REPLICAS), "--limit-memory", "128M", *TASK_MOUNT, "--", *DEMO,
-                   "front", "--backend", "http://backend:8080/")
+        # --detach: convergence is timed below, over every invariant, not by meshctl's wait
+        self._must(h, "service", "create", "backend", "--detach", "--network", APPNET,
+                   "--replicas", str(BACKEND_REPLICAS), "--limit-memory", "128M", *TASK_MOUNT,
+                   "--", *DEMO, "serve")
+        self._must(h, "service", "create", "frontend", "--detach", "--network", APPNET,
+                   "--replicas", str(FRONTEND_REPLICAS), "--limit-memory", "128M", *TASK_MOUNT,
+                   "--", *DEMO, "front", "--backend", "http://backend:8080/")
         self.expected.services["backend"] = {"network": APPNET, "replicas": BACKEND_REPLICAS}
         self.expected.services["frontend"] = {"network": APPNET, "replicas": FRONTEND_REPLICAS}
         secs = self.converge(CONVERGE_TIMEOUT_S * 2)
@@ -384,12 +386,20 @@ class Chaos:
         """Seconds until invariants 1, 3 and 5 hold, or None (then `self.unconverged` holds
         what still failed)."""
         start = time.monotonic()
+        self.last_unconverged = []
         while time.monotonic() - start < timeout:
             self.unconverged = self.converged()
             if not self.unconverged:
                 return round(time.monotonic() - start, 2)
+            self.last_unconverged = self.unconverged
             time.sleep(0.5)
         return None
+
+    def waited_on(self) -> dict[str, Any]:
+        """What the last convergence waited on longest: the violation its last failed poll
+        saw (the evidence a slow round needs)."""
+        v = self.last_unconverged[:1]
+        return {"waited_on": f"[{v[0].invariant}] {v[0].detail}"[:200]} if v else {}
 
     # -- faults --
 
@@ -452,17 +462,19 @@ class Chaos:
             return
         host = live[min(len(live) - 1, int(c.host_pick * len(live)))]
         exp = self.expected
+        # Service writes --detach: churn must not block the round, and a write is acknowledged
+        # when it is stored (exit 0), not when its tasks run.
         if c.verb == "network-create":
             args: tuple[str, ...] = ("network", "create", c.name)
         elif c.verb == "network-rm":
             args = ("network", "rm", c.name)
         elif c.verb == "service-create":
-            args = ("service", "create", c.name, "--network", APPNET, "--replicas",
+            args = ("service", "create", c.name, "--detach", "--network", APPNET, "--replicas",
                     str(c.replicas), "--limit-memory", "32M", "--", "sleep", "100000")
         elif c.verb == "service-scale":
-            args = ("service", "scale", f"{c.name}={c.replicas}")
+            args = ("service", "scale", "--detach", f"{c.name}={c.replicas}")
         else:
-            args = ("service", "rm", c.name)
+            args = ("service", "rm", "--detach", c.name)
         rc, out = self.ctl(host, *args)
         acked = rc == 0
         # An unacknowledged write may or may not have taken effect; an acknowledged one
@@ -562,7 +574,7 @@ class Chaos:
                                         "seconds": secs})
         self.sample_rss()
         if secs is not None:
-            self.act("converged", seconds=secs)
+            self.act("converged", seconds=secs, **self.waited_on())
         else:
             self.act("not converged", still=[f"[{v.invariant}] {v.detail}"
                                              for v in self.unconverged[:3]])
@@ -620,7 +632,7 @@ class Chaos:
         self.heal_all()
         secs = self.converge(FINAL_CONVERGE_TIMEOUT_S)
         self.report.convergence.append({"round": "final", "after": self.now(), "seconds": secs})
-        self.act("final heal", seconds=secs)
+        self.act("final heal", seconds=secs, **self.waited_on())
         stats: dict[str, int] = {}
         self.report.violations = invariants.check_all(
             self.lab, self.hosts, self.expected, rss_bound_mb=RSS_BOUND_MB,

@@ -117,9 +117,15 @@ so two copies of one write need their own rule, applied when one meets the other
   next to the other copy of the same write they hold, with an alternative hash, so a replica
   that does not judge and holds the refused copy goes quiet with them too.
 
-What is left, bounded: a horizon tombstone we send is signed by us, and the peer's authorizer may
-not let us delete in that table (e.g. a worker's tombstone of a network); the peer then keeps its
-old write and offers it at each exchange, and we refuse it by the horizon each time (one entry).
+Horizon tombstones go back whichever side started the exchange: in step 3 for what the responder
+shipped in step 2, and in a step 4 (the answer to step 3, tombstones only) for what the initiator
+shipped. What is left, bounded: a horizon tombstone we send is signed by us, and the peer's
+authorizer may not let us delete in that table (e.g. a worker's tombstone of a network, or any
+non-owner's tombstone of an owned record); the peer then keeps its old write and offers it at
+each exchange, and we refuse it by the horizon each time (one entry), until it meets a replica
+whose tombstone it accepts: for an owned record, its owner, at their next exchange either way.
+(The agent also never loads other nodes' owned records from its disk copy, which is where such
+ghosts came from: agent/state_service.py others_owned_dropped.)
 
 Byte budget
 -----------
@@ -875,9 +881,11 @@ class Store:
         return codec.encode_entries_parts(blobs, requests)
 
     def apply_entries(self, data: bytes | memoryview, now: float) -> bytes | None:
-        """Apply an anti-entropy message (step 2 or 3). For step 2 returns step 3, the reply to
-        send back: our entries in the requested buckets that the sender did not ship or shipped
-        older. For step 3 returns None. Raises StateProtocolError on malformed input."""
+        """Apply an anti-entropy message (step 2, 3 or 4). For step 2 returns step 3, the reply
+        to send back: our entries in the requested buckets that the sender did not ship or
+        shipped older, and tombstones for what it shipped beyond our horizon. For step 3 returns
+        step 4, those tombstones alone, or None when there are none; for step 4, whatever it
+        returns is not sent. Raises StateProtocolError on malformed input."""
         try:
             msg = codec.decode_entries(data, self.config.max_diff_bytes)
         except codec.OverBudget:
@@ -891,21 +899,24 @@ class Store:
         beyond_horizon: list[bytes] = []
         for dec in msg.entries:
             outcome = self._apply(dec, pms, ns)
+            e = dec.entry
             if msg.requests is not None:
-                e = dec.entry
                 shipped[(e.table, e.key)] = copy_order(e)
-                if outcome == _REFUSED_HORIZON and e.value is not None:
-                    # The sender holds a write we refuse: an old write of a key whose tombstone we
-                    # have collected. Tell it so with a tombstone stamped at our horizon (newer
-                    # than the write, past the ttl): it deletes the write there and
-                    # collects itself at once, and the two replicas agree again.
-                    # Signed by us like any write of ours (whether the peer's authorizer lets us
-                    # delete in that table is its call; if not, see the module docstring).
-                    stamp = min(MAX_HLC, max(self._horizon[0], e.hlc.pack() + 1))
-                    gone = Entry(e.table, e.key, None, Hlc.unpack(stamp), self.node_id)
-                    beyond_horizon.append(codec.encode_entry(self._signed(gone)))
+            if outcome == _REFUSED_HORIZON and e.value is not None:
+                # The sender holds a write we refuse: an old write of a key whose tombstone we
+                # have collected. Tell it so with a tombstone stamped at our horizon (newer
+                # than the write, past the ttl): it deletes the write there and
+                # collects itself at once, and the two replicas agree again.
+                # Signed by us like any write of ours (whether the peer's authorizer lets us
+                # delete in that table is its call; if not, see the module docstring).
+                stamp = min(MAX_HLC, max(self._horizon[0], e.hlc.pack() + 1))
+                gone = Entry(e.table, e.key, None, Hlc.unpack(stamp), self.node_id)
+                beyond_horizon.append(codec.encode_entry(self._signed(gone)))
         if msg.requests is None:
-            return None
+            # Step 3: the answer to it (step 4) carries only those tombstones. Without it, only
+            # the exchanges *we* start could repair the peer, and an owned record's ghost waits
+            # for its owner (the only writer its tombstone may come from) to pick that peer.
+            return codec.encode_entries_parts(beyond_horizon, None) if beyond_horizon else None
         blobs: list[bytes] = beyond_horizon
         size = sum(len(x) for x in blobs)
         budget = self.config.max_diff_bytes - 64

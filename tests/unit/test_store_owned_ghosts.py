@@ -1,0 +1,113 @@
+"""Ghosts of owned records (#15, found by the chaos soak, seed 1): a replica that kept a task
+record its owner had deleted, after every other replica collected the tombstone, showed the
+task running for 15 minutes. Only the owner may delete its records, so the repair must come
+from the owner whichever side starts the exchange, and a restart must not bring such copies
+back from disk."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from test_store_sig import T0, Authority, node
+
+from meshnet import wire
+from meshnet.agent.state_service import others_owned_dropped
+from meshnet.state import Entry, Hlc, Refusal, Store, codec
+from meshnet.state.authz import owner_of
+
+TASK = {"task": "web.3", "service": "web", "slot": 3, "node": "o", "state": "running"}
+KEY = "web.3@o"
+
+
+class Owners(Authority):
+    """The fake authorizer, plus the real rule of owned tables: only the owner writes."""
+
+    def __call__(self, e: Entry, data: Mapping[str, Any] | None, now: float) -> Refusal | None:
+        r = super().__call__(e, data, now)
+        if r is None and e.table == "tasks" and owner_of(e.key) != e.writer:
+            r = Refusal(f"tasks/{e.key}: owned by {owner_of(e.key)}, written by {e.writer}", True)
+        return r
+
+
+def exchange(a: Store, b: Store, now: float) -> None:
+    """One anti-entropy exchange started by A, as the agent runs it (steps 1-4)."""
+    back = a.apply_entries(b.diff_for(a.digest()), now)
+    if back is not None:
+        last = b.apply_entries(back, now)
+        if last is not None:
+            a.apply_entries(last, now)
+
+
+def ghost_cluster() -> tuple[Store, Store, Store]:
+    """Owner O deleted its task record; P saw the delete; S did not. Both O and P have
+    collected the tombstone, so S's live copy is an old write beyond their horizons."""
+    o, p, s = (node(n, Owners("o", "p", "s"), tombstone_ttl=10.0) for n in ("o", "p", "s"))
+    e = o.put("tasks", KEY, TASK, T0)
+    for x in (p, s):
+        x.apply_delta(codec.encode_delta(e), T0)
+    o.delete("tasks", KEY, T0 + 1)
+    exchange(p, o, T0 + 2)
+    o.handle_timer(T0 + 20)
+    p.handle_timer(T0 + 20)
+    assert o.get("tasks", KEY) is None and p.get("tasks", KEY) is None
+    assert s.get("tasks", KEY) is not None
+    return o, p, s
+
+
+def test_a_peer_cannot_delete_the_ghost_but_refuses_it() -> None:
+    _, p, s = ghost_cluster()
+    for a, b in ((p, s), (s, p)):
+        exchange(a, b, T0 + 21)
+    assert s.get("tasks", KEY) is not None  # P's tombstone is not the owner's
+    assert p.get("tasks", KEY) is None  # and P never takes the ghost back
+
+
+def test_the_ghost_goes_when_the_stale_replica_starts_the_exchange_with_the_owner() -> None:
+    o, _, s = ghost_cluster()
+    exchange(s, o, T0 + 21)  # before: only an exchange the owner started repaired S
+    assert s.get("tasks", KEY) is None
+    assert o.get("tasks", KEY) is None
+
+
+def test_the_ghost_goes_when_the_owner_starts_the_exchange() -> None:
+    o, _, s = ghost_cluster()
+    exchange(o, s, T0 + 21)
+    assert s.get("tasks", KEY) is None
+
+
+def test_step_4_is_only_tombstones_beyond_the_horizon() -> None:
+    o, _, s = ghost_cluster()
+    back = s.apply_entries(o.diff_for(s.digest()), T0 + 21)
+    assert back is not None
+    last = o.apply_entries(back, T0 + 21)
+    assert last is not None
+    (gone,) = [d.entry for d in codec.decode_entries(last).entries]
+    assert (gone.table, gone.key, gone.value, gone.writer) == ("tasks", KEY, None, "o")
+    assert codec.decode_entries(last).requests is None
+    assert s.apply_entries(last, T0 + 21) is None  # nothing further: the exchange ends
+    # an exchange with nothing beyond the horizon has no step 4
+    back = o.apply_entries(s.diff_for(o.digest()), T0 + 22)
+    assert back is None or s.apply_entries(back, T0 + 22) is None
+
+
+def row(table: str, key: str, writer: str, value: dict[str, Any] | None) -> Entry:
+    return Entry(table, key, None if value is None else wire.pack(value),
+                 Hlc(int(T0 * 1000), 0), writer)
+
+
+def test_a_restart_leaves_other_nodes_records_to_their_owners() -> None:
+    rows = [
+        row("tasks", "web.1@me", "me", TASK),
+        row("tasks", "web.3@o", "o", TASK),
+        row("tasks", "web.4@o", "o", None),
+        row("endpoints", "appnet/web.3@o", "o", {"x": 1}),
+        row("endpoints", "appnet/web.1@me", "me", {"x": 1}),
+        row("services", "web", "o", {"name": "web"}),
+        row("networks", "appnet", "o", {"name": "appnet"}),
+    ]
+    kept, dropped = others_owned_dropped(rows, "me")
+    assert dropped == 3
+    assert [(e.table, e.key) for e in kept] == [
+        ("tasks", "web.1@me"), ("endpoints", "appnet/web.1@me"), ("services", "web"),
+        ("networks", "appnet")]
