@@ -123,9 +123,10 @@ def main() -> int:
         subprocess.run([*lab_ctl(lab, "h1"), "network", "create", "fo"], check=True,
                        capture_output=True)
         wait(lambda: all(api(lab, h, "network.inspect", name="fo") for h in HOSTS), 30, "net")
-        subprocess.run([*lab_ctl(lab, "h1"), "service", "create", "web", "--network", "fo",
-                        "--replicas", str(REPLICAS), "--", *DEMO], check=True,
-                       capture_output=True)
+        # --detach: the wait below allows more than meshctl's 60 s for 10 tasks
+        subprocess.run([*lab_ctl(lab, "h1"), "service", "create", "web", "--detach",
+                        "--network", "fo", "--replicas", str(REPLICAS), "--", *DEMO],
+                       check=True, capture_output=True)
         wait(lambda: len(running(lab, "h1")) == REPLICAS, 120, "10 tasks")
         for _ in range(args.trials):
             samples.append(trial(lab))

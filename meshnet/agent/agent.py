@@ -8,8 +8,10 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,21 +21,24 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 import meshnet
 from meshnet import config as configmod
-from meshnet.agent import identity, logs, systemd
+from meshnet.agent import identity, logs, preflight, systemd
+from meshnet.agent import reload as reloadmod
 from meshnet.agent.certificates import load_trust
 from meshnet.agent.cluster_ops import ClusterOps
 from meshnet.agent.control import ControlServer, Handler, OpError, SendEvent
-from meshnet.agent.dns_server import DnsServer, read_resolv_conf
+from meshnet.agent.dns_server import DnsServer, Listener, read_resolv_conf
 from meshnet.agent.encrypted import DPK, EncryptedOverlay, session_config
+from meshnet.agent.eventhub import EventHub, serve_events
 from meshnet.agent.gossip import STREAM_KEY_OP, GossipTransport, Sealer, StreamError
 from meshnet.agent.overlay import Overlay
 from meshnet.agent.sandboxes import Sandboxes
 from meshnet.agent.services import TASKS, Services
 from meshnet.agent.state_service import StateService
+from meshnet.agent.telemetry import Telemetry
 from meshnet.config import DEFAULT_CONFIG_PATH, Config
 from meshnet.crypto.certs import ARMOR_REVOCATION, CertError, dearmor, decode_revocation, iso_time
 from meshnet.crypto.identity import IdentityError, load_or_create_identity, public_bytes
-from meshnet.crypto.keyring import Keyring, KeyringError
+from meshnet.crypto.keyring import Keyring, KeyringError, key_id, parse_key
 from meshnet.crypto.trust import REQUEST_DOMAIN, Trust
 from meshnet.dns import Resolver
 from meshnet.fsutil import atomic_write
@@ -69,6 +74,12 @@ KEY_OP_CONCURRENCY = 32
 KEY_OPS = ("install", "use", "remove", "list")
 # How often the loop-clock-to-Unix-time offset for certificate expiry is refreshed.
 WALL_CLOCK_CHECK_S = 30.0
+# A reload: what applies a group of live keys (Agent._reload_appliers).
+ReloadApplier = Callable[[Config, Config], Awaitable[dict[str, Any]]]
+IDENTITY_KEYS = ("ca_cert", "node_cert", "node_key")
+# Run on every reload, changed or not: a renewed certificate keeps its file names, and
+# /etc/resolv.conf (dns_upstreams unset) may have changed.
+RELOAD_EVERY_TIME = frozenset({IDENTITY_KEYS, ("dns_upstreams",)})
 
 
 # A signed key operation older than this is refused (clocks must agree to well within it).
@@ -117,6 +128,22 @@ class StartError(Exception):
     """The agent cannot start; the message is the one line meshnetd prints."""
 
 
+# The agent's version rides in its gossiped metadata under this key (`members` shows it). It
+# costs 5 + len(version) of the 512 bytes a node's metadata may take: with the rest of the
+# fixed part at its largest (name 63, IPv6 host, port, node id, datapath key) and a version of
+# 32 characters that is 225 bytes, leaving 287 for labels (tests/unit/test_version_gossip.py).
+VERSION_META_KEY = "ver"
+# A version as PEP 440 spells one (and no more): anything else from a peer is shown as unknown.
+_VERSION_RE = re.compile(r"[0-9A-Za-z.+_-]{1,32}")
+
+
+def gossiped_version(extra: Mapping[str, object]) -> str | None:
+    """The agent version a member's metadata carries, or None (an older agent, or a value that
+    is not a version). Never raises."""
+    value = extra.get(VERSION_META_KEY)
+    return value if isinstance(value, str) and _VERSION_RE.fullmatch(value) else None
+
+
 def member_json(m: Member) -> dict[str, Any]:
     return {
         "name": m.name,
@@ -124,13 +151,13 @@ def member_json(m: Member) -> dict[str, Any]:
         "state": str(m.state.value if hasattr(m.state, "value") else m.state),
         "incarnation": m.incarnation,
         "labels": dict(m.meta.labels),
+        "version": gossiped_version(m.meta.extra),
     }
 
 
 def membership_config(config: Config) -> MembershipConfig:
-    base = MembershipConfig.profile(config.profile)
-    overrides: dict[str, Any] = dict(config.membership)
-    return replace(base, **overrides)
+    timings: MembershipConfig = configmod.membership_timings(config)
+    return timings
 
 
 CLOCK_SKEW_ENV = "MESHNET_TEST_CLOCK_SKEW_S"
@@ -156,6 +183,8 @@ class Agent:
         self.config_path = config_path
         self.flag_overrides = flag_overrides or {}
         self.stopping = asyncio.Event()
+        # What changed, for `meshctl events` (published from the handlers below).
+        self.events = EventHub(self.wall_clock)
         self.started_at = time.monotonic()
         self.keyring: Keyring | None = None
         self.keyring_path = Path(config.state_dir) / KEYRING_FILE
@@ -173,9 +202,14 @@ class Agent:
         self.services: Services | None = None
         self.gossip: GossipTransport | None = None
         self.control: ControlServer | None = None
+        self.telemetry: Telemetry | None = None  # metrics_listen
         self.background: set[asyncio.Task[Any]] = set()
         self.left = False
         self.peers_save: asyncio.Task[None] | None = None
+        self.reload_lock = asyncio.Lock()
+        self.meta_stale = False  # a reload changed what our metadata says: announce it
+        self.host_dns: dict[tuple[str, int], Listener] = {}  # dns_listen's listeners
+        self.status_throttle = systemd.StatusThrottle()
         # Lab hosts share one clock; tests give one agent a skewed wall clock with this.
         self.clock_skew_s = _test_clock_skew()
 
@@ -200,11 +234,8 @@ class Agent:
             raise StartError(f"cluster_key_file: cannot read {cfg.cluster_key_file}: "
                              f"{e.strerror}") from None
         if cfg.insecure_no_encryption:
-            log.warning("GOSSIP IS NOT ENCRYPTED: --insecure-no-encryption is set; anyone who "
-                        "can reach %s:%d can read and change membership", *cfg.bind)
-            return None
-        raise StartError("no cluster key: set cluster_key_file (--cluster-key-file) or, "
-                         "for a throwaway test only, --insecure-no-encryption")
+            return None  # preflight logged the warning
+        raise StartError(preflight.NO_CLUSTER_KEY)
 
     async def _publish_cert(self) -> None:
         """Our certificate in the store's certs table: whoever checks our records later (a node
@@ -268,13 +299,8 @@ class Agent:
         cfg = self.config
         if not cfg.ca_cert:
             if not cfg.insecure_no_identity:
-                raise StartError("no identity: set ca_cert, node_cert and node_key (--ca-cert, "
-                                 "--node-cert, --node-key; `meshctl ca init` and `meshctl ca "
-                                 "sign` make them) or, for a throwaway test only, "
-                                 "--insecure-no-identity")
-            log.warning("NO IDENTITY: --insecure-no-identity is set; any holder of the cluster "
-                        "key can speak for any node and define services")
-            return None
+                raise StartError(preflight.NO_IDENTITY)
+            return None  # preflight logged the warning
         try:
             trust = load_trust(cfg, loop_now, time.time())
         except CertError as e:
@@ -288,12 +314,18 @@ class Agent:
             name=self.config.name,
             addr=self.config.advertise_addr(),
             labels=dict(self.config.labels),
-            extra={"id": self.record.node_id,
+            extra={"id": self.record.node_id, VERSION_META_KEY: meshnet.__version__,
                    **({DPK: public_bytes(self.datapath_key)} if self.datapath_key else {})},
         )
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        # The same checks as `meshnetd --check-config`, first: what it passes, we start with.
+        found = preflight.check(self.config)
+        for warning in found.warnings:
+            log.warning("%s", warning)
+        if found.errors:
+            raise StartError(found.errors[0])
         try:
             self.record = identity.load_or_create(self.config.state_dir, self.config.name,
                                                   self.wall_clock())
@@ -310,7 +342,10 @@ class Agent:
                     Path(self.config.state_dir) / DATAPATH_KEY_FILE)
             except (IdentityError, OSError, ValueError) as e:
                 raise StartError(f"datapath key: {e}") from None
-        mcfg = membership_config(self.config)
+        try:
+            mcfg = membership_config(self.config)
+        except ValueError as e:  # config.py checks it; a Config built by hand may not fit
+            raise StartError(f"membership: {e}") from None
         store = Store(self.config.name, StoreConfig(
             tombstone_ttl=tombstone_ttl_for(mcfg.reap_after, mcfg.push_pull_interval),
             owned_tables={"endpoints": "node", TASKS: "node"}))
@@ -320,6 +355,7 @@ class Agent:
             store.set_signer(self.records.sign)
             store.set_authorizer(self.records.authorize)
         self.state = await StateService.open(self.config.state_dir, self.config.name, store)
+        self.state.change_listeners.append(self.events.store_change)
         resolver = Resolver(ttl=self.config.dns_ttl)
         self.ops = ClusterOps(self.state, resolver, self.config.name, self.config.address_pool)
         if self.records is not None:
@@ -357,7 +393,7 @@ class Agent:
         if self.config.datapath == "vxlan":
             await self._start_overlay()
         self.control = ControlServer(self.config.socket, self._handlers(),
-                                     long_running=frozenset({"run", "service.logs"}))
+                                     long_running=frozenset({"run", "service.logs", "events"}))
         try:
             await self.control.start()
         except OSError as e:
@@ -376,10 +412,12 @@ class Agent:
             self._spawn(self._watchdog(interval))
         if self.trust is not None:
             self._spawn(self._track_wall_clock())
+        if self.config.metrics_listen is not None:
+            await self._start_metrics(self.config.metrics_listen)
         log.info("meshnetd %s serving", meshnet.__version__, extra={"fields": {
             "name": self.config.name, "bind": f"{self.config.bind[0]}:{self.config.bind[1]}",
             "socket": self.config.socket, "incarnation": self.record.incarnation}})
-        systemd.notify("READY=1\nSTATUS=serving")
+        systemd.notify(f"READY=1\nSTATUS={self._status_text()}")
 
         await self.stopping.wait()
         systemd.notify("STOPPING=1")
@@ -390,6 +428,18 @@ class Agent:
             log.warning("shutdown took too long; exiting anyway")
         return 0
 
+    async def _start_metrics(self, addr: tuple[str, int]) -> None:
+        """/metrics and /health (issue 16) on ADDR, served from this loop."""
+        self.telemetry = Telemetry(self)
+        try:
+            await self.telemetry.start(addr)
+        except OSError as e:
+            self.telemetry = None
+            assert self.control is not None and self.gossip is not None
+            await self.control.close()
+            await self.gossip.close()
+            raise StartError(f"metrics_listen {addr[0]}:{addr[1]}: {e.strerror or e}") from None
+
     async def _start_dns(self, resolver: Resolver) -> None:
         cfg = self.config
         upstreams = (list(cfg.dns_upstreams) if cfg.dns_upstreams is not None
@@ -397,7 +447,7 @@ class Agent:
         self.dns = DnsServer(resolver, upstreams)
         for addr in cfg.dns_listen:
             try:
-                await self.dns.add_listener(addr, None)
+                self.host_dns[addr] = await self.dns.add_listener(addr, None)
             except OSError as e:
                 raise StartError(f"dns_listen {addr[0]}:{addr[1]}: {e.strerror}") from None
 
@@ -495,6 +545,8 @@ class Agent:
                 task.cancel()
         if self.control is not None:
             await self.control.close()
+        if self.telemetry is not None:
+            await self.telemetry.close()
         if self.gossip is not None:
             await self.gossip.close()
         if self.overlay is not None:
@@ -553,31 +605,153 @@ class Agent:
         self._spawn(self._reload())
 
     async def _reload(self) -> None:
-        """SIGHUP: re-read the config file; apply log level and labels, which are safe live."""
+        """SIGHUP: read the config again, apply every key that changes live (config.py's table
+        says which), and name in one line each changed key that waits for a restart. systemd
+        hears RELOADING=1 when it starts and READY=1 when it is done."""
+        async with self.reload_lock:  # two SIGHUPs in a row: one reload after the other
+            systemd.notify(systemd.reloading())
+            try:
+                await self._apply_reload()
+            except Exception as e:  # a bug: the agent runs on with what it had
+                log.error("reload failed: %s", logs.error_line(e))
+            finally:
+                systemd.notify(f"READY=1\nSTATUS={self._status_text()}")
+
+    async def _apply_reload(self) -> None:
         try:
             fresh = configmod.load(self.config_path, self.flag_overrides,
                                    explicit_path=self.config_path is not None)
         except configmod.ConfigError as e:
-            log.error("reload refused: %s", e)
+            log.error("reload refused, nothing changed: %s", "; ".join(e.problems))
             return
-        logs.set_level(fresh.log_level)
-        changed = [k for k in ("name", "bind", "advertise", "state_dir", "socket", "profile")
-                   if getattr(fresh, k) != getattr(self.config, k)]
-        if changed:
-            log.warning("reload: %s change only on restart", ", ".join(changed))
-        labels_changed = fresh.labels != self.config.labels
-        renewed = self._reload_identity(fresh)
-        self.config = replace(self.config, log_level=fresh.log_level, labels=fresh.labels)
-        if self.trust is not None and renewed:
-            self.config = replace(self.config, ca_cert=fresh.ca_cert, node_cert=fresh.node_cert,
-                                  node_key=fresh.node_key)
-        if (labels_changed or renewed) and self.membership is not None and \
-                self.gossip is not None:
+        running = self.config
+        plan = reloadmod.plan(running, fresh)
+        if plan.restart:
+            log.warning("reload: %s changed but need%s a restart; running with the old value "
+                        "until then", ", ".join(plan.restart), "" if len(plan.restart) > 1
+                        else "s")
+        in_effect: dict[str, Any] = {}
+        for keys, apply in self._reload_appliers().items():
+            if plan.live.intersection(keys) or keys in RELOAD_EVERY_TIME:
+                in_effect.update(await apply(running, plan.config))
+        self.config = replace(running, **in_effect)
+        applied = reloadmod.changed_keys(running, self.config)
+        if self.sandboxes is not None:  # for tasks started from now on
+            self.sandboxes.hidden = self._hidden_from_tasks()
+        if self.meta_stale and self.membership is not None and self.gossip is not None:
             # Re-announced, signed with the (possibly new) key; push-pulls carry the new
             # certificate.
+            self.meta_stale = False
             self.membership.update_meta(self._meta(), self.gossip.now())
             self.gossip.pump()
-        log.info("configuration reloaded")
+        log.info("configuration reloaded", extra={"fields": {
+            "applied": ",".join(applied) or "none",
+            "restart_needed": ",".join(plan.restart) or "none"}})
+
+    def _reload_appliers(self) -> dict[tuple[str, ...], ReloadApplier]:
+        """What applies each live key (a test holds these to config.live_keys()). Each gets
+        the running config and the one to run, and gives the fields now in effect (a key it
+        could not apply keeps its running value)."""
+        membership = tuple(sorted(k for k in configmod.live_keys()
+                                  if k.startswith(reloadmod.MEMBERSHIP_PREFIX)))
+        return {
+            ("log_format", "log_level"): self._reload_logging,
+            ("labels",): self._reload_labels,
+            IDENTITY_KEYS: self._reload_certificates,
+            ("join",): self._reload_join,
+            ("dns_listen",): self._reload_dns_listen,
+            ("dns_upstreams",): self._reload_dns_upstreams,
+            ("dns_ttl",): self._reload_dns_ttl,
+            ("metrics_listen",): self._reload_metrics,
+            ("address_pool",): self._reload_address_pool,
+            ("task_hidden_paths",): self._reload_hidden_paths,
+            membership: self._reload_membership,
+        }
+
+    async def _reload_logging(self, old: Config, new: Config) -> dict[str, Any]:
+        logs.setup(new.log_format, new.log_level)
+        return {"log_format": new.log_format, "log_level": new.log_level}
+
+    async def _reload_labels(self, old: Config, new: Config) -> dict[str, Any]:
+        self.meta_stale = True
+        return {"labels": new.labels}
+
+    async def _reload_certificates(self, old: Config, new: Config) -> dict[str, Any]:
+        # Every reload re-reads the files: a renewal writes new contents under the same names.
+        if not self._reload_identity(new):
+            return {}
+        self.meta_stale = True
+        return {k: getattr(new, k) for k in IDENTITY_KEYS}
+
+    async def _reload_join(self, old: Config, new: Config) -> dict[str, Any]:
+        added = [a for a in new.join if a not in old.join]
+        if added:
+            self._spawn(self._retry_join(added))
+        return {"join": new.join}
+
+    async def _reload_dns_listen(self, old: Config, new: Config) -> dict[str, Any]:
+        assert self.dns is not None
+        for addr in [a for a in self.host_dns if a not in new.dns_listen]:
+            await self.dns.remove_listener(self.host_dns.pop(addr))
+        for addr in [a for a in new.dns_listen if a not in self.host_dns]:
+            try:
+                self.host_dns[addr] = await self.dns.add_listener(addr, None)
+            except OSError as e:
+                log.error("reload: dns_listen %s:%d not served: %s", addr[0], addr[1],
+                          e.strerror or e)
+        return {"dns_listen": tuple(a for a in new.dns_listen if a in self.host_dns)}
+
+    async def _reload_dns_upstreams(self, old: Config, new: Config) -> dict[str, Any]:
+        assert self.dns is not None
+        # None: the host's resolvers, which may have changed since (so every reload reads them)
+        await self.dns.set_upstreams(list(new.dns_upstreams) if new.dns_upstreams is not None
+                                     else read_resolv_conf())
+        return {"dns_upstreams": new.dns_upstreams}
+
+    async def _reload_dns_ttl(self, old: Config, new: Config) -> dict[str, Any]:
+        assert self.dns is not None
+        self.dns.resolver.set_ttl(new.dns_ttl)
+        return {"dns_ttl": new.dns_ttl}
+
+    async def _reload_metrics(self, old: Config, new: Config) -> dict[str, Any]:
+        """Close the listener, then open the new one (the two may share a port); if that
+        fails, back at the old address."""
+        if self.telemetry is not None:
+            await self.telemetry.close()
+            self.telemetry = None
+        for addr in (new.metrics_listen, old.metrics_listen):
+            if addr is None:
+                return {"metrics_listen": addr}
+            telemetry = Telemetry(self)
+            try:
+                await telemetry.start(addr)
+            except OSError as e:
+                log.error("reload: metrics_listen %s:%d not served: %s", addr[0], addr[1],
+                          e.strerror or e)
+                continue
+            self.telemetry = telemetry
+            return {"metrics_listen": addr}
+        return {"metrics_listen": None}
+
+    async def _reload_address_pool(self, old: Config, new: Config) -> dict[str, Any]:
+        if self.ops is not None:  # for networks created from now on
+            self.ops.address_pool = new.address_pool
+        return {"address_pool": new.address_pool}
+
+    async def _reload_hidden_paths(self, old: Config, new: Config) -> dict[str, Any]:
+        return {"task_hidden_paths": new.task_hidden_paths}  # _apply_reload passes them on
+
+    async def _reload_membership(self, old: Config, new: Config) -> dict[str, Any]:
+        """The core reads these timings at each use (probes, gossip rounds, new suspicions,
+        reconnects), so a new MembershipConfig takes effect at once."""
+        if self.membership is None:
+            return {}
+        try:
+            self.membership.config = membership_config(new)
+        except ValueError as e:
+            log.error("reload: membership timings unchanged: %s", e)
+            return {}
+        return {"membership": new.membership}
 
     def _reload_identity(self, fresh: Config) -> bool:
         """SIGHUP re-reads the certificates (a renewal); True if ours changed. A new
@@ -587,6 +761,8 @@ class Agent:
         if trust is None or not fresh.ca_cert:
             if fresh.ca_cert and trust is None:
                 log.warning("reload: identity can only be turned on by a restart")
+            elif trust is not None:
+                log.warning("reload: identity can only be turned off by a restart")
             return False
         loop = asyncio.get_running_loop()
         try:
@@ -635,7 +811,25 @@ class Agent:
         except OSError as e:
             log.warning("cannot save peers: %s", e)
 
+    def _status_text(self) -> str:
+        return systemd.status_text(self._member_counts()) if self.membership else "starting"
+
+    def _poke_status(self) -> None:
+        """Membership changed: STATUS= with the member count, at most once a second."""
+        if not systemd.enabled():
+            return
+        loop = asyncio.get_running_loop()
+        at = self.status_throttle.poke(loop.time())
+        if at is not None:
+            loop.call_at(at, self._send_status)
+
+    def _send_status(self) -> None:
+        self.status_throttle.sent(asyncio.get_running_loop().time())
+        systemd.notify(f"STATUS={self._status_text()}")
+
     def _on_member_event(self, event: MemberEvent) -> None:
+        self._poke_status()
+        self.events.member(event)
         self._schedule_peers_save()
         if self.state is not None and self.membership is not None:
             self.state.on_member_event(event, self.membership.num_alive())
@@ -667,6 +861,7 @@ class Agent:
             "leave": self._op_leave,
             "keys": self._op_keys,
             "ca.revoke": self._op_ca_revoke,
+            "events": lambda args, send: serve_events(self.events, args, send),
         }
 
     def _member_counts(self) -> dict[str, int]:
@@ -704,6 +899,7 @@ class Agent:
                       **(self.sandboxes.counters if self.sandboxes else {})},
             "control": {"bad_requests": self.control.bad_requests, **self.control.counters}
             if self.control else {},
+            "events": self.events.status(),
         }
 
     def _identity_status(self) -> dict[str, Any] | str:
@@ -751,8 +947,9 @@ class Agent:
 
     # --- key rotation -------------------------------------------------------------------------
 
-    def _apply_key_op(self, op: str, key: str) -> list[str]:
-        """Apply one key operation to the local keyring and persist it; returns the keys."""
+    def _apply_key_op(self, op: str, key: str, by: str | None = None) -> list[str]:
+        """Apply one key operation to the local keyring and persist it; returns the keys. BY
+        (who asked) goes into the `key` event."""
         if self.keyring is None:
             raise KeyringError("this agent runs without encryption (--insecure-no-encryption)")
         if op == "install":
@@ -767,6 +964,7 @@ class Agent:
             self.keyring.save(self.keyring_path)
             if self.encrypted is not None:
                 self.encrypted.set_cluster_keys(self.keyring.keys())
+            self.events.key(op, key_id(parse_key(key)).hex(), by)
         return [entry["key"] for entry in self.keyring.list()]
 
     def _key_op_request(self, op: str, key: str) -> bytes:
@@ -802,7 +1000,9 @@ class Agent:
             refusal = self._key_op_refusal(req)
             if refusal is not None:
                 raise KeyringError(refusal)
-            keys = self._apply_key_op(req["op"], req.get("key", ""))
+            by = req.get("by")
+            keys = self._apply_key_op(req["op"], req.get("key", ""),
+                                      by if isinstance(by, str) else addr[0])
             reply: dict[str, Any] = {"ok": True, "keys": keys}
         except KeyringError as e:
             reply = {"ok": False, "error": str(e)}
@@ -821,7 +1021,7 @@ class Agent:
         if op != "list" and self.trust is not None and not self.trust.cert.is_admin:
             raise OpError("this node's certificate is a worker's: only an admin rotates keys")
         try:
-            local = self._apply_key_op(str(op), key)
+            local = self._apply_key_op(str(op), key, self.config.name)
         except KeyringError as e:
             raise OpError(str(e)) from None
         peers = [m for m in self.membership.members()

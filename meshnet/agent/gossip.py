@@ -55,17 +55,21 @@ STREAM_KEY_OP = 2
 STREAM_STATE = 3
 STREAM_IPAM = 4
 STREAM_LOGS = 5
+# Task log lines with positions (`service logs --follow`, agent/tasklogs.py); 5 stays for
+# agents from before it.
+STREAM_LOG_LINES = 6
 
 # The largest request body each service accepts, checked once the head has authenticated.
 # Push-pull and anti-entropy carry a whole state (memberlist's 20 MiB); the others carry one
 # small message: a key operation (~200 bytes), an IPAM claim (one signed record, < 4 KiB),
-# a logs request (a service name).
+# a logs request (a service name, and a position per task: tasklogs.MAX_TASKS_PER_HOST).
 REQUEST_CAPS = {
     STREAM_PUSH_PULL: MAX_STREAM_BYTES,
     STREAM_KEY_OP: 4096,
     STREAM_STATE: MAX_STREAM_BYTES,
     STREAM_IPAM: 65536,
     STREAM_LOGS: 4096,
+    STREAM_LOG_LINES: 4096,
 }
 # A reply may be large for every service (a state, competing claims, task logs): a caller
 # asks for less with `max_reply`.

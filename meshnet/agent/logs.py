@@ -1,13 +1,23 @@
-"""Logging to stderr: readable lines by default, JSON lines with --log-format json."""
+"""Logging to stderr: readable lines by default, JSON lines with --log-format json; under
+journald, every line starts with its syslog priority (`<3>` ... `<7>`, sd-daemon(3)), so
+`journalctl -p warning` filters."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TextIO
+
+# sd-daemon(3): SD_CRIT, SD_ERR, SD_WARNING, SD_INFO, SD_DEBUG.
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+               (logging.INFO, 6))
+SD_DEBUG = 7
 
 
 class JsonFormatter(logging.Formatter):
@@ -39,18 +49,51 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup(fmt: str, level: str) -> None:
+def syslog_priority(levelno: int) -> int:
+    for threshold, priority in _PRIORITIES:
+        if levelno >= threshold:
+            return priority
+    return SD_DEBUG
+
+
+class JournalFormatter(logging.Formatter):
+    """Another formatter's lines, each behind the record's `<N>`: journald takes every line
+    of a stream as an entry of its own, so a traceback's lines keep the record's priority."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{syslog_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in self.inner.format(record).split("\n"))
+
+
+def under_journald(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bool:
+    """systemd connects stderr to the journal and says so in JOURNAL_STREAM=<dev>:<inode>;
+    only if STREAM is that very file (not redirected since) do the prefixes belong."""
+    dev, sep, ino = environ.get("JOURNAL_STREAM", "").partition(":")
+    if not (sep and dev.isascii() and dev.isdigit() and ino.isascii() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # closed, or not a file (a test's StringIO)
+        return False
+    return st.st_dev == int(dev) and st.st_ino == int(ino)
+
+
+def setup(fmt: str, level: str, stream: TextIO | None = None) -> None:
+    out = stream if stream is not None else sys.stderr
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler = logging.StreamHandler(out)
+    formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    if under_journald(out):
+        formatter = JournalFormatter(formatter)
+    handler.setFormatter(formatter)
     root.addHandler(handler)
     root.setLevel(level.upper())
-
-
-def set_level(level: str) -> None:
-    logging.getLogger().setLevel(level.upper())
 
 
 def error_line(e: BaseException) -> str:

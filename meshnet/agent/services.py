@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import re
+import shlex
 import stat
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from typing import Any
 import msgpack
 
 from meshnet.agent.control import Handler, OpError, SendEvent
-from meshnet.agent.gossip import STREAM_LOGS, GossipTransport, StreamError
+from meshnet.agent.gossip import STREAM_LOG_LINES, STREAM_LOGS, GossipTransport, StreamError
 from meshnet.agent.logs import LogOnce, error_line
 from meshnet.agent.sandboxes import (
     LaunchFailure,
@@ -34,12 +35,26 @@ from meshnet.agent.sandboxes import (
     stop_process,
 )
 from meshnet.agent.state_service import StateService
+from meshnet.agent.tasklogs import (
+    FOLLOW_POLL_S,
+    HUNG_UP,
+    LOG_SUFFIX,
+    LineStamper,
+    LogGatherer,
+    parse_lines_request,
+    plain_text,
+    serve_lines,
+    stamped,
+)
+from meshnet.agent.tasklogs import task_of_log as _task_of_log
 from meshnet.aioutil import run_to_end
 from meshnet.containment import Containment, ContainmentError, summary_view
 from meshnet.containment import from_args as containment_from_args
 from meshnet.containment import from_value as containment_from_value
 from meshnet.crypto.keyring import KeyringError
+from meshnet.events import MAX_TAIL_LINES, iso_us
 from meshnet.membership import Addr, Member
+from meshnet.metrics import TASK_START_BUCKETS, Histogram
 from meshnet.placement import (
     Constraint,
     NodeInfo,
@@ -71,9 +86,9 @@ log = logging.getLogger("meshnet.services")
 LOG_CAP_BYTES = 1 << 20
 # `service logs` returns at most this much of each task's log.
 LOG_TAIL_BYTES = 64 << 10
-# A task's log is `<service>.<slot>.log` in the log directory (a slot as state/validate.py's
-# task names have it); `service logs` matches these names literally, never as a glob or path.
-LOG_SUFFIX = ".log"
+# A task's log is `<service>.<slot>.log` (LOG_SUFFIX) in the log directory (a slot as
+# state/validate.py's task names have it), one stamped line per line of output (tasklogs.py);
+# `service logs` matches these names literally, never as a glob or path.
 _SLOT_RE = re.compile(r"[0-9]{1,10}")
 # A task asked to stop gets SIGTERM, then SIGKILL after this long (Docker's default is 10 s).
 STOP_GRACE_S = 5.0
@@ -202,10 +217,15 @@ class Services:
         self.loop_task: asyncio.Task[None] | None = None
         self.closing = False
         self.counters = {"scheduler_errors": 0, "services_unplaceable": 0,
-                         "task_start_errors": 0, "task_teardown_errors": 0}
+                         "task_start_errors": 0, "task_teardown_errors": 0,
+                         "scheduler_passes": 0, "task_restarts": 0}
+        # Seconds from a task's (re)start to its command running: sandbox, address claim,
+        # launcher (/metrics meshnet_task_start_seconds).
+        self.start_seconds = Histogram(TASK_START_BUCKETS)
         self._unplaceable_logged: set[str] = set()
         self._log_once = LogOnce(log)
         gossip.stream_handlers[STREAM_LOGS] = self._serve_logs
+        gossip.stream_handlers[STREAM_LOG_LINES] = self._serve_log_lines
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -213,6 +233,7 @@ class Services:
             "service.scale": self.op_scale,
             "service.ls": self.op_ls,
             "service.ps": self.op_ps,
+            "service.progress": self.op_progress,
             "service.inspect": self.op_inspect,
             "service.rm": self.op_rm,
             "service.logs": self.op_logs,
@@ -280,6 +301,7 @@ class Services:
     async def _loop(self) -> None:
         while True:
             self.wake.clear()
+            self.counters["scheduler_passes"] += 1
             try:
                 self.reconcile()
             except Exception as e:  # a bug here must not stop scheduling for good
@@ -364,10 +386,12 @@ class Services:
                 await asyncio.sleep(delay)
                 delay = min(delay * restart.backoff, restart.max_delay)
                 task.restarts += 1
+                self.counters["task_restarts"] += 1
         except asyncio.CancelledError:
             raise
 
     async def _run_once(self, task: Task) -> int:
+        began = time.monotonic()
         spec = task.spec
         logf = _CappedLog(self._log_path(task.name))
         try:
@@ -390,17 +414,18 @@ class Services:
                 task.proc = await self.sandboxes.launch(
                     handle, command, task.containment, spec_env=env,
                     meta={"MESHNET_SERVICE": task.service, "MESHNET_SLOT": str(task.slot)},
-                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
             except LaunchFailure as e:
                 return self._start_failed(task, logf, str(e))
             task.state = "running"
+            self.start_seconds.observe(time.monotonic() - began)
             handle.value["containment"] = task.containment.summary()
             await self.sandboxes.publish(handle)  # the name resolves only while it runs
             await self._publish(task)
             log.info("task %s running", task.name, extra={"fields": {"ip": task.ip}})
-            assert task.proc.stdout is not None
-            while chunk := await task.proc.stdout.read(65536):
-                logf.write(chunk)
+            assert task.proc.stdout is not None and task.proc.stderr is not None
+            await asyncio.gather(_copy_output(task.proc.stdout, "stdout", logf),
+                                 _copy_output(task.proc.stderr, "stderr", logf))
             code = await task.proc.wait()
             return code if code >= 0 else 128 - code
         finally:
@@ -412,7 +437,7 @@ class Services:
     def _start_failed(self, task: Task, logf: _CappedLog, why: str) -> int:
         """The task cannot start as specified on this host: say so in its log, and fail it."""
         log.warning("task %s cannot start: %s", task.name, why)
-        logf.write(f"meshnet: task could not be started: {why}\n".encode())
+        logf.write(stamped("stderr", f"meshnet: task could not be started: {why}", time.time()))
         logf.close()
         return START_FAILED
 
@@ -517,18 +542,37 @@ class Services:
             out.append({"name": doc["name"], "mode": doc["mode"],
                         "replicas": f"{doc['running']}/{doc['replicas']}",
                         "desired": doc["replicas"], "running": doc["running"],
-                        "command": " ".join(doc["command"] or [])})
+                        "command": shlex.join(doc["command"] or [])})
         return out
+
+    def _rows_with_pending(self, name: str, placed: dict[int, str]) -> list[dict[str, Any]]:
+        """NAME's task rows, and a `pending` row for each placed slot no node reports yet."""
+        rows = self._task_rows(name)
+        have = {int(r["slot"]) for r in rows if r["slot"] is not None}
+        for slot, node in sorted(placed.items()):
+            if slot not in have:
+                rows.append({"task": f"{name}.{slot}", "service": name, "slot": slot,
+                             "node": node, "state": "pending", "ip": None})
+        return sorted(rows, key=lambda r: int(r["slot"] or 0))
 
     async def op_ps(self, args: dict[str, Any], send: SendEvent) -> Any:
         svc = self._service(args)
-        rows = self._task_rows(svc.name)
-        have = {int(r["slot"]) for r in rows if r["slot"] is not None}
-        for slot, node in sorted(self.placement().get(svc.name, {}).items()):
-            if slot not in have:
-                rows.append({"task": f"{svc.name}.{slot}", "service": svc.name, "slot": slot,
-                             "node": node, "state": "pending", "ip": None})
-        return sorted(rows, key=lambda r: int(r["slot"]))
+        return self._rows_with_pending(svc.name, self.placement().get(svc.name, {}))
+
+    async def op_progress(self, args: dict[str, Any], send: SendEvent) -> Any:
+        """Where a service stands against its spec, for meshctl's wait after `service create`,
+        `scale` and `rm`: the tasks it should have, how many placement found a node for, and
+        every task row (placed slots no node reports yet as `pending`). A service that does
+        not exist (removed, or not yet gossiped here) wants 0 and lists the rows still left."""
+        try:
+            name = check_name("service", args.get("name"))
+        except NetworkError as e:
+            raise OpError(str(e)) from None
+        svc = self.store.services().get(name)
+        placed = self.placement().get(name, {}) if svc is not None else {}
+        desired = 0 if svc is None else svc.replicas if svc.mode == "replicated" else len(placed)
+        return {"name": name, "exists": svc is not None, "desired": desired,
+                "placed": len(placed), "tasks": self._rows_with_pending(name, placed)}
 
     async def op_inspect(self, args: dict[str, Any], send: SendEvent) -> Any:
         """The service, and each task as the node that runs it reports it: where, its state,
@@ -564,7 +608,7 @@ class Services:
                 continue
             text = _read_tail(self.log_dir / fname, LOG_TAIL_BYTES)
             if text is not None:
-                out[task] = text
+                out[task] = plain_text(text)
         return out
 
     async def _serve_logs(self, body: bytes, addr: Addr) -> bytes | None:
@@ -581,30 +625,64 @@ class Services:
             return None
         return bytes(msgpack.packb({"node": self.node, "logs": logs}))
 
+    async def _serve_log_lines(self, body: bytes, addr: Addr) -> bytes | None:
+        """A peer's STREAM_LOG_LINES request (tasklogs.py), its service checked as ours are."""
+        try:
+            req = parse_lines_request(body)
+            check_name("service", req.service)
+        except ValueError:  # NetworkError is one
+            return None
+        # up to 256 files of 64 KiB: read off the loop, which must keep answering probes
+        return await asyncio.to_thread(serve_lines, self.log_dir, self.node, req)
+
     async def op_logs(self, args: dict[str, Any], send: SendEvent) -> Any:
+        """`service logs NAME [--tail N] [--follow]`: every task's lines from every host, then
+        (follow) new ones until the client hangs up (a long-running op) or the service is
+        removed."""
         try:
             check_name("service", args.get("name"))
         except NetworkError as e:
             raise OpError(str(e)) from None
         svc = self._service(args)
-        body = bytes(msgpack.packb(svc.name))
+        tail = args.get("tail")
+        if tail is not None and (type(tail) is not int or not 0 <= tail <= MAX_TAIL_LINES):
+            raise OpError(f"--tail must be 0..{MAX_TAIL_LINES}")
+        since = iso_us(time.time())  # files that appear later: their lines from now on
 
-        async def ask(m: Member) -> dict[str, str]:
+        def member(host: str) -> Member | None:
+            return next((m for m in self.peers() if m.name == host), None)
+
+        async def ask(host: str, service: int, body: bytes) -> bytes | None:
+            m = member(host)
+            if m is None:
+                return None
             try:
-                raw = await self.gossip.request(m.addr, STREAM_LOGS, body)
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, StreamError,
-                    KeyringError, ValueError):
-                return {}
-            return parse_logs_reply(svc.name, raw)
+                return await self.gossip.request(m.addr, service, body)
+            except asyncio.IncompleteReadError:
+                return HUNG_UP  # it does not serve SERVICE (an older agent)
+            except (OSError, TimeoutError, StreamError, KeyringError, ValueError):
+                return None
 
-        logs = self.local_logs(svc.name)
-        for part in await asyncio.gather(*(ask(m) for m in self.peers())):
-            logs.update(part)
-        for task, text in sorted(logs.items()):
-            lines = "".join(f"{task} | {line}\n" for line in text.splitlines())
-            if lines:
-                await send({"stream": "stdout", "data": lines})
-        return {"service": svc.name, "tasks": sorted(logs)}
+        async def legacy(host: str) -> dict[str, str] | None:
+            raw = await ask(host, STREAM_LOGS, bytes(msgpack.packb(svc.name)))
+            return parse_logs_reply(svc.name, raw) if raw else None
+
+        logs = LogGatherer(
+            svc.name, self.node, send,
+            local=lambda req: asyncio.to_thread(serve_lines, self.log_dir, self.node, req),
+            ask=lambda host, body: ask(host, STREAM_LOG_LINES, body), legacy=legacy)
+        await logs.first([m.name for m in self.peers()], tail)
+        while args.get("follow") is True:
+            await asyncio.sleep(FOLLOW_POLL_S)
+            removed = svc.name not in self.store.services()
+            await logs.poll(self._hosts_running(svc.name), since)
+            if removed:  # its tasks' last lines are in: the stream ends here
+                break
+        return {"service": svc.name, "tasks": sorted(logs.tasks)}
+
+    def _hosts_running(self, service: str) -> list[str]:
+        """The hosts that report a task of SERVICE (a follow asks them for new lines)."""
+        return sorted({str(r["node"]) for r in self._task_rows(service) if r["node"]})
 
 
 def parse_logs_reply(service: str, raw: bytes) -> dict[str, str]:
@@ -621,16 +699,6 @@ def parse_logs_reply(service: str, raw: bytes) -> dict[str, str]:
     return {k: v for k, v in logs.items()
             if isinstance(k, str) and isinstance(v, str) and
             _task_of_log(service, k + LOG_SUFFIX) is not None}
-
-
-def _task_of_log(service: str, fname: str) -> str | None:
-    """The task name if FNAME is exactly `SERVICE.<slot>.log`, else None (literal comparison:
-    SERVICE is never a pattern)."""
-    stem = service + "."
-    if not (fname.startswith(stem) and fname.endswith(LOG_SUFFIX)):
-        return None
-    slot = fname[len(stem):len(fname) - len(LOG_SUFFIX)]
-    return f"{stem}{slot}" if _SLOT_RE.fullmatch(slot) else None
 
 
 def _read_tail(path: Path, limit: int) -> str | None:
@@ -663,6 +731,16 @@ def _containment_json(value: object) -> dict[str, Any] | str:
         return containment_from_value(value).summary()
     except ContainmentError as e:
         return f"invalid: {e}"
+
+
+async def _copy_output(pipe: asyncio.StreamReader, stream: str, logf: _CappedLog) -> None:
+    """One of a task's output streams into its log, a stamped line per line (tasklogs.py)."""
+    lines = LineStamper(stream)
+    while chunk := await pipe.read(65536):
+        if records := lines.feed(chunk, time.time()):
+            logf.write(records)
+    if last := lines.flush(time.time()):
+        logf.write(last)
 
 
 class _CappedLog:

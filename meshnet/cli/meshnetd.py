@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -17,7 +16,10 @@ from meshnet.agent import logs
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshnetd", description="the meshnet agent")
     p.add_argument("--config", help=f"TOML config file (default {configmod.DEFAULT_CONFIG_PATH})")
-    p.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    p.add_argument("--check-config", action="store_true",
+                   help="check the config (file and flags) and this host for it, list every "
+                        "problem, and exit: 0 OK, 1 problems (e.g. meshnetd --check-config "
+                        "--config /etc/meshnet/meshnet.toml)")
     p.add_argument("--name", help="node name (default: hostname)")
     p.add_argument("--bind", metavar="IP:PORT", help="gossip address (UDP and TCP)")
     p.add_argument("--advertise", metavar="IP", help="address other members reach us at")
@@ -34,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", metavar="K=V", action="append", help="node label (repeatable)")
     p.add_argument("--dns-listen", metavar="IP:PORT", action="append",
                    help="extra DNS listener that sees every network (repeatable)")
+    p.add_argument("--metrics-listen", metavar="IP:PORT",
+                   help="serve Prometheus metrics at /metrics and a health check at /health "
+                        "(off unless set; e.g. --metrics-listen 10.0.0.5:9946)")
     p.add_argument("--dns-upstream", metavar="IP:PORT", action="append",
                    help="forward other names here instead of /etc/resolv.conf's resolvers "
                         "(repeatable; 'none' disables forwarding)")
@@ -68,7 +73,7 @@ def flag_overrides(ns: argparse.Namespace) -> dict[str, Any]:
                 "ca_cert", "node_cert", "node_key", "insecure_no_identity",
                 "profile", "log_format", "log_level", "insecure_no_encryption", "dns_ttl",
                 "datapath", "sandbox_prefix", "rekey_after_s", "reject_after_s",
-                "overlay_cipher"):
+                "overlay_cipher", "metrics_listen"):
         value = getattr(ns, key)
         if value is not None:
             out[key] = value
@@ -89,30 +94,43 @@ def flag_overrides(ns: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def check_config(ns: argparse.Namespace) -> int:
+    """--check-config: every problem of the configuration and of this host for it, one line
+    each (warnings too, which do not fail it); "OK" only when there is none."""
+    from meshnet.agent import preflight
+
+    problems: list[str] = []
+    cfg: configmod.Config | None = None
+    bad: frozenset[str] = frozenset()
+    try:
+        cfg = configmod.load(ns.config, flag_overrides(ns), explicit_path=ns.config is not None)
+    except configmod.ConfigError as e:
+        problems += e.problems
+        cfg, bad = e.partial, e.keys
+    findings = preflight.check(cfg, skip=bad) if cfg is not None else preflight.Findings()
+    problems += findings.errors
+    for warning in findings.warnings:
+        print(f"meshnetd: warning: {warning}", file=sys.stderr)
+    for problem in problems:
+        print(f"meshnetd: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print("meshnetd: configuration OK")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    if ns.check_config:
+        return check_config(ns)
     try:
         overrides = flag_overrides(ns)
         cfg = configmod.load(ns.config, overrides, explicit_path=ns.config is not None)
-        if cfg.cluster_key_file:
-            from meshnet.crypto.keyring import Keyring, KeyringError
-            try:
-                Keyring.from_key_file(cfg.cluster_key_file)
-            except (KeyringError, OSError) as e:
-                raise configmod.ConfigError(f"cluster_key_file: {e}") from None
-        if cfg.ca_cert:
-            from meshnet.agent.certificates import load_trust
-            from meshnet.crypto.certs import CertError
-            try:
-                load_trust(cfg, 0.0, time.time())
-            except CertError as e:
-                raise configmod.ConfigError(f"identity: {e}") from None
     except configmod.ConfigError as e:
-        print(f"meshnetd: {e}", file=sys.stderr)
+        more = len(e.problems) - 1
+        print(f"meshnetd: {e}" + (f" (and {more} more: meshnetd --check-config lists them)"
+                                  if more else ""), file=sys.stderr)
         return 1
-    if ns.check_config:
-        print("meshnetd: configuration OK")
-        return 0
 
     logs.setup(cfg.log_format, cfg.log_level)
     from meshnet.agent.agent import Agent, StartError

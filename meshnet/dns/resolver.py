@@ -394,6 +394,15 @@ class Resolver:
         self._index = _Index(sorted(new, key=lambda r: (r.network, r.ip, r.task)), nets)
         self._clear_cache()
 
+    def set_ttl(self, ttl: int) -> None:
+        """Answer with TTL from now on (the agent's reload); cached answers carry the old one,
+        so the cache goes."""
+        if not 0 <= ttl <= 0x7FFFFFFF:
+            raise ValueError("ttl must fit in 31 bits")
+        if ttl != self.ttl:
+            self.ttl = ttl
+            self._clear_cache()
+
     def _make_room(self) -> bool:
         """Clear the cache if it is full; True if it was cleared."""
         if self._cached < self._max_cache:

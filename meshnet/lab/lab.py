@@ -5,6 +5,7 @@ Layout for prefix P (all of it inside namespaces; nothing is created in the root
     P-underlay   a namespace holding bridge br0 (the "switch")
     P-h1..P-hN   one namespace per host: lo up, eth0 (veth, MTU 1500) = 10.99.0.i/24, its peer
                  is port hI of br0. No default route: underlay traffic cannot leave the lab.
+                 Its agent serves /metrics and /health at 10.99.0.i:9946 (METRICS_PORT).
 
 Files under the run directory RUN (default /run/meshnet-lab/P, or $MESHNET_LAB_RUN):
 
@@ -48,6 +49,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from meshnet.config import DEFAULT_METRICS_PORT
 from meshnet.crypto import certs
 from meshnet.fsutil import atomic_write
 from meshnet.platform import cgroups, netns
@@ -63,6 +65,8 @@ UNDERLAY_NET = ipaddress.IPv4Network("10.99.0.0/24")
 # .1 .. .254 of the /24; one address per host.
 MAX_HOSTS = UNDERLAY_NET.num_addresses - 2
 GOSSIP_PORT = 7946
+# Every agent serves /metrics and /health on its underlay address at this port (issue 16).
+METRICS_PORT = DEFAULT_METRICS_PORT
 UNDERLAY_MTU = 1500
 HOST_IFNAME = "eth0"
 BRIDGE = "br0"
@@ -364,6 +368,10 @@ class Lab:
         m = self._load()
         return list(m["hosts"]) if m else []
 
+    def metrics_addr(self, host: str) -> tuple[str, int]:
+        """Where HOST's agent serves /metrics and /health (reachable inside the lab only)."""
+        return (self.underlay_ip(host), METRICS_PORT)
+
     def underlay_ip(self, host: str) -> str:
         m = self._require()
         return str(m["hosts"][self._host(m, host)]["underlay_ip"])
@@ -455,6 +463,7 @@ class Lab:
                 "--name", h,
                 "--bind", f"{ip}:{GOSSIP_PORT}",
                 "--advertise", ip,
+                "--metrics-listen", f"{ip}:{METRICS_PORT}",
                 "--state-dir", str(self.host_dir(h) / "state"),
                 "--socket", str(self.socket_path(h)),
                 "--cluster-key-file", str(self.key_path),

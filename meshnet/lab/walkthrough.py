@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +21,8 @@ from typing import Any
 
 from meshnet.lab.demo_http import TASK_ARGV as DEMO
 from meshnet.lab.demo_http import TASK_MOUNT
-from meshnet.lab.lab import Lab, LabError
+from meshnet.lab.lab import METRICS_PORT, Lab, LabError
+from meshnet.lab.scrape import http_get, sample_values
 
 # lan-fast timings keep the walkthrough short; the LAN defaults are for real hosts.
 PROFILE = "lan-fast"
@@ -57,10 +60,15 @@ def ctl_json(lab: Lab, host: str, *args: str) -> Any:
     return json.loads(r.stdout)
 
 
+# Above meshctl's own 60 s wait in `service create|scale|rm`, whose reason is the better error.
+SHOW_TIMEOUT_S = 90.0
+
+
 def show(lab: Lab, host: str, *args: str) -> None:
-    r = lab.ctl(host, list(args), capture_output=True, timeout=30)
+    """Run meshctl ARGS on HOST with its output straight on ours, as the user would see it
+    (`service create|scale|rm` show their progress live until the tasks run or are gone)."""
     say(f"\n[{host}] $ meshctl {' '.join(args)}")
-    say((r.stdout or r.stderr).rstrip())
+    r = lab.ctl(host, list(args), timeout=SHOW_TIMEOUT_S)
     if r.returncode != 0:
         raise StepFailed(f"meshctl {' '.join(args)} on {host} exited {r.returncode}")
 
@@ -90,6 +98,76 @@ def wait_running(lab: Lab, hosts: list[str], want: dict[str, int]) -> None:
         return True
 
     wait_until(ok, 60, f"tasks running ({want})")
+
+
+def show_metrics(lab: Lab, host: str, hosts: int) -> None:
+    """`curl http://<host>:9946/metrics | head` and its /health, run inside the lab (the
+    underlay is reachable only there); checks the members gauge and the health answer."""
+    ip, port = lab.metrics_addr(host)
+    url = f"http://{ip}:{port}"
+    for shown, path in ((f"curl -s {url}/metrics | head -n 24", "/metrics"),
+                        (f"curl -s -i {url}/health", "/health")):
+        say(f"\n[{host}] $ {shown}")
+        if shutil.which("curl"):
+            r = lab.exec(host, ["sh", "-c", shown], capture_output=True, timeout=20)
+            say(r.stdout.rstrip())
+        else:  # deploy/bootstrap.sh installs curl; a host without it still gets the text
+            reply = http_get(lab.host_ns(host), (ip, port), path)
+            say("\n".join(reply.body.splitlines()[:24]) if path == "/metrics" else
+                f"HTTP/1.1 {reply.status}\n\n{reply.body.rstrip()}")
+    metrics = http_get(lab.host_ns(host), (ip, port), "/metrics")
+    alive = sample_values(metrics.body, "meshnet_members").get('{state="alive"}')
+    if metrics.status != 200 or alive != hosts:
+        raise StepFailed(f"/metrics on {host}: status {metrics.status}, "
+                         f"meshnet_members{{state=\"alive\"}} {alive} (want {hosts})")
+    health = http_get(lab.host_ns(host), (ip, port), "/health")
+    if health.status != 200:
+        raise StepFailed(f"/health on {host}: {health.status} {health.body.strip()}")
+
+
+# Lines of the `meshctl events` capture shown (a kill and a restart: a handful).
+EVENTS_EXCERPT_LINES = 40
+
+
+def show_events_while_restarting(lab: Lab, names: list[str]) -> None:
+    """`meshctl events` on the first host, in the background, while the last host's agent is
+    SIGKILLed and started again; prints what it captured, which must show that host die and
+    come back. (Run once the services are gone: a host restarted under running services can
+    leave address claims that keep `network rm` refused; reported with #16.)"""
+    watcher, victim = names[0], names[-1]
+    capture = lab.host_dir(watcher) / "events.log"
+    with open(capture, "wb") as out:
+        proc = subprocess.Popen([MESHCTL, "--socket", str(lab.socket_path(watcher)), "events"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: ctl_json(lab, watcher, "status").get("events", {})
+                   .get("subscribers"), 10, "meshctl events to subscribe")
+        lab.kill(victim)
+        wait_until(lambda: f" member {victim} dead " in capture.read_text(), 30,
+                   f"{victim} dead in the events")
+        lab.start(victim)
+        wait_until(lambda: all_alive(lab, names), CONVERGE_TIMEOUT_S, f"{victim} back")
+        wait_until(lambda: back_after_dead(capture.read_text(), victim), 10,
+                   f"{victim} back in the events")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    lines = capture.read_text().splitlines()
+    say(f"\n[{watcher}] $ meshctl events   # ran while {victim} was killed and restarted")
+    say("\n".join(lines[:EVENTS_EXCERPT_LINES]))
+    if len(lines) > EVENTS_EXCERPT_LINES:
+        say(f"... ({len(lines) - EVENTS_EXCERPT_LINES} more lines)")
+
+
+def back_after_dead(text: str, host: str) -> bool:
+    """Events TEXT shows HOST dead, then alive again (a rejoin, or a refuted suspicion)."""
+    dead = text.find(f" member {host} dead ")
+    return dead >= 0 and re.search(rf" member {re.escape(host)} (join|alive) ",
+                                   text[dead:]) is not None
 
 
 def all_alive(lab: Lab, hosts: list[str]) -> bool:
@@ -172,6 +250,11 @@ def run(hosts: int) -> None:
         if len(served_by) < 2:
             raise StepFailed("every answer came from one host: DNS rotation did not spread calls")
 
+        say("\n== metrics: dockerd --metrics-addr, then curl http://<host>:9323/metrics")
+        say(f"   meshnet: meshnetd --metrics-listen IP:{METRICS_PORT} (on for every lab host): "
+            "Prometheus text at /metrics, 200/503 at /health")
+        show_metrics(lab, names[0], hosts)
+
         step(9, "docker service rm frontend backend; docker network rm appnet",
              "meshctl service rm ...; meshctl network rm appnet")
         show(lab, names[0], "service", "rm", "frontend")
@@ -184,6 +267,11 @@ def run(hosts: int) -> None:
                                    timeout=20).returncode == 0,
                    CONVERGE_TIMEOUT_S, "appnet to be free of tasks")
         say(f"\n[{names[0]}] $ meshctl network rm appnet\nremoved: appnet")
+
+        say("\n== events: docker events, while a host is killed and started again")
+        say(f"   meshnet: meshctl events on {names[0]}; meshnet-lab kill {names[-1]}, then "
+            f"meshnet-lab start {names[-1]}")
+        show_events_while_restarting(lab, names)
         say("\nlab: every step passed")
     finally:
         for p in procs:

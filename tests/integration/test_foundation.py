@@ -40,7 +40,8 @@ def test_bad_config_key_is_refused_with_a_line_naming_it(tmp_path: Path) -> None
     r = subprocess.run([MESHNETD, "--config", str(cfg)], capture_output=True, text=True,
                        timeout=20)
     assert r.returncode == 1
-    assert r.stderr.strip() == "meshnetd: probe_intervall: unknown key"
+    assert r.stderr.strip() == ("meshnetd: unknown key 'probe_intervall' (did you mean "
+                                "'membership.probe_interval'?)")
 
 
 def test_bad_value_and_missing_file_are_refused(tmp_path: Path) -> None:

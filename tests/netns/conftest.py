@@ -111,7 +111,9 @@ class Cluster:
         self.lab = lab
         self.procs: list[subprocess.Popen[str]] = []
 
-    def ctl(self, host: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    # 90 s: above meshctl's own 60 s wait in `service create|scale|rm`, so a wait that times
+    # out is meshctl's one-line reason, not a TimeoutExpired here
+    def ctl(self, host: str, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
         return self.lab.ctl(host, list(args), capture_output=True, timeout=timeout)
 
     def ctl_json(self, host: str, *args: str) -> Any:

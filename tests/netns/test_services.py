@@ -31,8 +31,10 @@ def running(c: Cluster, host: str, service: str) -> dict[int, str]:
     return {int(t["slot"]): t["node"] for t in ps(c, host, service) if t["state"] == "running"}
 
 
-def create(c: Cluster, host: str, name: str, *args: str) -> None:
-    r = c.ctl(host, "service", "create", name, *TASK_MOUNT, *args)
+def create(c: Cluster, host: str, name: str, *args: str, detach: bool = False) -> None:
+    """`service create`, waiting until its tasks run unless DETACH (tasks that never stay up)."""
+    r = c.ctl(host, "service", "create", name, *TASK_MOUNT, *(["--detach"] if detach else []),
+              *args)
     assert r.returncode == 0, r.stderr
 
 
@@ -86,9 +88,9 @@ def test_restart_policy(cluster: Callable[[int], Cluster]) -> None:
     assert c.ctl("h1", "network", "create", "pol").returncode == 0
     wait(lambda: c.ctl("h2", "network", "inspect", "pol").returncode == 0, 10, "network")
     create(c, "h1", "flaky", "--network", "pol", "--restart-condition", "on-failure", "--",
-           "sh", "-c", "echo try; exit 1")
+           "sh", "-c", "echo try; exit 1", detach=True)
     create(c, "h1", "once", "--network", "pol", "--restart-condition", "none", "--",
-           "sh", "-c", "exit 1")
+           "sh", "-c", "exit 1", detach=True)
     wait(lambda: any((t.get("restarts") or 0) >= 2 for t in ps(c, "h2", "flaky")), 30,
          "on-failure restarts")
     wait(lambda: [t["state"] for t in ps(c, "h2", "once")] == ["failed"], 20, "once failed")

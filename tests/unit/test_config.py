@@ -10,7 +10,7 @@ from meshnet import config as c
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"nmae": "x"}, "nmae: unknown key"),
+        ({"nmae": "x"}, "unknown key 'nmae' (did you mean 'name'?)"),
         ({"bind": "1.2.3.4:99999"}, "bind: port '99999' is not in 1..65535"),
         ({"bind": "host:1"}, "bind: 'host' is not an IP address"),
         ({"join": "1.2.3.4:1"}, "join: expected list, got str"),
@@ -20,7 +20,8 @@ from meshnet import config as c
         ({"profile": "fast"}, "profile: 'fast' is not one of lan, lan-fast, wan"),
         ({"labels": {"k": 3}}, "labels.k: label value must be a string"),
         ({"labels": {"bad key": "v"}}, "labels: label key 'bad key'"),
-        ({"membership": {"probe_intervall": 1}}, "membership.probe_intervall: unknown key"),
+        ({"membership": {"probe_intervall": 1}},
+         "membership: unknown key 'probe_intervall' (did you mean 'probe_interval'?)"),
         ({"membership": {"gossip_nodes": 2.5}}, "membership.gossip_nodes: expected int"),
         ({"insecure_no_encryption": "yes"}, "insecure_no_encryption: expected bool"),
         ({"state_dir": ""}, "state_dir: must not be empty"),

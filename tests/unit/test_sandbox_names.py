@@ -14,6 +14,7 @@ import pytest
 
 from meshnet.agent import sandboxes as sandboxes_mod
 from meshnet.agent.control import OpError
+from meshnet.agent.gossip import STREAM_LOGS
 from meshnet.agent.sandboxes import Sandboxes
 from meshnet.agent.services import Services, _task_of_log
 from meshnet.platform import nsfd
@@ -167,9 +168,11 @@ def fake_services(log_dir: Path, services: dict[str, Any] | None = None,
     s.log_dir = log_dir
     s.node = "h1"
     s.store = SimpleNamespace(services=lambda: services or {})
-    s.peers = lambda: [SimpleNamespace(addr=("192.0.2.1", 7946))] if peer_logs else []
+    s.peers = lambda: [SimpleNamespace(name="h2", addr=("192.0.2.1", 7946))] if peer_logs else []
 
     async def request(addr: Any, service: int, body: bytes, *a: Any) -> bytes:
+        if service != STREAM_LOGS:  # an agent from before STREAM_LOG_LINES hangs up
+            raise asyncio.IncompleteReadError(b"", 4)
         return bytes(msgpack.packb({"node": "h2", "logs": peer_logs}))
 
     s.gossip = SimpleNamespace(request=request)
@@ -241,7 +244,7 @@ def test_op_logs_keeps_only_the_services_tasks_from_peers(logs: Path) -> None:
 
     result = asyncio.run(s.op_logs({"name": "web"}, send))
     assert result == {"service": "web", "tasks": ["web.1", "web.10", "web.2"]}
-    text = "".join(e["data"] for e in sent)
+    text = "".join(f"{r['task']} | {r['line']}\n" for e in sent for r in e["logs"])
     assert "web.2 | from h2" in text
     assert "not this" not in text and "forged" not in text and "| no" not in text
 

@@ -2,7 +2,9 @@
 
 `systemd-analyze verify` is the judge of syntax. It exits 0 even for unknown keys (it only
 warns), so the test also fails on any warning about the unit. It refuses a unit whose ExecStart
-binary does not exist, so it checks a copy whose ExecStart points at a stub in tmp_path.
+binary does not exist, so it checks a copy whose ExecStart points at a stub in tmp_path (the
+unit as deploy/install.sh installs it, with the real ExecStart, is verified by
+tests/netns/test_install.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from meshnet.containment import DEFAULT_CAPS
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "meshnet.service"
 EXAMPLE_CONFIG = ROOT / "deploy" / "meshnet.toml.example"
-EXEC_START = "/usr/local/bin/meshnetd --config /etc/meshnet/meshnet.toml"
+# deploy/install.sh's default PREFIX is /opt/meshnet, a venv whose bin/ holds meshnetd.
+INSTALLED_MESHNETD = "/opt/meshnet/bin/meshnetd"
+EXEC_START = f"{INSTALLED_MESHNETD} --config /etc/meshnet/meshnet.toml"
+# Where deploy/install.sh puts its copies of the repository's documents.
+INSTALLED_DOCS = "/opt/meshnet/share/doc/meshnet/"
 # The agent's own, the launcher's (SETPCAP SETUID SETGID MKNOD) and Docker's default set for tasks.
 AGENT_CAPS = {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN", "CAP_NET_BIND_SERVICE", "CAP_KILL"}
 LAUNCHER_CAPS = {"CAP_SETPCAP", "CAP_SETUID", "CAP_SETGID", "CAP_MKNOD"}
@@ -69,8 +75,8 @@ def verify(unit_text: str, tmp_path: Path) -> tuple[int, str]:
     stub = tmp_path / "meshnetd"
     stub.write_text("#!/bin/sh\nexit 0\n")
     stub.chmod(0o755)
-    copied = unit_text.replace("ExecStart=/usr/local/bin/meshnetd ", f"ExecStart={stub} ")
-    assert copied != unit_text, "ExecStart=/usr/local/bin/meshnetd not found in the unit"
+    copied = unit_text.replace(f"ExecStart={INSTALLED_MESHNETD} ", f"ExecStart={stub} ")
+    assert copied != unit_text, f"ExecStart={INSTALLED_MESHNETD} not found in the unit"
     unit_dir = tmp_path / "units"
     unit_dir.mkdir(exist_ok=True)
     unit = unit_dir / "meshnet.service"
@@ -105,6 +111,9 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
         (("NoNewPrivileges=yes", "NoNewPrivilegez=yes"), "unknown key"),
         (("Type=notify", "Type=notifyy"), "bad value"),
         (("[Service]", "[Servise]"), "unknown section"),
+        (("SystemCallFilter=@system-service ", "SystemCallFilter=@system-servise "),
+         "unknown system call group"),
+        (("TasksMax=", "TasksMax=x"), "bad number"),
     ],
 )
 def test_verify_catches_broken_units(tmp_path: Path, mutation: tuple[str, str], why: str) -> None:
@@ -139,6 +148,14 @@ def test_required_directives() -> None:
     assert one("RuntimeDirectory") == "meshnet"
     assert one("RuntimeDirectoryMode") == "0700"
     assert one("ConfigurationDirectory") == "meshnet"
+    assert one("ConfigurationDirectoryMode") == "0700"  # as deploy/install.sh makes it
+    # systemctl reload: SIGHUP, which the agent answers with RELOADING=1, then READY=1.
+    assert one("ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert one("ProtectKernelLogs") == "yes"
+    assert one("SystemCallErrorNumber") == "EPERM"
+    assert set(one("SystemCallFilter").split()) == {"@system-service", "@mount", "sethostname",
+                                                    "bpf"}
+    assert 1024 <= int(one("TasksMax")) < 32768  # room for tasks, below the default pid_max
     assert one("NoNewPrivileges") == "yes"
     assert one("ProtectSystem") == "strict"
     assert one("ProtectHome") == "yes"
@@ -156,9 +173,69 @@ def test_required_directives() -> None:
     rw = " ".join(service.get("ReadWritePaths", [])).split()
     assert {p.lstrip("-") for p in rw} >= {"/run/netns", "/var/run/netns"}
     # Left off on purpose (see the comments in the unit): these would break the agent.
-    for key in ("ProtectControlGroups", "PrivateDevices", "ProtectKernelTunables", "User"):
+    for key in ("ProtectControlGroups", "PrivateDevices", "ProtectKernelTunables", "User",
+                "ProtectHostname"):
         assert key not in service, f"{key}= would break the agent; see the unit's comments"
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def test_documentation_is_installed_copies_of_repository_files() -> None:
+    docs = " ".join(parse_unit(UNIT.read_text())["Unit"]["Documentation"]).split()
+    assert docs
+    for url in docs:
+        prefix = f"file://{INSTALLED_DOCS}"
+        assert url.startswith(prefix), f"{url}: not a copy deploy/install.sh installs"
+        assert (ROOT / url.removeprefix(prefix)).is_file(), f"{url}: no such repository file"
+
+
+def syscall_filter(*items: str) -> set[str]:
+    """The system calls systemd allows for ITEMS (names and @groups, expanded)."""
+    proc = subprocess.run([systemd_analyze(), "syscall-filter", "--no-pager"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    groups: dict[str, list[str]] = {}
+    members: list[str] = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("@"):
+            members = groups.setdefault(line.strip(), [])
+        elif line.strip() and not line.lstrip().startswith("#"):
+            members.append(line.strip())
+
+    def expand(names: list[str]) -> set[str]:
+        return set().union(*(expand(groups[n]) if n.startswith("@") else {n} for n in names))
+
+    return expand(list(items))
+
+
+# A call of a libc function through ctypes (`_libc.mount(`, `c.unshare(`, `_c().setns(`) or of
+# an os function, and a raw system call's number constant (`SYS_BPF = ...`).
+LIBC_CALL = re.compile(r"\b(?:_?libc|c|_c\(\))\.(\w+)\(")
+OS_CALL = re.compile(r"\bos\.(\w+)\(")
+SYS_NUMBER = re.compile(r"^SYS_(\w+)\s*=", re.MULTILINE)
+
+
+def test_the_syscall_filter_allows_every_call_the_agent_and_launcher_make() -> None:
+    """Nothing runs the agent under systemd in the tests, so a system call outside the filter
+    would first fail (EPERM) on a real host: every system call the code names (through ctypes,
+    os or a raw number) must be allowed. ip, nft, setpriv and tini make the same kinds of calls
+    (setns, unshare, mount, capset, setresuid, prctl)."""
+    known = syscall_filter("@known")
+    allowed = syscall_filter(*parse_unit(UNIT.read_text())["Service"]["SystemCallFilter"][0]
+                             .split())
+    called: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "meshnet").rglob("*.py")):
+        text = path.read_text()
+        names = set(OS_CALL.findall(text)) | {n.lower() for n in SYS_NUMBER.findall(text)}
+        if "ctypes" in text:  # libc's syscall() is no call itself: its SYS_ number names it
+            names |= set(LIBC_CALL.findall(text)) - {"syscall"}
+        for name in names & known:
+            called.setdefault(name, set()).add(str(path.relative_to(ROOT)))
+    # The scan finds what it should (else it proves nothing).
+    assert {"mount", "umount2", "setns", "unshare", "sethostname", "mount_setattr", "bpf",
+            "mknod", "prctl"} <= called.keys()
+    refused = {name: sorted(where) for name, where in called.items() if name not in allowed}
+    assert refused == {}, f"add these to SystemCallFilter= (with a comment): {refused}"
+    # And the filter is not everything: it does refuse what nothing here needs.
+    assert not {"ptrace", "kexec_load", "swapon", "init_module", "reboot"} & allowed
 
 
 def test_example_config_parses_and_matches_the_unit() -> None:
