@@ -129,6 +129,11 @@ MAX_TOMBSTONES = 10_000
 # serf keeps its failed members for reconnect_timeout: name -> (addr, incarnation, reaped at).
 # FIFO-evicted; each entry is ~150 bytes, so at most ~1.5 MB.
 MAX_FORMER = 10_000
+# Local health (Lifeguard awareness, 0..7 on the LAN profile) from which the first timely ack
+# starts a push-pull with its sender (at most once per reconnect_interval). A score this high
+# takes several probes in a row that failed with no helper answering either: we were cut off,
+# not merely losing the odd packet (a failed probe that helpers nack adds nothing).
+RESYNC_AWARENESS = 4
 
 # A helper nacks this fraction of a probe timeout after an unanswered ping-req (the Lifeguard
 # paper's 80%). The origin sent the ping-req one probe timeout T into its probe and listens until
@@ -176,6 +181,7 @@ _STAT_KEYS = (
     "push_pulls_skipped",
     "reconnects",
     "reconnects_former",
+    "resyncs",
     "former_returned",
     "former_expired",
     "told_dead",
@@ -329,6 +335,7 @@ class Membership:
         "_recent_probes",
         "_reconnect_at",
         "_relays",
+        "_resync_at",
         "_returned",
         "_ring",
         "_rng",
@@ -418,6 +425,7 @@ class Membership:
         self._gossip_at: float | None = None
         self._push_pull_at = now + config.push_pull_interval * rng.random()
         self._reconnect_at = now + config.reconnect_interval * (0.5 + rng.random())
+        self._resync_at = now  # the earliest a recovery push-pull may start (see _on_ack)
         # Announce ourselves (memberlist's setAlive).
         self._broadcast(self.name, self._alive_msg(), now)
 
@@ -998,6 +1006,15 @@ class Membership:
             p.node.heard_at = now
             if not p.acked:
                 p.acked = True
+                if self._awareness.score >= RESYNC_AWARENESS and now >= self._resync_at:
+                    # Our probes were failing with no helper answering: we were cut off (a
+                    # partition, a dead link, a stall) and the first member to answer is the
+                    # way back. Sync with it now instead of waiting out push_pull_interval:
+                    # we learn what changed meanwhile (restarts, deaths, our own death, which
+                    # we then refute), and it learns we are back.
+                    self._resync_at = now + self.config.reconnect_interval
+                    if self._start_push_pull(p.node, now):
+                        self.stats["resyncs"] += 1
                 if not p.indirect_sent:
                     # Only a timely answer is evidence of our own health: an ack we process
                     # after our probe timeout may be late because *we* are slow (Lifeguard).
