@@ -70,6 +70,11 @@ REFUSAL_LOG_WINDOW_S = 60.0
 SAVE_RETRY_S = 2.0
 
 
+# How often at most we start an exchange with one owner to settle records a peer disputes
+# (ask_owners): a ghost goes at the first; a dispute that persists costs one exchange a period.
+OWNER_ASK_INTERVAL_S = 10.0
+
+
 class StateService:
     def __init__(self, store: Store, db: StoreDb | None, node: str,
                  state_dir: str | None = None) -> None:
@@ -88,7 +93,11 @@ class StateService:
         self.notify_scheduled = False
         self._counts = {"bad_deltas": 0, "bad_entries": 0, "anti_entropy": 0,
                         "anti_entropy_failed": 0, "handler_errors": 0, "listener_errors": 0,
-                        "refusals_not_logged": 0, "save_errors": 0}
+                        "refusals_not_logged": 0, "save_errors": 0, "owners_asked": 0}
+        # Live members' addresses (from membership events), and when we last asked each owner
+        # to settle a disputed record (ask_owners): both at most one entry per member.
+        self._live_addrs: dict[str, Addr] = {}
+        self._asked_owner: dict[str, float] = {}
         # Changes not yet on disk (a save failed): (table, key) -> entry, or None if removed.
         self._unsaved: dict[tuple[str, str], Entry | None] = {}
         self._unsaved_horizon: Horizon | None = None
@@ -159,10 +168,7 @@ class StateService:
         if db is not None:
             entries = await asyncio.to_thread(db.load)
             horizon = await asyncio.to_thread(db.load_gc_horizon)
-            entries, dropped = others_owned_dropped(entries, node)
             loaded = store.load(entries, time.time(), horizon)
-            if dropped:
-                log.info("store: %d records owned by other nodes left to their owners", dropped)
             if db.quarantined is not None:
                 log.warning("store file was unreadable; moved aside to %s", db.quarantined)
             if db.exclusive:
@@ -339,10 +345,30 @@ class StateService:
             return
         if isinstance(event, MemberJoined | MemberAlive | MemberUpdated):
             self.store.set_node_live(member.name, True)
+            self._live_addrs[member.name] = member.addr
         elif isinstance(event, MemberDead | MemberLeft | MemberReaped):
             self.store.set_node_live(member.name, False)
+            self._live_addrs.pop(member.name, None)
+            self._asked_owner.pop(member.name, None)
         self.store.set_cluster_size(cluster_size)
         self.changed()
+
+    def ask_owners(self) -> None:
+        """For each of our owned-table writes a peer disputed (store.take_disputed), start an
+        exchange with its owner, at most once per OWNER_ASK_INTERVAL_S each: the owner's
+        horizon tombstone is the only one that may remove a ghost (step 3 or 4)."""
+        now = time.monotonic()
+        for table, key in self.store.take_disputed():
+            owner = owner_of(key) if table in OWNED_TABLES else None
+            addr = self._live_addrs.get(owner) if owner and owner != self.node else None
+            if addr is None or now - self._asked_owner.get(owner or "", -1e9) < \
+                    OWNER_ASK_INTERVAL_S:
+                continue
+            assert owner is not None
+            self._asked_owner[owner] = now
+            self._counts["owners_asked"] += 1
+            if self.gossip is not None:
+                self._anti_entropy_with(addr)
 
     # Delegate hooks: the membership core calls these synchronously.
     def get_broadcasts(self, limit_bytes: int) -> list[bytes]:
@@ -352,6 +378,7 @@ class StateService:
         try:
             if self.store.apply_delta(data, time.time()):
                 self.changed()
+            self.ask_owners()
         except StateProtocolError:
             self._counts["bad_deltas"] += 1
         except Exception as e:  # a bug; the membership core calling us must go on regardless
@@ -377,6 +404,7 @@ class StateService:
                                              bytes([AE_DIGEST]) + self.store.digest())
             reply = self.store.apply_entries(diff, time.time())
             self.changed()
+            self.ask_owners()
             if reply:
                 last = await self.gossip.request(addr, STREAM_STATE, bytes([AE_ENTRIES]) + reply)
                 if last:  # step 4: tombstones for writes of ours beyond the peer's horizon
@@ -404,6 +432,7 @@ class StateService:
                 except StateProtocolError:
                     self._counts["bad_entries"] += 1
                 self.changed()
+                self.ask_owners()
                 return step4 or b""
         except StateProtocolError:
             self._counts["bad_entries"] += 1
@@ -411,14 +440,3 @@ class StateService:
             self._error_once("serving anti-entropy", e)
         return None
 
-
-def others_owned_dropped(entries: list[Entry], node: str) -> tuple[list[Entry], int]:
-    """The disk copy without the records other nodes own (tasks, endpoints), and how many went.
-    They are facts about other hosts that only their owner may change or delete: a copy saved
-    before an owner's delete (killed before the save, or a full disk) would otherwise come back
-    as a ghost once the tombstone is collected everywhere, and only an exchange with that owner
-    could remove it. The owner and any peer give them back at the first exchange (join starts
-    one), and they are hidden until their owner is live anyway."""
-    kept = [e for e in entries
-            if e.table not in OWNED_TABLES or owner_of(e.key) in (None, node)]
-    return kept, len(entries) - len(kept)

@@ -124,8 +124,8 @@ authorizer may not let us delete in that table (e.g. a worker's tombstone of a n
 non-owner's tombstone of an owned record); the peer then keeps its old write and offers it at
 each exchange, and we refuse it by the horizon each time (one entry), until it meets a replica
 whose tombstone it accepts: for an owned record, its owner, at their next exchange either way.
-(The agent also never loads other nodes' owned records from its disk copy, which is where such
-ghosts came from: agent/state_service.py others_owned_dropped.)
+A replica that refuses such a tombstone records the key as disputed (``take_disputed``) and the
+agent starts an exchange with the owner at once (agent/state_service.py ``ask_owners``).
 
 Byte budget
 -----------
@@ -212,6 +212,9 @@ MAX_STORE_BYTES = 256 * 1024 * 1024
 STORE_ENTRY_BYTES = 1024
 # Distinct table names in StoreStats.refused_by_table; refusals in further tables count as OTHER.
 MAX_REFUSED_TABLE_NAMES = 16
+# Disputed keys waiting for the shell (take_disputed): it drains them after every merge, so
+# only a burst of them within one message can reach this; the oldest go first.
+MAX_DISPUTED = 256
 OTHER_TABLES = "(other)"
 
 
@@ -371,6 +374,8 @@ class Store:
         self._signer: Signer | None = self.config.signer
         self._authorizer: Authorizer | None = self.config.authorizer
         self._refused: OrderedDict[tuple[str, str], _Refusal] = OrderedDict()
+        # Keys a peer says were deleted, by a tombstone we may not take (see take_disputed).
+        self._disputed: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._reasons: deque[str] = deque(maxlen=MAX_REFUSAL_REASONS)
 
     # ---- validation ------------------------------------------------------------------------
@@ -488,6 +493,8 @@ class Store:
             return None
         again = self._refused_again(e)
         if again is not None:
+            if again == _REFUSED_UNAUTHORIZED and data is None:
+                self._dispute(e)
             return again
         if data is not None and self._validator is not None:
             reason = self._check(e.table, e.key, data)
@@ -499,10 +506,31 @@ class Store:
             if verdict is not None:
                 if verdict.final:
                     self._refuse(e, verdict.reason, unauthorized=True)
+                    if data is None:
+                        self._dispute(e)
                     return _REFUSED_UNAUTHORIZED
                 self.stats.refused_deferred += 1  # not remembered: see the module docstring
                 return _DEFERRED
         return None
+
+    def _dispute(self, e: Entry) -> None:
+        """A peer holds a tombstone newer than our write of E's key, by a writer who may not
+        delete it. Typically a peer's horizon tombstone of an owned record (a task, an
+        endpoint) whose owner deleted it while we were away and whose tombstone everyone else
+        has collected: our copy is a ghost only the owner can remove."""
+        k = (e.table, e.key)
+        self._disputed[k] = None
+        self._disputed.move_to_end(k)
+        while len(self._disputed) > MAX_DISPUTED:
+            self._disputed.popitem(last=False)
+
+    def take_disputed(self) -> list[tuple[str, str]]:
+        """(table, key) of our writes that a peer's refused tombstone disputed since the last
+        call. The shell asks each one's owner at once (an exchange with the owner removes a
+        ghost: see "Horizon tombstones" above), instead of waiting for their paths to cross."""
+        out = list(self._disputed)
+        self._disputed.clear()
+        return out
 
     def _alt_xor(self) -> dict[str, list[tuple[int, int]]]:
         """table -> [(fine bucket, hash to XOR into that bucket for the as-if digest)]: each

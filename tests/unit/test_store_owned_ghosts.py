@@ -1,19 +1,22 @@
 """Ghosts of owned records (#15, found by the chaos soak, seed 1): a replica that kept a task
 record its owner had deleted, after every other replica collected the tombstone, showed the
 task running for 15 minutes. Only the owner may delete its records, so the repair must come
-from the owner whichever side starts the exchange, and a restart must not bring such copies
-back from disk."""
+from the owner whichever side starts the exchange, and a peer's refused tombstone sends the
+replica to the owner at once."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from test_store_sig import T0, Authority, node
 
-from meshnet import wire
-from meshnet.agent.state_service import others_owned_dropped
-from meshnet.state import Entry, Hlc, Refusal, Store, codec
+from meshnet.agent.state_service import StateService
+from meshnet.agent.store_db import StoreDb
+from meshnet.membership import Member, MemberAlive, MemberDead, MemberState, NodeMeta
+from meshnet.state import Entry, Refusal, Store, codec
 from meshnet.state.authz import owner_of
 
 TASK = {"task": "web.3", "service": "web", "slot": 3, "node": "o", "state": "running"}
@@ -91,23 +94,37 @@ def test_step_4_is_only_tombstones_beyond_the_horizon() -> None:
     assert back is None or s.apply_entries(back, T0 + 22) is None
 
 
-def row(table: str, key: str, writer: str, value: dict[str, Any] | None) -> Entry:
-    return Entry(table, key, None if value is None else wire.pack(value),
-                 Hlc(int(T0 * 1000), 0), writer)
+def test_a_peers_refused_tombstone_disputes_the_record() -> None:
+    _, p, s = ghost_cluster()
+    assert s.take_disputed() == []
+    exchange(p, s, T0 + 21)  # P's horizon tombstone: refused by S, the key disputed
+    assert s.take_disputed() == [("tasks", KEY)]
+    assert s.take_disputed() == []  # drained
+    exchange(p, s, T0 + 22)  # offered again (a repeat of the refusal): disputed again
+    assert s.take_disputed() == [("tasks", KEY)]
 
 
-def test_a_restart_leaves_other_nodes_records_to_their_owners() -> None:
-    rows = [
-        row("tasks", "web.1@me", "me", TASK),
-        row("tasks", "web.3@o", "o", TASK),
-        row("tasks", "web.4@o", "o", None),
-        row("endpoints", "appnet/web.3@o", "o", {"x": 1}),
-        row("endpoints", "appnet/web.1@me", "me", {"x": 1}),
-        row("services", "web", "o", {"name": "web"}),
-        row("networks", "appnet", "o", {"name": "appnet"}),
-    ]
-    kept, dropped = others_owned_dropped(rows, "me")
-    assert dropped == 3
-    assert [(e.table, e.key) for e in kept] == [
-        ("tasks", "web.1@me"), ("endpoints", "appnet/web.1@me"), ("services", "web"),
-        ("networks", "appnet")]
+def test_a_disputed_record_sends_the_replica_to_its_owner(tmp_path: Path) -> None:
+    async def asked() -> tuple[list[tuple[str, int]], int]:
+        _, p, s = ghost_cluster()
+        db = StoreDb(tmp_path / "s.db")
+        try:
+            svc = StateService(s, db, "s")
+            calls: list[tuple[str, int]] = []
+            svc._anti_entropy_with = calls.append  # type: ignore[method-assign]
+            svc.gossip = object()  # type: ignore[assignment]
+            addr = ("10.0.0.1", 7946)
+            owner = Member("o", addr, MemberState.ALIVE, 1, NodeMeta("o", addr), T0)
+            svc.on_member_event(MemberAlive(owner), 3)
+            for t in (21, 22, 23):
+                exchange(p, s, T0 + t)
+                svc.ask_owners()  # the agent calls it after every merge
+            svc.on_member_event(MemberDead(owner), 3)
+            exchange(p, s, T0 + 24)
+            svc.ask_owners()  # a dead owner is not asked
+            return calls, svc.counters["owners_asked"]
+        finally:
+            db.close()
+
+    calls, n = asyncio.run(asked())
+    assert calls == [("10.0.0.1", 7946)] and n == 1  # once per OWNER_ASK_INTERVAL_S
