@@ -66,7 +66,10 @@ class Client:
             sock.close()
             raise NoAgent(str(e)) from None
         with sock:
-            sock.sendall(api.encode({"v": api.API_VERSION, "op": op, "args": args}))
+            try:
+                sock.sendall(api.encode({"v": api.API_VERSION, "op": op, "args": args}))
+            except BrokenPipeError as e:  # the agent's end, not our stdout's (see _remote)
+                raise ConnectionAbortedError(f"the agent closed the connection ({e})") from None
             while True:
                 header = _recv_exactly(sock, 4)
                 body, _ = api.decode_body(
@@ -706,6 +709,8 @@ def _remote(ns: argparse.Namespace, name: str, op: str, args: dict[str, Any],
         print(f"meshctl: cannot reach the agent at {ns.socket} (is meshnetd running?)",
               file=sys.stderr)
         return EXIT_NO_AGENT, None
+    except BrokenPipeError:
+        raise  # our stdout's reader left (`| head`), not the agent: main ends quietly
     except (ConnectionError, TimeoutError, api.ApiError) as e:
         print(f"meshctl: {name}: lost the agent mid-answer ({e})", file=sys.stderr)
         return EXIT_NO_AGENT, None

@@ -86,9 +86,14 @@ def closed_stdout(*args: str) -> subprocess.CompletedProcess[bytes]:
 
 def test_a_closed_stdout_ends_quietly(agents: Any, key_file: Path) -> None:
     a: AgentProc = agents(key=key_file).start()
+    # an event for the stream below to replay: a key installed (not used)
+    key = meshctl("keys", "generate").stdout.strip()
+    assert meshctl("--socket", a.socket, "keys", "install", key).returncode == 0
     for args in (["--json", "keys", "generate"], ["keys", "generate"],
                  ["--socket", a.socket, "members"], ["--socket", a.socket, "status", "--json"],
-                 ["--help"]):
+                 ["--help"],
+                 # a stream: its frames come from the agent's socket, the EPIPE from our stdout
+                 ["--socket", a.socket, "events", "--since", "10m"]):
         r = closed_stdout(*args)
         assert r.returncode == 0, (args, r.returncode, r.stderr)
         assert r.stderr == b"", (args, r.stderr)  # no traceback, no "Exception ignored"
