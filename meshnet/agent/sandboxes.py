@@ -350,6 +350,7 @@ class Sandboxes:
                 raise dev
         except BaseException:
             self.holders.pop(ns, None)
+            self._withdraw_claim(key)
             raise
         handle = SandboxHandle(name=name, network=network, ns=ns, ip=ep.ip, key=key)
         self.live[ns] = handle
@@ -378,6 +379,17 @@ class Sandboxes:
             await self.remove(handle)
             raise
         return handle
+
+    def _withdraw_claim(self, key: str) -> None:
+        """A start that failed or was cancelled before its sandbox existed (its slot moved to
+        another host while the address was being confirmed, as when a restarted agent places
+        every slot on itself before it has heard of the others) leaves no claim behind: a
+        pending endpoint would hold its address, and its network against `network rm`, until
+        the confirmation gave up. Synchronous: it runs while the task is being cancelled."""
+        held = self.store.entry(ENDPOINTS, key)
+        if held is not None and held.value is not None and held.writer == self.node:
+            self.store.delete(ENDPOINTS, key, time.time())
+            self.state.changed()
 
     async def publish(self, handle: SandboxHandle) -> None:
         """Clear `pending`: the name resolves and peers program their FDB for it."""

@@ -259,3 +259,49 @@ def test_task_of_log_and_log_path(tmp_path: Path) -> None:
     for bad in ("../x.1", "web", "web.x", "web.1\n", "web.\u0661", "/abs.1", "a/b.1"):
         with pytest.raises(ValueError):
             s._log_path(bad)
+
+
+# --- a start cancelled while its address is being confirmed withdraws its claim ---------------
+
+
+def test_a_cancelled_start_withdraws_its_pending_claim() -> None:
+    """Found with the chaos runs (#15): a restarted agent places every slot on itself before it
+    has heard of the others, claims their addresses, then loses the slots; the pending claims
+    used to stay until the confirmation gave up, holding the network against `network rm`."""
+    from meshnet.state import Store
+    from meshnet.state.validate import ENDPOINTS
+
+    store = Store("h1")
+    sb = fake_sandboxes({})
+    sb.store = SimpleNamespace(networks=lambda: {"net": SimpleNamespace(encrypted=False)},
+                               endpoints=lambda network: [], entry=store.entry,
+                               delete=store.delete)
+    sb.state = SimpleNamespace(changed=lambda: None)
+    key = "net/web.3@h1"
+    claimed = asyncio.Event()
+
+    async def confirming(*args: Any, **kwargs: Any) -> None:
+        store.put(ENDPOINTS, key, {"name": "web.3", "network": "net", "ip": "10.9.0.5",
+                                   "mac": "02:42:0a:09:00:05", "node": "h1",
+                                   "pending": True}, 1.0)
+        claimed.set()
+        await asyncio.sleep(3600)  # the members' confirmations, which never come
+
+    async def ensure(network: str) -> None:
+        return None
+
+    sb.allocate = confirming  # type: ignore[method-assign]
+    sb.overlay = SimpleNamespace(encrypted=None, ensure=ensure)
+
+    async def run() -> None:
+        start = asyncio.ensure_future(sb.create("net", None, service="web", slot=3))
+        await claimed.wait()
+        assert store.entry(ENDPOINTS, key) is not None
+        start.cancel()  # the slot moved to another host
+        with pytest.raises(asyncio.CancelledError):
+            await start
+
+    asyncio.run(run())
+    held = store.entry(ENDPOINTS, key)
+    assert held is not None and held.value is None  # withdrawn: a tombstone
+    assert sb.holders == {}
