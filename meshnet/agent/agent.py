@@ -478,7 +478,9 @@ class Agent:
         await self.sandboxes.adopt()
         self.services = Services(self.state, self.sandboxes, self.gossip, self.config.name,
                                  self._placement_nodes, self._peers,
-                                 Path(self.config.state_dir) / "logs")
+                                 Path(self.config.state_dir) / "logs",
+                                 expect_company=bool(self.config.join or
+                                                     self._remembered_peers()))
         self.state.listeners.append(self.services.kick)
         await self.services.start()
 

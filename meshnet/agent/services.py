@@ -94,6 +94,10 @@ _SLOT_RE = re.compile(r"[0-9]{1,10}")
 STOP_GRACE_S = 5.0
 # The scheduler re-checks even with no change, so a lost wake-up never leaves a slot empty.
 RECONCILE_PERIOD_S = 2.0
+# An agent that has someone to join places no task until a member answers, or this long: alone,
+# every slot hashes to it, and a restarted agent in a busy cluster would claim addresses and
+# build sandboxes for slots it hands back a second later (each then restarted elsewhere).
+START_GRACE_S = 5.0
 # Exit code recorded when the sandbox or process could not be set up (as Docker's 125).
 START_FAILED = 125
 
@@ -202,7 +206,7 @@ class Services:
     def __init__(self, state: StateService, sandboxes: Sandboxes, gossip: GossipTransport,
                  node: str, nodes: Callable[[], list[NodeInfo]],
                  peers: Callable[[], list[Member]], log_dir: Path,
-                 balance: float = 1.25) -> None:
+                 balance: float = 1.25, expect_company: bool = False) -> None:
         self.state = state
         self.store = state.store
         self.sandboxes = sandboxes
@@ -213,6 +217,9 @@ class Services:
         self.log_dir = log_dir
         self.balance = balance
         self.tasks: dict[str, Task] = {}
+        # Seeds or remembered peers to join: wait for company before placing (START_GRACE_S).
+        self.expect_company = expect_company
+        self.started_at = time.monotonic()
         self.wake = asyncio.Event()
         self.loop_task: asyncio.Task[None] | None = None
         self.closing = False
@@ -310,7 +317,7 @@ class Services:
                 await asyncio.wait_for(self.wake.wait(), RECONCILE_PERIOD_S)
 
     def reconcile(self) -> None:
-        if self.closing:
+        if self.closing or self._waiting_for_company():
             return
         services = self.store.services()
         mine: dict[str, tuple[Service, int]] = {}
@@ -330,6 +337,14 @@ class Services:
                 task = Task(service=svc.name, slot=slot, spec=dict(svc.spec))
                 self.tasks[name] = task
                 task.runner = asyncio.get_running_loop().create_task(self._supervise(task))
+
+    def _waiting_for_company(self) -> bool:
+        if not self.expect_company:
+            return False
+        if len(self.nodes()) > 1 or time.monotonic() - self.started_at >= START_GRACE_S:
+            self.expect_company = False  # once: later we may well be alone for good reasons
+            return False
+        return True
 
     # --- one task ----------------------------------------------------------------------------
 

@@ -305,3 +305,27 @@ def test_a_cancelled_start_withdraws_its_pending_claim() -> None:
     held = store.entry(ENDPOINTS, key)
     assert held is not None and held.value is None  # withdrawn: a tombstone
     assert sb.holders == {}
+
+
+def test_an_agent_with_seeds_places_nothing_until_company_or_the_grace(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshnet.agent import services as services_mod
+
+    clock = [100.0]
+    monkeypatch.setattr(services_mod.time, "monotonic", lambda: clock[0])
+    s = object.__new__(Services)
+    members: list[str] = ["h1"]
+    s.nodes = lambda: members  # type: ignore[assignment,return-value]
+    s.started_at = 100.0
+    s.expect_company = True
+    assert s._waiting_for_company()  # alone, just started, seeds to join: wait
+    members.append("h2")
+    assert not s._waiting_for_company()  # a member answered
+    members.pop()
+    assert not s._waiting_for_company()  # once: alone later is no reason to stop placing
+    s.expect_company, s.started_at = True, 100.0
+    clock[0] = 100.0 + services_mod.START_GRACE_S
+    assert not s._waiting_for_company()  # nobody answered within the grace: place anyway
+    s.expect_company = False
+    clock[0] = 100.0
+    assert not s._waiting_for_company()  # nobody to join: a lone host places at once
