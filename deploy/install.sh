@@ -190,7 +190,7 @@ install_venv() {
     say "installing meshnet from $SRC into $PREFIX (pip)"
     # pip always reinstalls a package given as a directory; shtab is for the completions.
     "$PREFIX/bin/python" -m pip install --quiet --no-input --disable-pip-version-check \
-      "$build[completion]" || die "pip could not install meshnet from $SRC"
+      "${build}[completion]" || die "pip could not install meshnet from $SRC"
     echo "$digest" >"$PREFIX/.source-digest"
     UPDATED=yes
   fi
@@ -235,7 +235,22 @@ install_config_dir() {
   put "$SRC/deploy/meshnet.toml.example" "$CONFDIR/meshnet.toml.example" 0644
 }
 
+# Every path outside $PREFIX the install writes, checked before anything is made: a file there
+# that the install did not make (by the manifest) stops it, naming the file.
+preflight() {
+  local kind path
+  for path in "$BINDIR/meshnetd" "$BINDIR/meshctl" "$BASH_COMPLETIONS/meshctl" \
+    "$ZSH_COMPLETIONS/_meshctl" "$CONFDIR/meshnet.toml.example" "$UNITDIR/meshnet.service"; do
+    if [ -e "$path" ] || [ -L "$path" ]; then
+      case "$path" in "$BINDIR"/*) kind=l ;; *) kind=f ;; esac
+      ours "$kind" "$path" ||
+        die "$path exists and was not installed by deploy/install.sh (an earlier \`pip install .\` or a copy by hand?); move it away and run again"
+    fi
+  done
+}
+
 do_install() {
+  preflight
   install_debian_packages
   install_venv
   install_docs
@@ -279,7 +294,7 @@ do_uninstall() {
     if rmdir -- "$path" 2>/dev/null; then
       say "removed $path"
     elif [ -d "$path" ]; then
-      say "kept $path: it holds files the install did not make ($(ls -A "$path" | paste -sd' ' -))"
+      say "kept $path: it holds files the install did not make ($(find "$path" -mindepth 1 -maxdepth 1 -printf '%f\n' | LC_ALL=C sort | paste -sd' ' -))"
     fi
   done < <(grep '^d ' "$MANIFEST" | LC_ALL=C sort -r -k2)
   rm -rf -- "$PREFIX"

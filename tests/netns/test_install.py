@@ -6,7 +6,9 @@ scratch tmpfs, so every write the install makes anywhere under them lands on the
 in the upper layers, and the host never sees it; all of it vanishes with the namespace's last
 process. python3-venv is made to look missing by an empty tmpfs over Debian's ensurepip, which a
 fake apt-get on PATH takes away when asked to install python3-venv; a fake systemctl records
-what it is asked. Then, with the DEFAULT locations: install, install again (a no-op), uninstall
+what it is asked. The script runs from a copy of the checkout on the tmpfs (taken first, so
+edits to the working tree meanwhile do not count as changes). Then, with the DEFAULT
+locations: install, install again (a no-op), uninstall
 (with systemd made to look running), uninstall again; then once more with every location
 moved by environment. The script prints what it saw as JSON; the test judges it.
 """
@@ -32,7 +34,9 @@ import meshnet
 pytestmark = pytest.mark.netns
 
 ROOT = Path(__file__).resolve().parents[2]
-INSTALL = ROOT / "deploy" / "install.sh"
+# What install.sh reads of its checkout; the test installs from a copy taken at its start, so an
+# edit to the working tree meanwhile cannot make the second install differ from the first.
+CHECKOUT = ("pyproject.toml", "README.md", "LICENSE", "meshnet", "deploy", "systemd", "docs")
 OVERLAID = ("/opt", "/etc", "/usr")  # every default location lies under one of these
 SYSTEMD_RUN = Path("/run/systemd")  # a tmpfs over it, then system/ in it: "systemd is running"
 STD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -110,6 +114,15 @@ def in_namespace(scratch: Path, out: Path) -> None:
         lower = scratch / "lower"
         lower.mkdir()
         mount("--bind", "-o", "ro", "/", str(lower))
+        src = scratch / "checkout"
+        src.mkdir()
+        for name in CHECKOUT:
+            if (ROOT / name).is_dir():
+                shutil.copytree(ROOT / name, src / name,
+                                ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(ROOT / name, src / name)
+        install = str(src / "deploy" / "install.sh")
         for top in OVERLAID:
             layer = scratch / top.strip("/")
             (layer / "upper").mkdir(parents=True)
@@ -140,31 +153,38 @@ def in_namespace(scratch: Path, out: Path) -> None:
         seen["venv_missing_before"] = run(["/usr/bin/python3", "-m", "ensurepip", "--version"])
         seen["upper_before"] = upper_layers(scratch)
 
-        seen["install"] = run([str(INSTALL)], env)
+        # A meshctl the install did not make (an earlier `pip install .`) stops it at once.
+        foreign = Path(DEFAULTS["BINDIR"], "meshctl")
+        foreign.write_text("#!/bin/sh\n")
+        seen["install_over_foreign"] = run([install], env)
+        seen["upper_over_foreign"] = upper_layers(scratch)
+        foreign.unlink()
+
+        seen["install"] = run([install], env)
         seen["apt_get"] = logged(apt_log)
         seen["systemctl_after_install"] = logged(systemctl_log)
-        seen["installed"] = observe_install(DEFAULTS, scratch)
+        seen["installed"] = observe_install(DEFAULTS, scratch, src)
         seen["upper_installed"] = upper_layers(scratch)
 
-        seen["install_again"] = run([str(INSTALL)], env)
+        seen["install_again"] = run([install], env)
         seen["upper_installed_again"] = upper_layers(scratch)
 
         # The user's own files, which no install or uninstall may touch.
         Path("/etc/meshnet/meshnet.toml").write_text('name = "mine"\n')
         Path("/etc/meshnet/cluster.key").write_text("mine\n")
         (SYSTEMD_RUN / "system").mkdir()  # systemd "is running" from here on
-        seen["uninstall"] = run([str(INSTALL), "--uninstall"], env)
+        seen["uninstall"] = run([install, "--uninstall"], env)
         seen["systemctl_after_uninstall"] = logged(systemctl_log)
         seen["conf_after_uninstall"] = sorted(os.listdir("/etc/meshnet"))
         shutil.rmtree("/etc/meshnet")
         (SYSTEMD_RUN / "system").rmdir()
-        seen["uninstall_again"] = run([str(INSTALL), "--uninstall"], env)
+        seen["uninstall_again"] = run([install, "--uninstall"], env)
         seen["upper_uninstalled"] = upper_layers(scratch)
 
         moved_env = {**env, **MOVED}
-        seen["moved_install"] = run([str(INSTALL)], moved_env)
-        seen["moved"] = observe_install(MOVED, scratch)
-        seen["moved_uninstall"] = run([str(INSTALL), "--uninstall"], moved_env)
+        seen["moved_install"] = run([install], moved_env)
+        seen["moved"] = observe_install(MOVED, scratch, src)
+        seen["moved_uninstall"] = run([install, "--uninstall"], moved_env)
         seen["upper_moved_uninstalled"] = upper_layers(scratch)
         seen["apt_get_at_end"] = logged(apt_log)
         seen["lower_modes"] = lower_modes(lower, seen["upper_moved_uninstalled"])
@@ -173,7 +193,7 @@ def in_namespace(scratch: Path, out: Path) -> None:
     out.write_text(json.dumps(seen))
 
 
-def observe_install(where: dict[str, str], scratch: Path) -> dict[str, Any]:
+def observe_install(where: dict[str, str], scratch: Path, src: Path) -> dict[str, Any]:
     prefix, conf = Path(where["PREFIX"]), Path("/etc/meshnet")
     path = f"{where['BINDIR']}:{STD_PATH}"
     unit = Path(where["UNITDIR"], "meshnet.service")
@@ -201,11 +221,11 @@ def observe_install(where: dict[str, str], scratch: Path) -> dict[str, Any]:
                                   "complete -p meshctl"])
     for doc in ("README.md", "LICENSE", "docs/design.md"):
         copy = prefix / "share" / "doc" / "meshnet" / doc
-        same = copy.exists() and copy.read_bytes() == (ROOT / doc).read_bytes()
+        same = copy.exists() and copy.read_bytes() == (src / doc).read_bytes()
         seen["docs"][doc] = same
     seen["example_config_same"] = (
         (conf / "meshnet.toml.example").read_bytes()
-        == (ROOT / "deploy" / "meshnet.toml.example").read_bytes())
+        == (src / "deploy" / "meshnet.toml.example").read_bytes())
     # systemd-analyze verify on the unit as installed: its ExecStart exists here.
     verify_env = {**os.environ, "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_LOG_LEVEL": "notice"}
     seen["verify"] = run(["systemd-analyze", "verify", "--man=no", str(unit)], verify_env)
@@ -311,6 +331,12 @@ def test_install_then_uninstall_leaves_nothing(tmp_path: Path) -> None:
     assert seen["apt_get_at_end"] == seen["apt_get"]  # present since: not asked again
 
     assert seen["upper_before"] == {}
+    over_foreign = seen["install_over_foreign"]
+    assert over_foreign["rc"] == 1, over_foreign
+    assert over_foreign["err"].startswith("install.sh: /usr/local/bin/meshctl exists and was not "
+                                          "installed by deploy/install.sh")
+    assert {p for p, e in seen["upper_over_foreign"].items() if not e[0].startswith("d")} == {
+        "/usr/local/bin/meshctl"}  # nothing made but the test's own file
     assert seen["install"]["rc"] == 0, seen["install"]
     print(f"install: {seen['install']['seconds']} s, again: {seen['install_again']['seconds']} s")
     assert seen["systemctl_after_install"] == []  # systemd is not running here
