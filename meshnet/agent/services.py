@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import shlex
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,8 +40,10 @@ from meshnet.agent.tasklogs import (
     LOG_SUFFIX,
     LineStamper,
     LogGatherer,
+    open_regular,
     parse_lines_request,
     plain_text,
+    read_span,
     serve_lines,
     stamped,
 )
@@ -719,21 +720,12 @@ def parse_logs_reply(service: str, raw: bytes) -> dict[str, str]:
 def _read_tail(path: Path, limit: int) -> str | None:
     """The last LIMIT bytes of regular file PATH (never following a symlink, never blocking on
     a FIFO); None if it is not one or cannot be read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+    opened = open_regular(path)
+    if opened is None:
         return None
+    fd, st = opened
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        os.lseek(fd, max(0, st.st_size - limit), os.SEEK_SET)
-        chunks = []
-        left = limit
-        while left > 0 and (chunk := os.read(fd, min(left, 65536))):
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks).decode(errors="replace")
+        return read_span(fd, max(0, st.st_size - limit), st.st_size).decode(errors="replace")
     except OSError:
         return None
     finally:

@@ -141,7 +141,7 @@ def _ino(st: os.stat_result) -> int:
     return st.st_ino & 0xFFFFFFFF
 
 
-def _open_regular(path: Path) -> tuple[int, os.stat_result] | None:
+def open_regular(path: Path) -> tuple[int, os.stat_result] | None:
     """An fd on PATH if it is a regular file (never following a symlink, never blocking on a
     FIFO), with its stat; None otherwise."""
     try:
@@ -159,7 +159,7 @@ def _open_regular(path: Path) -> tuple[int, os.stat_result] | None:
     return fd, st
 
 
-def _read_span(fd: int, start: int, end: int) -> bytes:
+def read_span(fd: int, start: int, end: int) -> bytes:
     os.lseek(fd, start, os.SEEK_SET)
     chunks, left = [], end - start
     while left > 0 and (chunk := os.read(fd, min(left, 65536))):
@@ -174,20 +174,20 @@ def _span(fd: int, start: int, size: int, limit: int) -> tuple[list[bytes], int,
     skipped = 0
     if size - start > limit:
         skipped, start = size - limit - start, size - limit
-        data = _read_span(fd, start, size)
+        data = read_span(fd, start, size)
         cut = data.find(b"\n")  # we landed inside a line: it starts with the next one
         skipped += cut + 1 if cut >= 0 else len(data)
         start += cut + 1 if cut >= 0 else len(data)
         data = data[cut + 1:] if cut >= 0 else b""
     else:
-        data = _read_span(fd, start, size)
+        data = read_span(fd, start, size)
     end = data.rfind(b"\n") + 1  # a line still being written is read next time
     return data[:end].split(b"\n")[:-1], start + end, skipped
 
 
 def read_tail(path: Path, lines: int | None, limit: int = TASK_READ_BYTES) -> Chunk | None:
     """The last LINES lines (None: all within LIMIT bytes) of PATH and where it ends."""
-    opened = _open_regular(path)
+    opened = open_regular(path)
     if opened is None:
         return None
     fd, st = opened
@@ -207,7 +207,7 @@ def read_since(path: Path, pos: tuple[int, int] | None, since: str | None,
     """What PATH gained after POS (inode, offset). If the file there is another one (rotated
     to `.log.1`, whose rest is read first, or new), or POS is None, its lines stamped at or
     after SINCE."""
-    opened = _open_regular(path)
+    opened = open_regular(path)
     if opened is None:
         return None
     fd, st = opened
@@ -239,7 +239,7 @@ def read_since(path: Path, pos: tuple[int, int] | None, since: str | None,
 
 def _rotated_rest(path: Path, pos: tuple[int, int], limit: int) -> Chunk | None:
     """The rest of the file POS was in, if it is now `NAME.log.1` (rotated at the cap)."""
-    opened = _open_regular(path.with_name(path.name + ".1"))
+    opened = open_regular(path.with_name(path.name + ".1"))
     if opened is None:
         return None
     fd, st = opened
