@@ -12,12 +12,14 @@ Nothing here does I/O or reads a clock: the shell passes ``now``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import re
 from bisect import bisect_left
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 __all__ = [
     "COUNTER",
@@ -154,6 +156,21 @@ def _format_value(value: float) -> str:
 Labels = tuple[tuple[str, str], ...]
 
 
+# A scrape names the same few hundred series every time: each name is checked once (cached).
+@functools.lru_cache(maxsize=8192)
+def _check_name(name: str, kind: str) -> None:
+    if not _NAME_RE.fullmatch(name):
+        raise ValueError(f"metric name {name!r} is not valid")
+    if kind == COUNTER and not name.endswith("_total"):
+        raise ValueError(f"counter {name!r} must end in _total")
+
+
+@functools.lru_cache(maxsize=1024)
+def _check_label(name: str) -> None:
+    if not _LABEL_RE.fullmatch(name) or name.startswith("__") or name == "le":
+        raise ValueError(f"label name {name!r} is not valid here")
+
+
 @dataclass
 class _Family:
     name: str
@@ -183,10 +200,7 @@ class Exposition:
     def _family(self, name: str, kind: str, help_text: str) -> _Family:
         fam = self._families.get(name)
         if fam is None:
-            if not _NAME_RE.fullmatch(name):
-                raise ValueError(f"metric name {name!r} is not valid")
-            if kind == COUNTER and not name.endswith("_total"):
-                raise ValueError(f"counter {name!r} must end in _total")
+            _check_name(name, kind)
             fam = self._families[name] = _Family(name, kind, help_text)
         elif fam.kind != kind:
             raise ValueError(f"metric {name!r} added as {kind} and as {fam.kind}")
@@ -197,8 +211,7 @@ class Exposition:
         if not labels:
             return ()
         for k in labels:
-            if not _LABEL_RE.fullmatch(k) or k.startswith("__") or k == "le":
-                raise ValueError(f"label name {k!r} is not valid here")
+            _check_label(k)
         return tuple(sorted((k, str(v)) for k, v in labels.items()))
 
     @staticmethod
@@ -211,11 +224,30 @@ class Exposition:
     def _add(self, name: str, kind: str, help_text: str, value: float,
              labels: Mapping[str, str] | None) -> None:
         fam = self._family(name, kind, help_text)
-        key = self._labels(labels)
+        key = self._labels(labels) if labels else ()
         if key in fam.seen:
             raise ValueError(f"{name}{dict(key)} added twice")
         fam.seen.add(key)
-        fam.lines.append(self._sample(name, key, value))
+        fam.lines.append(f"{name} {_format_value(value)}" if not key
+                         else self._sample(name, key, value))
+
+    def _add_checked(self, name: str, kind: str, help_text: str, value: float,
+                     labels: Labels) -> bool:
+        """_add for a caller whose LABELS are valid and sorted; False (nothing added) where
+        _add would raise."""
+        fam = self._families.get(name)
+        if fam is None:
+            try:
+                _check_name(name, kind)
+            except ValueError:
+                return False
+            fam = self._families[name] = _Family(name, kind, help_text)
+        elif fam.kind != kind or labels in fam.seen:
+            return False
+        fam.seen.add(labels)
+        fam.lines.append(self._sample(name, labels, value) if labels
+                         else f"{name} {_format_value(value)}")
+        return True
 
     def counter(self, name: str, help_text: str, value: float,
                 labels: Mapping[str, str] | None = None) -> None:
@@ -241,10 +273,14 @@ class Exposition:
     def render(self) -> str:
         out: list[str] = []
         for fam in self._families.values():
-            out.append(f"# HELP {fam.name} {_escape_help(fam.help)}")
-            out.append(f"# TYPE {fam.name} {fam.kind}")
+            out.append(_header(fam.name, fam.kind, fam.help))
             out.extend(fam.lines)
         return "\n".join(out) + "\n" if out else ""
+
+
+@functools.lru_cache(maxsize=8192)
+def _header(name: str, kind: str, help_text: str) -> str:
+    return f"# HELP {name} {_escape_help(help_text)}\n# TYPE {name} {kind}"
 
 
 # -- `meshctl status --json`, every number of it -------------------------------------------------
@@ -273,8 +309,7 @@ STATUS_PREFIX = "meshnet_status_"
 MAX_STATUS_LEAVES = 4096
 
 
-@dataclass(frozen=True)
-class StatusLeaf:
+class StatusLeaf(NamedTuple):  # a tuple: a scrape makes a few hundred
     path: tuple[str, ...]  # keys from the document's root, as in the JSON
     name: str  # the family's name
     kind: str  # COUNTER or GAUGE
@@ -301,11 +336,46 @@ def _metric_name(path: Sequence[str], kind: str) -> str:
     return name
 
 
-def _kind(path: Sequence[str], value: object) -> str:
-    if isinstance(value, bool) or path[-1] in STATUS_GAUGES or path[-1].startswith("max_") \
-            or path[0] in STATUS_GAUGE_SECTIONS:
-        return GAUGE
-    return COUNTER
+# Every scrape walks the same paths: their names and types are worked out once (cached).
+@functools.lru_cache(maxsize=MAX_STATUS_LEAVES)
+def _leaf_meta(path: tuple[str, ...], boolean: bool) -> tuple[str, str]:
+    """(name, kind) of the status leaf at PATH."""
+    gauge = boolean or path[-1] in STATUS_GAUGES or path[-1].startswith("max_") \
+        or path[0] in STATUS_GAUGE_SECTIONS
+    kind = GAUGE if gauge else COUNTER
+    return _metric_name(path, kind), kind
+
+
+@functools.lru_cache(maxsize=64)
+def _map_name(path: tuple[str, ...]) -> str:
+    return _metric_name(path, COUNTER)
+
+
+def _status_rows(doc: Mapping[str, object]) -> Iterator[StatusLeaf]:
+    """Every number of DOC as a leaf, duplicates included: a section's own leaves in order,
+    then its subsections (no recursion: a document deeper than Python's stack is walked too)."""
+    stack: list[tuple[Mapping[str, object], tuple[str, ...]]] = [(doc, ())]
+    while stack:
+        node, path = stack.pop()
+        nested = []
+        for k, v in node.items():
+            here = (*path, str(k))
+            if isinstance(v, Mapping):
+                label = STATUS_LABELLED_MAPS.get(here)
+                if label is None:
+                    nested.append((v, here))
+                    continue
+                name = _map_name(here)
+                for item, raw in v.items():
+                    n = _number(raw)
+                    if n is not None:
+                        yield StatusLeaf(here, name, COUNTER, n, {label: str(item)})
+                continue
+            n = _number(v)
+            if n is not None:
+                name, kind = _leaf_meta(here, isinstance(v, bool))
+                yield StatusLeaf(here, name, kind, n)
+        stack.extend(reversed(nested))  # sections after the leaves beside them
 
 
 def status_leaves(doc: Mapping[str, object]) -> list[StatusLeaf]:
@@ -315,52 +385,32 @@ def status_leaves(doc: Mapping[str, object]) -> list[StatusLeaf]:
     not numbers and are left out. Two paths that come out as one name keep the first."""
     out: list[StatusLeaf] = []
     taken: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
-
-    def add(leaf: StatusLeaf) -> None:
+    for leaf in _status_rows(doc):
         key = (leaf.name, tuple(sorted((leaf.labels or {}).items())))
         if key not in taken and len(out) < MAX_STATUS_LEAVES:
             taken.add(key)
             out.append(leaf)
-
-    def walk(node: Mapping[str, object], path: tuple[str, ...]) -> None:
-        for k, v in node.items():
-            here = (*path, str(k))
-            if isinstance(v, Mapping):
-                label = STATUS_LABELLED_MAPS.get(here)
-                if label is None:
-                    walk(v, here)
-                    continue
-                name = _metric_name(here, COUNTER)
-                for item, raw in v.items():
-                    n = _number(raw)
-                    if n is not None:
-                        add(StatusLeaf(here, name, COUNTER, n, {label: str(item)}))
-                continue
-            n = _number(v)
-            if n is not None:
-                kind = _kind(here, v)
-                add(StatusLeaf(here, _metric_name(here, kind), kind, n))
-
-    walk(doc, ())
     return out
 
 
 def add_status(expo: Exposition, doc: Mapping[str, object]) -> int:
-    """Add every status leaf to EXPO (see status_leaves); how many were added. A name that the
-    exposition already holds with another type is skipped, never an error."""
+    """Add every status leaf to EXPO (see status_leaves); how many were added. A name the
+    exposition already holds (with another type, or these labels) is skipped, never an error.
+    Every scrape does this for a few hundred leaves, hence the fast path past the checks."""
     added = 0
-    for leaf in status_leaves(doc):
-        where = ".".join(leaf.path)
-        help_text = f"`meshctl status --json` {where}"
-        try:
-            if leaf.kind == COUNTER:
-                expo.counter(leaf.name, help_text, leaf.value, leaf.labels)
-            else:
-                expo.gauge(leaf.name, help_text, leaf.value, leaf.labels)
-        except ValueError:
-            continue
-        added += 1
+    for leaf in _status_rows(doc):
+        if added >= MAX_STATUS_LEAVES:
+            break
+        labels: Labels = tuple(leaf.labels.items()) if leaf.labels else ()
+        if expo._add_checked(leaf.name, leaf.kind, _status_help(leaf.path), leaf.value,
+                             labels):
+            added += 1
     return added
+
+
+@functools.lru_cache(maxsize=MAX_STATUS_LEAVES)
+def _status_help(path: tuple[str, ...]) -> str:
+    return f"`meshctl status --json` {'.'.join(path)}"
 
 
 # -- event-loop lag -------------------------------------------------------------------------------

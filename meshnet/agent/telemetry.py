@@ -37,9 +37,11 @@ if TYPE_CHECKING:
 
 __all__ = ["LAG_INTERVAL_S", "Telemetry"]
 
-# How often the lag monitor's timer is due. Each wake-up costs a few microseconds; at 2/s
-# that is nothing next to gossip's own timers (5/s on LAN).
-LAG_INTERVAL_S = 0.5
+# How often the lag monitor's timer is due: a stall of LAG_UNHEALTHY_S (2 s) is seen, and an
+# idle agent pays one wake-up a second (gossip's own timers wake it ~10 times).
+LAG_INTERVAL_S = 1.0
+# /health reads the remembered peers file (are we meant to have company?) at most this often.
+JOIN_TARGETS_REFRESH_S = 30.0
 # A scrape within this long of the previous one gets the same text: bounds what a client
 # that asks for /metrics in a loop costs (a render reads every counter the agent has).
 RENDER_REUSE_S = 0.25
@@ -99,6 +101,7 @@ class Telemetry:
         self._enc_bytes = {d: MonotonicSum() for d in ("tx", "rx")}
         self._enc_packets = {d: MonotonicSum() for d in ("tx", "rx")}
         self._enc_drops: dict[str, MonotonicSum] = {}
+        self._join_targets: tuple[float, bool] | None = None  # (when read, any)
 
     async def start(self, addr: tuple[str, int]) -> None:
         self._handle = self.loop.call_at(self._due, self._tick)
@@ -162,9 +165,19 @@ class Telemetry:
                 stalled.append(f"{what} made no pass in {now - watch.since:.0f} s")
         return health_verdict(HealthInputs(
             now=now, left=a.left, others_reachable=reachable, others_lost=lost,
-            join_targets=bool(a.config.join) or bool(a._remembered_peers()),
+            join_targets=self._has_join_targets(now),
             worst_lag=self.lag.worst(now), lag_monitor_at=self.lag.last_at,
             lag_interval=LAG_INTERVAL_S, stalled=tuple(stalled)))
+
+    def _has_join_targets(self, now: float) -> bool:
+        """--join, or peers remembered from an earlier run (re-read now and then)."""
+        a = self.agent
+        if a.config.join:
+            return True
+        cached = self._join_targets
+        if cached is None or now - cached[0] > JOIN_TARGETS_REFRESH_S:
+            cached = self._join_targets = (now, bool(a._remembered_peers()))
+        return cached[1]
 
     async def _health(self) -> Reply:
         ok, why = self.health()

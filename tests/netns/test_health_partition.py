@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 from conftest import wait
+from prometheus_client.parser import text_string_to_metric_families
 
 from meshnet.lab import Lab
 from meshnet.lab.scrape import HttpReply, http_get, sample_values
@@ -41,6 +42,17 @@ def test_health_is_503_while_partitioned_from_every_member(lab_factory: LabFacto
         return True
 
     wait(all_alive, 30, "all three alive")
+    # A lab agent has what a loopback one lacks (identity, the vxlan overlay, the encrypted
+    # overlay's glue): its whole /metrics parses too, and holds their series.
+    text = http_get(lab.host_ns("h1"), lab.metrics_addr("h1"), "/metrics").body
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("meshnet_encrypted_sas", "meshnet_encrypted_peers", "meshnet_networks",
+                 "meshnet_tasks", "meshnet_task_start_seconds",
+                 "meshnet_status_identity_certs_known"):
+        assert name in families, name
+    passes = {tuple(s.labels.items()): s.value
+              for s in families["meshnet_reconcile_passes"].samples}
+    assert passes[(("loop", "overlay"),)] > 0 and passes[(("loop", "scheduler"),)] > 0
     for h in hosts:
         reply = health(lab, h)
         assert (reply.status, reply.body) == (200, "ok: 3 members reachable\n"), h
