@@ -64,6 +64,8 @@ PROBE_REQUESTS = 10  # requests to the frontend per round, while its faults last
 PROBE_JOIN_S = 120.0  # a probe is a `meshctl run` with timeouts; it ends well before this
 FINAL_REQUESTS = 100
 RSS_BOUND_MB = 250.0
+# A round slower than this to converge (the soak's p99 target) keeps the agents' logs.
+SLOW_ROUND_S = 10.0
 DISK_TMPFS_BYTES = 4 << 20
 APPNET = "appnet"
 BACKEND_REPLICAS = 3
@@ -399,7 +401,11 @@ class Chaos:
         """What the last convergence waited on longest: the violation its last failed poll
         saw (the evidence a slow round needs)."""
         v = self.last_unconverged[:1]
-        return {"waited_on": f"[{v[0].invariant}] {v[0].detail}"[:200]} if v else {}
+        if not v:
+            return {}
+        evidence = json.dumps(v[0].evidence, sort_keys=True, default=str)
+        return {"waited_on": f"[{v[0].invariant}] {v[0].detail}"[:200],
+                "evidence": evidence[:600]}
 
     # -- faults --
 
@@ -528,11 +534,13 @@ class Chaos:
 
     def stop(self) -> None:
         """Heal whatever is left and remove what the run made; the agents' logs stay (in the
-        lab's run dir) only when the run failed, for a look."""
+        lab's run dir) when the run failed or a round took longer than SLOW_ROUND_S to
+        converge, for a look."""
         try:
             self.heal_all()
         finally:
-            self.lab.down(keep_logs=not self.report.ok)
+            slow = any(s > SLOW_ROUND_S for s in self.report.convergence_values())
+            self.lab.down(keep_logs=not self.report.ok or slow)
 
     def run(self) -> Report:
         self.t0 = time.monotonic()
