@@ -67,6 +67,7 @@ if [ ! -x /usr/bin/prometheus ]; then
   # The package's daemon runs as its own user "prometheus" (tests run theirs as root).
   if daemon=$(pgrep -u prometheus -x prometheus 2>/dev/null); then
     echo "bootstrap: stopping the prometheus daemon the package started"
+    # shellcheck disable=SC2086  # one word per PID
     kill $daemon 2>/dev/null || true
   fi
 fi
