@@ -70,6 +70,10 @@ def test_the_whole_text_parses_and_holds_every_status_number(agents, key_file) -
         r = dns.query.udp(dns.message.make_query(name, "A"), dns_a[0], 3, port=dns_a[1])
         assert r.rcode() == dns.rcode.NXDOMAIN
     wait_for(lambda: a.ctl_json("status")["gossip"]["probes"] > 0, 20, "a probe or two")
+    # The lag monitor's first sample comes LAG_INTERVAL_S after start; a probe may come sooner.
+    lag_count = ("meshnet_event_loop_lag_seconds_count", ())
+    wait_for(lambda: samples(get(addr_a, "/metrics").body).get(lag_count, 0) > 0, 10,
+             "a lag sample")
 
     doc = a.ctl_json("status")
     reply = get(addr_a, "/metrics")  # after the status: no counter can be behind it
