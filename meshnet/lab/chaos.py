@@ -60,6 +60,10 @@ SETTLE_S = 15.0
 # bug) fails a CI run in minutes.
 CONVERGE_TIMEOUT_S = 45.0
 FINAL_CONVERGE_TIMEOUT_S = 90.0
+# Before the final check the converged state (and the kernel's FDB and neighbours) must hold
+# this long: a task counts as running once its process started, and a frontend that a late
+# placement change has just restarted may not be listening yet (no health checks before #17).
+FINAL_STABLE_S = 3.0
 PROBE_REQUESTS = 10  # requests to the frontend per round, while its faults last
 PROBE_JOIN_S = 120.0  # a probe is a `meshctl run` with timeouts; it ends well before this
 FINAL_REQUESTS = 100
@@ -397,6 +401,23 @@ class Chaos:
             time.sleep(0.5)
         return None
 
+    def settle(self, timeout: float) -> float | None:
+        """Seconds until the converged state and the kernel invariant have both held for
+        FINAL_STABLE_S in a row, or None after TIMEOUT (the final check then judges as is)."""
+        start = time.monotonic()
+        held_since: float | None = None
+        while time.monotonic() - start < timeout:
+            ok = not self.converged() and not invariants.check_kernel(self.lab, self.hosts)
+            now = time.monotonic()
+            if not ok:
+                held_since = None
+            elif held_since is None:
+                held_since = now
+            elif now - held_since >= FINAL_STABLE_S:
+                return round(now - start, 2)
+            time.sleep(0.5)
+        return None
+
     def waited_on(self) -> dict[str, Any]:
         """What the last convergence waited on longest: the violation its last failed poll
         saw (the evidence a slow round needs)."""
@@ -641,6 +662,8 @@ class Chaos:
         secs = self.converge(FINAL_CONVERGE_TIMEOUT_S)
         self.report.convergence.append({"round": "final", "after": self.now(), "seconds": secs})
         self.act("final heal", seconds=secs, **self.waited_on())
+        if secs is not None:
+            self.act("final settle", seconds=self.settle(FINAL_CONVERGE_TIMEOUT_S))
         stats: dict[str, int] = {}
         self.report.violations = invariants.check_all(
             self.lab, self.hosts, self.expected, rss_bound_mb=RSS_BOUND_MB,

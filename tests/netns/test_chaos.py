@@ -32,7 +32,8 @@ def test_chaos_run_with_every_fault_kind_holds_every_invariant() -> None:
                        check=False)
     assert r.stdout.strip(), r.stderr[-3000:]
     rep = json.loads(r.stdout.strip().splitlines()[-1])
-    violations = [f"[{v['invariant']}] {v['detail']}" for v in rep["violations"]]
+    violations = [f"[{v['invariant']}] {v['detail']} {json.dumps(v['evidence'])[:800]}"
+                  for v in rep["violations"]]
     assert r.returncode == 0 and rep["ok"], (rep["error"], violations, r.stderr[-3000:])
     begun = {a["action"].split()[1] for a in rep["actions"]
              if a["action"].startswith("begin ") and a["ok"]}
