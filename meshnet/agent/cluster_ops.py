@@ -103,7 +103,7 @@ class ClusterOps:
         try:
             records = []
             for ep in self.store.endpoints():
-                if ep.extra.get("pending"):
+                if not ep.serving:
                     continue
                 try:
                     check_ipv4(ep.ip)

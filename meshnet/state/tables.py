@@ -139,6 +139,16 @@ class Endpoint:
     def key(self) -> str:
         return endpoint_key(self.network, self.name)
 
+    @property
+    def serving(self) -> bool:
+        """Whether traffic may be sent to it: DNS names, VIP maps and published ports use only
+        serving endpoints. A claim still being confirmed (``pending``) is not; nor is a task
+        whose health check has not passed (``health`` starting or unhealthy; absent: no check);
+        nor a host's own address on the network (``kind`` host) or a VIP claim (``kind`` vip)."""
+        x = self.extra
+        return (not x.get("pending") and x.get("health", "healthy") == "healthy"
+                and x.get("kind") is None)
+
     def to_value(self) -> dict[str, Any]:
         out = dict(self.extra)
         out.update(
