@@ -63,6 +63,7 @@ from meshnet.placement import (
     ServiceSpec,
     parse_constraint,
     place,
+    seed64,
 )
 from meshnet.placement.spec import MAX_REPLICAS
 from meshnet.state import SERVICES, Service
@@ -281,8 +282,9 @@ class Services:
             except (PlacementError, ValueError, TypeError) as e:
                 self._unplaceable(key, e)
         nodes = self.nodes()
+        current = self.running_now({n.name for n in nodes})
         try:
-            return place(specs, nodes, self.balance)
+            return place(specs, nodes, self.balance, current)
         except Exception as e:
             # One spec the checks above let through broke the joint placement: find it by
             # placing each alone, and place the others without it.
@@ -290,11 +292,30 @@ class Services:
             good = []
             for spec in specs:
                 try:
-                    place([spec], nodes, self.balance)
+                    place([spec], nodes, self.balance, current)
                     good.append(spec)
                 except Exception as e1:
                     self._unplaceable(spec.name, e1)
-            return place(good, nodes, self.balance)
+            return place(good, nodes, self.balance, current)
+
+    def running_now(self, alive: set[str]) -> dict[str, dict[int, str]]:
+        """Where each slot runs now, by the task table: placement's `current` (rule 6 of
+        placement/core.py), so a running task stays where it is. Only records of members in
+        ALIVE count. A slot that two nodes hold for a moment (their views differed) is settled
+        the same way on every agent: a running task before one that is not, then the smaller
+        hash of (service, slot, node), so all agents keep the same one."""
+        best: dict[str, dict[int, tuple[tuple[int, int], str]]] = {}
+        for data in self.store.view(TASKS).values():
+            svc, slot, node = data.get("service"), data.get("slot"), data.get("node")
+            if type(svc) is not str or type(slot) is not int or type(node) is not str \
+                    or node not in alive:
+                continue
+            rank = (data.get("state") != "running", seed64("holder", svc, slot, node))
+            held = best.setdefault(svc, {}).get(slot)
+            if held is None or rank < held[0]:
+                best[svc][slot] = (rank, node)
+        return {svc: {slot: node for slot, (_, node) in slots.items()}
+                for svc, slots in best.items()}
 
     def _unplaceable(self, name: str, e: Exception) -> None:
         self.counters["services_unplaceable"] += 1

@@ -34,7 +34,30 @@ The rules (every agent applies them to the same members and specs and gets the s
    with the least ``(load + 1) / cap_i`` (so on a node with room if there is one), then by name,
    in (service, slot) order after the matching. Only these can exceed ``cap_i``.
 
-Movement ("a task moves only when it must"): with caps that never bind this is plain weighted
+6. **Stable.** ``current`` (service -> slot -> node, from the replicated task table) says where
+   slots run now. Before the matching, such a slot stays on its node if the node is in the
+   input, eligible, below its cap and below ``max_per_node``; the lowest slots are kept first
+   (they are the oldest; scale-down removes the highest). Kept slots take their room like global
+   tasks do and never propose. A kept-over-cap slot that is then forced (rule 5) goes back to its
+   node. So scale-up and a departure move nothing but the leaver's tasks (caps only grow), and
+   an arrival moves only the tasks over their node's new, lower cap: the fewest possible.
+7. **Spread** (Docker's strategy). Per service, with ``c_i`` its kept tasks on node ``i``, its new
+   slots fill the nodes level by level: ``L`` is the least level with
+   ``sum(max(0, L - c_i)) >= new`` (at most ``max_per_node``); the first
+   ``sum(max(0, L - 1 - c_i))`` new slots (phase 0) may take node ``i`` up to ``L - 1``, the rest
+   (phase 1) one more each, up to ``L``. In the matching these are extra per-node quotas, and a
+   full node drops phase-1 proposals before phase-0 ones (its preference is (phase, rank, V, id)).
+   With no full node the counts of a service differ by at most one between nodes; slots the
+   quotas leave out are forced (rule 5) onto the node with room holding fewest of the service.
+
+Convergence without a leader: every agent computes the same answer from the same (members,
+services, task table). In a settled cluster the task table is that answer, and placement fed its
+own answer gives it back (a property test; the one exception is a slot constraints forced over a
+cap, which may move once). While views differ, two agents may both start a slot; both records
+reach everyone, every agent keeps the same one (``Services.running_now``: running first, then a
+hash), and the other stops.
+
+Movement without ``current`` (a fresh placement, as below; the agent always passes it): with caps that never bind this is plain weighted
 HRW, and a departure moves exactly the leaver's tasks, an arrival exactly the tasks that now rank
 the newcomer first. With binding caps, every other task that moves does so through a full node:
 it was pushed out of a node that is full in the new placement, or took a place it prefers that
@@ -73,7 +96,7 @@ how many nodes are over-demanded, which only more slack changes.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 
 from meshnet.placement.hrw import (
@@ -144,6 +167,12 @@ class _Group:
         self.n = n
         self.lanes = lanes
         self._packed: dict[tuple[int, int], int] = {}
+        self._eligible_set: frozenset[int] | None = None
+
+    def eligible_set(self) -> frozenset[int]:
+        if self._eligible_set is None:
+            self._eligible_set = frozenset(self.eligible)
+        return self._eligible_set
 
     def tau(self, size: int, level: int) -> float:
         if level > _MAX_LEVEL:
@@ -237,7 +266,7 @@ class _Placer:
         bl.lists = lists
         return True
 
-    def run(self) -> Placement:
+    def run(self, current: Placement) -> Placement:
         n = len(self.nodes)
         out: Placement = {s.name: {} for s in self.services}
         if n == 0:
@@ -266,25 +295,49 @@ class _Placer:
                 load[i] += 1
             out[spec.name] = dict(sorted(taken.items()))
 
-        # Slot ids: services by name, slots ascending. Per id: service, slot, limit, block, offset.
+        room = [caps[i] - load[i] for i in range(n)]
+        # Tasks of one service per node: (node, service) -> count, kept for every service.
+        per_svc: dict[tuple[int, int], int] = {}
+        sticky, shed = self.keep_running(reps, current, room, per_svc)
+        for i, c in enumerate(room):
+            load[i] = caps[i] - c
+        spread = {si: self.spread_level(si, g, spec, len(sticky.get(si, ())), per_svc)
+                  for si, spec, g in reps}
+
+        # Slot ids: services by name, slots ascending. Per id: service, slot, limit, block, offset,
+        # spread phase (rule 7).
         sid_svc: list[int] = []
         sid_slot: list[int] = []
         sid_limit: list[int | None] = []
         sid_block: list[BlockLists] = []
         sid_off: list[int] = []
+        sid_phase: list[int] = []
         groups: list[_Group] = []  # per block
-        room = [caps[i] - load[i] for i in range(n)]
         forced: list[int] = []
+        fixed: set[int] = set()  # kept where they run (rule 6): they do not propose
         no_block = BlockLists(0, 1, 1)  # for slots forced before the matching
         no_block.lists = [[]]
         for si, spec, g in reps:
-            if not any(room[i] > 0 for i in g.eligible):  # global tasks fill every one
-                forced.extend(range(len(sid_svc), len(sid_svc) + spec.replicas))
+            kept = sticky.get(si, {})
+            level, first_phase = spread[si]
+            phases = []
+            new = 0
+            for slot in range(1, spec.replicas + 1):
+                if slot in kept:
+                    phases.append(2)
+                else:
+                    phases.append(0 if new < first_phase else 1)
+                    new += 1
+            if not any(room[i] > 0 for i in g.eligible):  # sticky or global tasks fill them
+                base = len(sid_svc)
+                forced.extend(base + k for k in range(spec.replicas) if k + 1 not in kept)
+                fixed.update(base + k for k in range(spec.replicas) if k + 1 in kept)
                 sid_svc.extend([si] * spec.replicas)
                 sid_slot.extend(range(1, spec.replicas + 1))
                 sid_limit.extend([spec.max_per_node] * spec.replicas)
                 sid_block.extend([no_block] * spec.replicas)
                 sid_off.extend([0] * spec.replicas)
+                sid_phase.extend(phases)
                 continue
             b = 0
             while True:
@@ -292,24 +345,39 @@ class _Placer:
                 if start > spec.replicas:
                     break
                 used = min(size, spec.replicas - start + 1)
-                bl = BlockLists(seed64("block", spec.name, b), size, used)
-                bl.index = len(groups)
-                groups.append(g)
-                self.deepen(bl, g)
+                base = len(sid_svc)
+                fixed.update(base + k for k in range(used) if start + k in kept)
+                if used > sum(1 for k in range(used) if start + k in kept):
+                    bl = BlockLists(seed64("block", spec.name, b), size, used)
+                    bl.index = len(groups)
+                    groups.append(g)
+                    self.deepen(bl, g)
+                else:  # every slot of the block is kept: no candidate lists needed
+                    bl = no_block
                 sid_svc.extend([si] * used)
                 sid_slot.extend(range(start, start + used))
                 sid_limit.extend([spec.max_per_node] * used)
                 sid_block.extend([bl] * used)
-                sid_off.extend(range(used))
+                sid_off.extend(range(used) if bl is not no_block else [0] * used)
                 b += 1
+            sid_phase.extend(phases)
         sid_list = [bl.lists[off] for bl, off in zip(sid_block, sid_off, strict=True)]
 
-        held: list[list[tuple[int, float, int]]] = [[] for _ in range(n)]
-        per_svc: dict[tuple[int, int], int] = {}
+        held: list[list[tuple[int, int, float, int]]] = [[] for _ in range(n)]
+        per_phase: dict[tuple[int, int, int], int] = {}
         nxt = [0] * len(sid_svc)
-        skip = set(forced)
+        skip = set(forced) | fixed
         free = [sid for sid in range(len(sid_svc) - 1, -1, -1) if sid not in skip]
         pop, push = free.pop, free.append
+
+        def drop(i: int, entry: tuple[int, int, float, int]) -> None:
+            held[i].remove(entry)
+            w_sid = entry[3]
+            w_si = sid_svc[w_sid]
+            per_phase[i, w_si, sid_phase[w_sid]] -= 1
+            per_svc[i, w_si] -= 1
+            push(w_sid)
+
         while free:
             sid = pop()
             rank = nxt[sid]
@@ -330,64 +398,132 @@ class _Placer:
                     continue
             v, i = lst[rank]
             nxt[sid] = rank + 1
-            if room[i] <= 0:  # full of global tasks: refuses everyone
+            si, phase = sid_svc[sid], sid_phase[sid]
+            level = spread[si][0]
+            kept_here = per_svc.get((i, si), 0) - sum(
+                per_phase.get((i, si, p), 0) for p in (0, 1))
+            quota = max(0, level - 1 - kept_here) if phase == 0 else int(kept_here < level)
+            if room[i] <= 0 or quota <= 0:  # full, or spread gives it no place of this phase
                 push(sid)
                 continue
             h = held[i]
-            h.append((rank, v, sid))
+            entry = (phase, rank, v, sid)
+            h.append(entry)
+            k = per_phase.get((i, si, phase), 0) + 1
+            per_phase[i, si, phase] = k
+            per_svc[i, si] = per_svc.get((i, si), 0) + 1
+            if k > quota:
+                drop(i, max(e for e in h if sid_svc[e[3]] == si and e[0] == phase))
             limit = sid_limit[sid]
-            if limit is not None:
-                si = sid_svc[sid]
-                k = per_svc.get((i, si), 0) + 1
-                per_svc[i, si] = k
-                if k > limit:
-                    worst = max(e for e in h if sid_svc[e[2]] == si)
-                    h.remove(worst)
-                    per_svc[i, si] = k - 1
-                    push(worst[2])
+            if limit is not None and per_svc[i, si] > limit:
+                drop(i, max(e for e in h if sid_svc[e[3]] == si))
             if len(h) > room[i]:
-                worst = max(h)
-                h.remove(worst)
-                w_sid = worst[2]
-                if sid_limit[w_sid] is not None:
-                    per_svc[i, sid_svc[w_sid]] -= 1
-                push(w_sid)
+                drop(i, max(h))
 
         for i, h in enumerate(held):
             load[i] += len(h)
-            for _, _, sid in h:
+            for _, _, _, sid in h:
                 out[self.services[sid_svc[sid]].name][sid_slot[sid]] = self.names[i]
+        for si, kept in sticky.items():
+            name = self.services[si].name
+            for slot, i in kept.items():
+                out[name][slot] = self.names[i]
 
         for sid in sorted(forced):
             si = sid_svc[sid]
             limit = sid_limit[sid]
-            best: tuple[float, int] | None = None
-            for i in self.group(self.services[si]).eligible:
-                if limit is not None and per_svc.get((i, si), 0) >= limit:
-                    continue
-                key = ((load[i] + 1) / caps[i], i)
-                if best is None or key < best:
-                    best = key
+            elig = self.group(self.services[si]).eligible
+            was = shed.get((si, sid_slot[sid]))
+            best: tuple[bool, int, float, int] | None = None
+            if was is not None and (limit is None or per_svc.get((was, si), 0) < limit):
+                best = (False, 0, 0.0, was)  # a slot over a cap keeps running where it is
+            else:
+                for i in elig:
+                    k = per_svc.get((i, si), 0)
+                    if limit is not None and k >= limit:
+                        continue
+                    key = (load[i] >= caps[i], k, (load[i] + 1) / caps[i], i)
+                    if best is None or key < best:
+                        best = key
             if best is None:
                 continue
-            i = best[1]
+            i = best[3]
             load[i] += 1
-            if limit is not None:
-                per_svc[i, si] = per_svc.get((i, si), 0) + 1
+            per_svc[i, si] = per_svc.get((i, si), 0) + 1
             out[self.services[si].name][sid_slot[sid]] = self.names[i]
 
         for name, slots in out.items():
             out[name] = dict(sorted(slots.items()))
         return out
 
+    def keep_running(
+        self, reps: list[tuple[int, ServiceSpec, _Group]], current: Placement,
+        room: list[int], per_svc: dict[tuple[int, int], int],
+    ) -> tuple[dict[int, dict[int, int]], dict[tuple[int, int], int]]:
+        """Rule 6: the slots that stay where they run, as service -> slot -> node; and the ones
+        that lost their place there, as (service, slot) -> node. Takes their room and counts."""
+        index = {name: i for i, name in enumerate(self.names)}
+        wanted: list[tuple[int, str, int, int]] = []
+        for si, spec, g in reps:
+            cur = current.get(spec.name)
+            if not cur:
+                continue
+            elig = g.eligible_set()
+            for slot, node in cur.items():
+                if type(slot) is not int or not 1 <= slot <= spec.replicas:
+                    continue  # a slot above a scale-down is gone
+                i = index.get(node) if isinstance(node, str) else None
+                if i is not None and i in elig:
+                    wanted.append((slot, spec.name, si, i))
+        wanted.sort()  # lowest slots first: they are the oldest, and scale-down keeps them
+        sticky: dict[int, dict[int, int]] = {}
+        shed: dict[tuple[int, int], int] = {}
+        for slot, _, si, i in wanted:
+            limit = self.services[si].max_per_node
+            k = per_svc.get((i, si), 0)
+            if room[i] > 0 and (limit is None or k < limit):
+                room[i] -= 1
+                per_svc[i, si] = k + 1
+                sticky.setdefault(si, {})[slot] = i
+            else:
+                shed[si, slot] = i
+        return sticky, shed
+
+    def spread_level(
+        self, si: int, g: _Group, spec: ServiceSpec, kept: int,
+        per_svc: dict[tuple[int, int], int],
+    ) -> tuple[int, int]:
+        """Rule 7: the level L, the fewest tasks of the service per node that leave room for
+        its new (not kept) slots; and how many of those fill every node up to L - 1 first."""
+        new = spec.replicas - kept
+        if new <= 0:
+            return 0, 0
+        counts = [c for (i, s), c in per_svc.items() if s == si and c > 0]
+        m = len(g.eligible)
+
+        def places(level: int) -> int:  # new slots that fit under `level` on every node
+            return (m - len(counts)) * level + sum(max(0, level - c) for c in counts)
+
+        level = max(1, -(-new // m))
+        while places(level) < new and (spec.max_per_node is None or level < spec.max_per_node):
+            level += 1
+        if spec.max_per_node is not None:
+            level = min(level, spec.max_per_node)
+        return level, places(level - 1)
+
 
 def place(
-    services: Sequence[ServiceSpec], nodes: Sequence[NodeInfo], balance: float = DEFAULT_BALANCE
+    services: Sequence[ServiceSpec],
+    nodes: Sequence[NodeInfo],
+    balance: float = DEFAULT_BALANCE,
+    current: Mapping[str, Mapping[int, str]] | None = None,
 ) -> Placement:
     """Service name -> slot -> node name, for every service (an unplaceable slot is absent).
 
-    ``balance`` is the bounded-load factor c (>= 1). Pure and deterministic: the same services and
-    nodes, in any order, give the same answer on every machine.
+    ``balance`` is the bounded-load factor c (>= 1). ``current`` is where slots run now (service
+    -> slot -> node, from the replicated task table): such a slot stays there while its node is
+    in ``nodes``, eligible and within its cap (rule 6). Pure and deterministic: the same services,
+    nodes and current map, in any order, give the same answer on every machine.
     """
     if isinstance(balance, bool) or not isinstance(balance, int | float):
         raise PlacementError(f"balance must be a number >= 1, not {balance!r}")
@@ -399,4 +535,11 @@ def place(
     for nd in nodes:
         if not isinstance(nd, NodeInfo):
             raise PlacementError(f"nodes must be NodeInfo objects, not {type(nd).__name__}")
-    return _Placer(services, nodes, float(balance)).run()
+    now: Placement = {}
+    if current is not None:
+        if not isinstance(current, Mapping):
+            raise PlacementError(f"current must be a mapping, not {type(current).__name__}")
+        for name, slots in current.items():
+            if isinstance(name, str) and isinstance(slots, Mapping):
+                now[name] = dict(slots)
+    return _Placer(services, nodes, float(balance)).run(now)
