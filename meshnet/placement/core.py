@@ -57,17 +57,17 @@ cap, which may move once). While views differ, two agents may both start a slot;
 reach everyone, every agent keeps the same one (``Services.running_now``: running first, then a
 hash), and the other stops.
 
-Movement without ``current`` (a fresh placement, as below; the agent always passes it): with caps that never bind this is plain weighted
-HRW, and a departure moves exactly the leaver's tasks, an arrival exactly the tasks that now rank
-the newcomer first. With binding caps, every other task that moves does so through a full node:
-it was pushed out of a node that is full in the new placement, or took a place it prefers that
-was full in the old one (both placements are stable matchings; the property tests check this).
-Those moves come in rejection chains started by the displaced tasks, and by caps that changed
-(``T * w_i / W`` shifts a little for every node when ``W`` changes, and a ``floor`` that crosses
-an integer frees or takes one place; with many distinct weights that is about
-``c * (leaver's share)`` places per event; with few distinct weights it is rare but lumpy: every
-node of one weight crosses at the same ``W``; in the bench cluster at c = 1.4, the join of a node
-of weight 2 or 4 lowers every cap by one and moves ~190 tasks instead of 10 to 20).
+Movement without ``current`` (a fresh placement; the agent always passes it): with caps that never
+bind this is plain weighted HRW, and a departure moves exactly the leaver's tasks, an arrival
+exactly the tasks that now rank the newcomer first. With binding caps, every other task that moves
+does so through a full node: it was pushed out of a node that is full in the new placement, or took
+a place it prefers that was full in the old one (both placements are stable matchings; the property
+tests check this). Those moves come in rejection chains started by the displaced tasks, and by caps
+that changed (``T * w_i / W`` shifts a little for every node when ``W`` changes, and a ``floor``
+that crosses an integer frees or takes one place; with many distinct weights that is about ``c *
+(leaver's share)`` places per event; with few distinct weights it is rare but lumpy: every node of
+one weight crosses at the same ``W``; in the bench cluster at c = 1.4, the join of a node of weight
+2 or 4 lowers every cap by one and moves ~190 tasks instead of 10 to 20).
 
 Measured with c = 1.25, 1,000 nodes of weights 1/2/4 and 10,000 tasks (``bench/placement.py``):
 about 0.3 extra moves per displaced task on leave and on join (leave 1.31-1.32, join 1.26-1.28
