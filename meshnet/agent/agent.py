@@ -30,11 +30,13 @@ from meshnet.agent.dns_server import DnsServer, Listener, read_resolv_conf
 from meshnet.agent.encrypted import DPK, EncryptedOverlay, session_config
 from meshnet.agent.eventhub import EventHub, serve_events
 from meshnet.agent.gossip import STREAM_KEY_OP, GossipTransport, Sealer, StreamError
+from meshnet.agent.ingress import Ingress, reserved_ports
 from meshnet.agent.overlay import Overlay
 from meshnet.agent.sandboxes import Sandboxes
 from meshnet.agent.services import TASKS, Services
 from meshnet.agent.state_service import StateService
 from meshnet.agent.telemetry import Telemetry
+from meshnet.agent.vips import VipBalancer
 from meshnet.config import DEFAULT_CONFIG_PATH, Config
 from meshnet.crypto.certs import ARMOR_REVOCATION, CertError, dearmor, decode_revocation, iso_time
 from meshnet.crypto.identity import IdentityError, load_or_create_identity, public_bytes
@@ -200,6 +202,8 @@ class Agent:
         self.records: RecordPolicy | None = None
         self.sandboxes: Sandboxes | None = None
         self.services: Services | None = None
+        self.ingress: Ingress | None = None
+        self.vips: VipBalancer | None = None
         self.gossip: GossipTransport | None = None
         self.control: ControlServer | None = None
         self.telemetry: Telemetry | None = None  # metrics_listen
@@ -482,7 +486,21 @@ class Agent:
                                  expect_company=bool(self.config.join or
                                                      self._remembered_peers()))
         self.state.listeners.append(self.services.kick)
+        # VIPs: claimed at `service create`, balanced in every sandbox here (agent/vips.py)
+        self.vips = VipBalancer(self.sandboxes, self.overlay.nl)
+        self.sandboxes.on_wired = self.vips.on_wired
+        self.services.vips = self.vips
+        self.state.listeners.append(self.vips.kick)
+        self.vips.start()
         await self.services.start()
+        # Published ports (issue 17): host addresses and the routing mesh's nftables table
+        self.ingress = Ingress(
+            self.state, self.overlay, self.sandboxes, self.config.name,
+            self.config.advertise_addr()[0], lambda: reserved_ports(self.config),
+            self._member_ports)
+        self.services.create_checks.append(self.ingress.check_create)
+        self.state.listeners.append(self.ingress.kick)
+        await self.ingress.start()
 
     def _hidden_from_tasks(self) -> list[str]:
         """The agent's state, socket, config, cluster key and identity (and their directories):
@@ -529,6 +547,12 @@ class Agent:
         return {m.name: m.addr[0] for m in self.membership.members()
                 if str(m.state.value) in ("alive", "suspect")}
 
+    def _member_ports(self) -> dict[str, int]:
+        """Alive or suspect members (this one too) -> their gossip port (agent/ingress.py)."""
+        assert self.membership is not None
+        return {m.name: m.addr[1] for m in self.membership.members()
+                if str(m.state.value) in ("alive", "suspect")}
+
     def _peers(self) -> list[Member]:
         assert self.membership is not None
         return [m for m in self.membership.members()
@@ -538,8 +562,12 @@ class Agent:
         log.info("shutting down")
         if self.services is not None:  # tasks stop and endpoints are withdrawn before `left`
             await self.services.close()
+        if self.vips is not None:
+            await self.vips.close()
         if self.sandboxes is not None:
             await self.sandboxes.close()
+        if self.ingress is not None:  # host addresses withdrawn before `left`, table removed
+            await self.ingress.close()
         if not self.left:
             await self._leave()
         for task in [*self.background, self.peers_save]:
@@ -839,6 +867,8 @@ class Agent:
             self.overlay.kick()
         if self.services is not None:
             self.services.kick()
+        if self.ingress is not None:
+            self.ingress.kick()
         member = getattr(event, "member", None)
         name = type(event).__name__
         if member is not None:
@@ -890,7 +920,9 @@ class Agent:
             "members": self._member_counts(),
             "datapath": {"overlay": self.overlay.status() if self.overlay else "none",
                          "encrypted": self.encrypted.status() if self.encrypted else
-                         "none (needs the vxlan datapath and a cluster key)"},
+                         "none (needs the vxlan datapath and a cluster key)",
+                         **({"vip": self.vips.status()} if self.vips else {}),
+                         **({"ingress": self.ingress.status()} if self.ingress else {})},
             "gossip": {**self.membership.stats, **self.gossip.stats()},
             "store": {"entries": sum(1 for _ in self.state.store.entries()),
                       **self.state.counters} if self.state else {},

@@ -11,7 +11,8 @@ from meshnet.agent.control import Handler, OpError, SendEvent
 from meshnet.agent.logs import LogOnce
 from meshnet.agent.state_service import StateService
 from meshnet.containment import summary_view
-from meshnet.dns import Resolver, TaskRecord
+from meshnet.dns import Resolver, TaskRecord, VipRecord
+from meshnet.lb.core import is_vip_claim, service_vips
 from meshnet.state import Network
 from meshnet.state.networks import (
     NetworkError,
@@ -111,9 +112,14 @@ class ClusterOps:
                                               task=ep.name, network=ep.network, ip=ep.ip))
                 except (ValidationError, TypeError):
                     self.counters["dns_records_skipped"] += 1
+            # vip services: <service> answers the VIP (lb/core.py keeps only usable ones)
+            nets = self.store.networks()
+            vips = [VipRecord(service=svc, network=network, ip=ip)
+                    for network, table in service_vips(
+                        self.store.services(), {n: net.subnet for n, net in nets.items()}).items()
+                    for ip, svc in table.items()]
             self.dns_version += 1
-            self.resolver.set_records(records, self.dns_version,
-                                      networks=list(self.store.networks()))
+            self.resolver.set_records(records, self.dns_version, networks=list(nets), vips=vips)
         except Exception as e:
             self.counters["dns_refresh_errors"] += 1
             self._log_once("rebuilding DNS records", e, "dns_refresh_errors")
@@ -173,7 +179,10 @@ class ClusterOps:
         net = self._network(args)
         users = sorted(f"service {s.name}" for s in self.store.services().values()
                        if s.network == net.name)
-        users += sorted(f"endpoint {e.name} (on {e.node})" for e in self.store.endpoints(net.name))
+        # a VIP claim is its service's (listed above), withdrawn by its owner after the service;
+        # so is a host's own address (agent/ingress.py), once no service with ports is left
+        users += sorted(f"endpoint {e.name} (on {e.node})" for e in self.store.endpoints(net.name)
+                        if not is_vip_claim(e.extra) and e.extra.get("kind") != "host")
         if users:
             raise OpError(f"network {net.name} is in use by {', '.join(users)}")
         await self.state.delete(NETWORKS, net.name)

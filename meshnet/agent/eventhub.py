@@ -193,8 +193,11 @@ def store_event(change: ChangeEvent | EventsLost) -> tuple[str, str, dict[str, A
     if change.table == TASKS:
         state = _s(new.get("state")) if new is not None else None
         old_state = _s(old.get("state")) if old is not None else None
-        if old is not None and new is not None and all(
-                old.get(k) == new.get(k) for k in ("state", "exit_code", "restarts")):
+        same_state = old is not None and new is not None and all(
+            old.get(k) == new.get(k) for k in ("state", "exit_code", "restarts"))
+        health = _s(new.get("health")) if new is not None else None
+        old_health = _s(old.get("health")) if old is not None else None
+        if same_state and health == old_health:
             return None  # its address or containment summary changed, not its state
         fields = {"task": _s(cur.get("task")) or change.key.rpartition("@")[0],
                   "service": _s(cur.get("service")), "slot": _i(cur.get("slot")),
@@ -203,6 +206,10 @@ def store_event(change: ChangeEvent | EventsLost) -> tuple[str, str, dict[str, A
         exit_code = _i(new.get("exit_code")) if new is not None else None
         if exit_code is not None:
             fields["exit_code"] = exit_code
+        if health is not None:
+            fields["health"] = health
+        if same_state:  # Docker's `health_status` event: only the check's verdict changed
+            return "task", "health_status", {**fields, "old_health": old_health}
         return "task", state or "removed", fields
     return None
 

@@ -34,6 +34,7 @@ from meshnet.aioutil import run_to_end
 from meshnet.containment import DEFAULT_CAPS, Containment, ContainmentError, task_hostname
 from meshnet.containment import from_args as containment_from_args
 from meshnet.crypto.keyring import KeyringError
+from meshnet.lb.core import vips_taken
 from meshnet.membership import Addr, Member
 from meshnet.platform import container, nsfd
 from meshnet.platform.cgroups import (
@@ -95,6 +96,8 @@ class SandboxHandle:
     cgroup: TaskCgroup | None = None
     # create found the namespace already there (not made by this sandbox): never torn down.
     ns_taken: bool = False
+    # The launcher's plan of the command running in it: a health probe runs with the same.
+    plan: dict[str, Any] | None = None
 
 
 # What keeps a task from starting as asked on this host: its spec, the host's users, paths or
@@ -132,6 +135,9 @@ class Sandboxes:
                          "confirm_member_gone": 0, "confirm_unreachable": 0,
                          "sandbox_teardown_errors": 0}
         self._log_once = LogOnce(log)
+        # Called once a sandbox is wired, before its process starts (agent/vips.py writes the
+        # sandbox's VIP table there, so no connection of the task is ever tracked un-NATed).
+        self.on_wired: Callable[[SandboxHandle], Awaitable[None]] | None = None
 
     def ns_prefix(self) -> str:
         """What every sandbox namespace of this agent is named starting with."""
@@ -204,7 +210,8 @@ class Sandboxes:
                 d = e.data() or {}
                 if d.get("network") == network and isinstance(d.get("ip"), str):
                     taken.add(str(d["ip"]))
-        return taken
+        # Services' VIPs: their records are their lasting claims (agent/vips.py says why).
+        return taken | vips_taken(self.store.services().values(), network)
 
     async def _serve_claim(self, body: bytes, addr: Addr) -> bytes | None:
         """A peer's claim: take it into our store, answer with every competing claim we hold."""
@@ -288,7 +295,8 @@ class Sandboxes:
             ep = Endpoint(name=name, network=network, ip=ip, mac=mac_for_ip(ip), node=self.node,
                           service=extra.get("service"), slot=extra.get("slot"),
                           extra={"pending": True, "sandbox": extra.get("sandbox", ""),
-                                 "prefixlen": subnet.prefixlen})
+                                 "prefixlen": subnet.prefixlen,
+                                 **({"kind": extra["kind"]} if extra.get("kind") else {})})
             claim = self.store.put(ENDPOINTS, key, ep.to_value(), time.time())
             self.state.changed()
             self.counters["claims"] += 1
@@ -365,6 +373,8 @@ class Sandboxes:
                 handle.ns_taken = True
                 raise OpError(str(e)) from None
             await write_identity(ns, task_hostname(name), ep.ip)
+            if self.on_wired is not None:
+                await self.on_wired(handle)
             udp, tcp = await asyncio.gather(
                 asyncio.to_thread(nsfd.open_socket_in_netns, ns, socket.AF_INET,
                                   socket.SOCK_DGRAM, ("127.0.0.11", 53)),
@@ -459,6 +469,7 @@ class Sandboxes:
             etc_files=etc_files(handle.ns), containment=containment, hidden=self.hidden,
             env=env, argv=argv, cgroup_procs=handle.cgroup.procs_files(), tools=self.tools,
             user=user)
+        handle.plan = plan
         return await container.spawn(plan, self.tools, stdout=stdout, stderr=stderr)
 
     # --- meshctl run ------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import os
 import re
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,15 @@ import msgpack
 
 from meshnet.agent.control import Handler, OpError, SendEvent
 from meshnet.agent.gossip import STREAM_LOG_LINES, STREAM_LOGS, GossipTransport, StreamError
+from meshnet.agent.health import TaskHealth, TaskProbe
 from meshnet.agent.logs import LogOnce, error_line
+from meshnet.agent.rollouts import (
+    OwnerWatch,
+    Rollouts,
+    manual_rollback,
+    updated_value,
+    with_update_policy,
+)
 from meshnet.agent.sandboxes import (
     LaunchFailure,
     Sandboxes,
@@ -48,12 +56,23 @@ from meshnet.agent.tasklogs import (
     stamped,
 )
 from meshnet.agent.tasklogs import task_of_log as _task_of_log
+from meshnet.agent.vips import VipBalancer
 from meshnet.aioutil import run_to_end
 from meshnet.containment import Containment, ContainmentError, summary_view
 from meshnet.containment import from_args as containment_from_args
 from meshnet.containment import from_value as containment_from_value
 from meshnet.crypto.keyring import KeyringError
 from meshnet.events import MAX_TAIL_LINES, iso_us
+from meshnet.health import (
+    DRAINING,
+    STARTING,
+    UNHEALTHY,
+    HealthError,
+    HealthSpec,
+    health_from_args,
+    health_spec,
+)
+from meshnet.lb.core import VIP, endpoint_mode
 from meshnet.membership import Addr, Member
 from meshnet.metrics import TASK_START_BUCKETS, Histogram
 from meshnet.placement import (
@@ -67,7 +86,10 @@ from meshnet.placement import (
 )
 from meshnet.placement.spec import MAX_REPLICAS
 from meshnet.state import SERVICES, Service
+from meshnet.state.ingress import service_ports
 from meshnet.state.networks import NetworkError, check_name
+from meshnet.state.ports import PortError, parse_ports
+from meshnet.state.rolling import DRAIN_S
 from meshnet.state.validate import (
     RESTART_CONDITIONS,
     TASKS,
@@ -128,6 +150,9 @@ class Task:
     stopping: bool = False
     started_at: float = field(default_factory=time.time)
     containment: Containment | None = None
+    health: TaskHealth = field(default_factory=TaskHealth)  # its check (agent/health.py)
+    # Its spec's version, and what judges it during a rolling update (agent/rollouts.py).
+    watch: OwnerWatch = field(default_factory=OwnerWatch)
 
     @property
     def name(self) -> str:
@@ -188,8 +213,19 @@ def parse_spec(args: dict[str, Any], networks: set[str]) -> Service:
     restart.pop("max_delay")  # the default: older agents' policies do not carry it
     spec = {"networks": nets, "command": command, "env": env, "constraints": constraints,
             "containment": containment.to_value(), "max_per_node": mpn, "restart": restart}
+    try:
+        if (health := health_from_args(args)) is not None:  # --health-* (meshnet/health.py)
+            spec["health"] = health
+    except HealthError as e:
+        raise OpError(str(e)) from None
+    try:  # --publish: top level, not in spec (a change of ports replaces no task)
+        ports = parse_ports(args.get("publish"))
+    except PortError as e:
+        raise OpError(str(e)) from None
     svc = Service(name=name, network=nets[0], mode=mode,
-                  replicas=replicas if mode == "replicated" else 0, spec=spec)
+                  replicas=replicas if mode == "replicated" else 0, spec=spec,
+                  extra={"ports": ports} if ports else {})
+    svc = with_update_policy(svc, args)  # --update-* (agent/rollouts.py)
     problem = check_value(SERVICES, name, svc.to_value())
     if problem is not None:
         raise OpError(problem)
@@ -227,12 +263,23 @@ class Services:
         self.closing = False
         self.counters = {"scheduler_errors": 0, "services_unplaceable": 0,
                          "task_start_errors": 0, "task_teardown_errors": 0,
-                         "scheduler_passes": 0, "task_restarts": 0}
+                         "scheduler_passes": 0, "task_restarts": 0,
+                         "health_probes": 0, "health_probe_timeouts": 0, "unhealthy_stops": 0,
+                         "health_errors": 0}
         # Seconds from a task's (re)start to its command running: sandbox, address claim,
         # launcher (/metrics meshnet_task_start_seconds).
         self.start_seconds = Histogram(TASK_START_BUCKETS)
         self._unplaceable_logged: set[str] = set()
+        # Rolling updates (agent/rollouts.py): the rule's plans, slots whose task was replaced
+        # in place (their record kept for the successor), rollbacks this node has written.
+        self.rollouts = Rollouts()
+        self._handed_over: set[str] = set()
+        self._rollbacks_written: set[tuple[str, int]] = set()
         self._log_once = LogOnce(log)
+        # Claims VIPs at `service create` (agent/vips.py; set by the agent with its datapath).
+        self.vips: VipBalancer | None = None
+        # Checks of a parsed `service create` against the cluster: OpError refuses it.
+        self.create_checks: list[Callable[[Service], None]] = []
         gossip.stream_handlers[STREAM_LOGS] = self._serve_logs
         gossip.stream_handlers[STREAM_LOG_LINES] = self._serve_log_lines
 
@@ -246,6 +293,8 @@ class Services:
             "service.inspect": self.op_inspect,
             "service.rm": self.op_rm,
             "service.logs": self.op_logs,
+            "service.update": self.op_update,
+            "service.rollback": self.op_rollback,
         }
 
     async def start(self) -> None:
@@ -343,22 +392,35 @@ class Services:
             return
         services = self.store.services()
         mine: dict[str, tuple[Service, int]] = {}
-        for svc_name, slots in self.placement().items():
+        placement = self.placement()
+        for svc_name, slots in placement.items():
             svc = services.get(svc_name)
             if svc is None:
                 continue
             for slot, node in slots.items():
                 if node == self.node:
                     mine[f"{svc_name}.{slot}"] = (svc, slot)
+        # Rolling updates: which spec each slot runs, and when a task is replaced, by the rule
+        # of state/rolling.py (a spec change no longer stops every task at once).
+        self.rollouts.update(services, placement, self.store.view(TASKS), time.time())
         for name, task in list(self.tasks.items()):
             current = services.get(task.service)
-            if name not in mine or current is None or dict(current.spec) != task.spec:
+            if name not in mine or current is None:
                 asyncio.get_running_loop().create_task(self._stop(task))
+            elif task.stopping:
+                continue
+            elif (v := self.rollouts.relabel(current, task.spec, task.watch.version)):
+                task.watch.version = v  # its very spec came back (a rollback): no restart
+                asyncio.get_running_loop().create_task(self._publish(task))
+            elif self.rollouts.due(current, task.slot, task.spec, task.watch.version):
+                asyncio.get_running_loop().create_task(self._replace(task))
         for name, (svc, slot) in sorted(mine.items()):
             if name not in self.tasks:
-                task = Task(service=svc.name, slot=slot, spec=dict(svc.spec))
+                target = self.rollouts.target(svc, slot)
+                task = Task(service=svc.name, slot=slot, spec=target.spec, watch=target.watch())
                 self.tasks[name] = task
                 task.runner = asyncio.get_running_loop().create_task(self._supervise(task))
+        self._after_replacements()
 
     def _waiting_for_company(self) -> bool:
         if not self.expect_company:
@@ -374,10 +436,14 @@ class Services:
         return f"{task.name}@{self.node}"  # two nodes may briefly run one task; no overwrites
 
     async def _publish(self, task: Task) -> None:
+        if task.stopping:  # its record is withdrawn (_stop) or handed to its successor
+            return
         await self.state.put(TASKS, self._task_key(task), {
             "task": task.name, "service": task.service, "slot": task.slot, "node": self.node,
             "state": task.state, "ip": task.ip, "exit_code": task.exit_code,
-            "restarts": task.restarts,
+            "restarts": task.restarts, **task.health.record(task.state, time.time()),
+            **task.watch.record(now=time.time(), state=task.state, exit_code=task.exit_code,
+                                health=task.health.status, stopping=task.stopping),
             **(task.containment.summary() if task.containment is not None else {})})
 
     def _log_path(self, task_name: str) -> Path:
@@ -405,6 +471,7 @@ class Services:
         try:
             while not task.stopping:
                 task.state = "starting"
+                task.watch.started(time.time())
                 try:
                     code = await self._run_once(task)
                 except Exception as e:  # the kernel said no; retry by the restart policy
@@ -413,11 +480,13 @@ class Services:
                                 e if isinstance(e, OpError) else error_line(e))
                     code = START_FAILED
                 task.exit_code = code
-                task.state = "complete" if code == 0 else "failed"
+                # A task stopped for failing its health check failed, whatever its exit (Swarm)
+                failed = code != 0 or task.health.status == UNHEALTHY
+                task.state = "failed" if failed else "complete"
                 task.ip = None
                 await self._publish(task)
                 again = (restart.condition == "any" or
-                         (restart.condition == "on-failure" and code != 0))
+                         (restart.condition == "on-failure" and failed))
                 if not again or (restart.max_attempts and task.restarts >= restart.max_attempts):
                     return
                 await asyncio.sleep(delay)
@@ -434,6 +503,8 @@ class Services:
         try:
             # The spec came through the store: check it here, where it would run.
             task.containment = containment_from_value(spec.get("containment"))
+            health = health_spec(spec.get("health"))
+            task.health.status = None  # until it runs again
             env = parse_env([f"{k}={v}" for k, v in dict(spec.get("env") or {}).items()])
             command = spec.get("command")
             if not isinstance(command, list) or not command or \
@@ -457,19 +528,48 @@ class Services:
             task.state = "running"
             self.start_seconds.observe(time.monotonic() - began)
             handle.value["containment"] = task.containment.summary()
+            if health is not None:  # not serving (DNS, VIP, ports) until its check passes
+                task.health.status = handle.value["health"] = STARTING
             await self.sandboxes.publish(handle)  # the name resolves only while it runs
             await self._publish(task)
             log.info("task %s running", task.name, extra={"fields": {"ip": task.ip}})
+            if health is not None:
+                self._check_health(task, handle, health, logf)
             assert task.proc.stdout is not None and task.proc.stderr is not None
             await asyncio.gather(_copy_output(task.proc.stdout, "stdout", logf),
                                  _copy_output(task.proc.stderr, "stderr", logf))
             code = await task.proc.wait()
             return code if code >= 0 else 128 - code
         finally:
+            task.health.stop()
             try:
                 logf.close()
             finally:
                 await run_to_end(self._teardown(task, handle))
+
+    def _check_health(self, task: Task, handle: SandboxHandle, spec: HealthSpec,
+                      logf: _CappedLog) -> None:
+        """Probe the running task (agent/health.py); a change of health is published on its
+        endpoint (DNS, VIP and ports use only healthy ones) and task record, and an unhealthy
+        task is stopped, so its restart policy starts it again (as Swarm does)."""
+        assert self.sandboxes.tools is not None and handle.plan is not None and task.proc
+        proc = task.proc
+
+        async def changed(status: str, why: str) -> None:
+            task.health.status = handle.value["health"] = status
+            log.info("task %s %s", task.name, status)
+            try:
+                await self.sandboxes.publish(handle)
+                await self._publish(task)
+            finally:
+                if status == UNHEALTHY:
+                    self.counters["unhealthy_stops"] += 1
+                    logf.write(stamped("stderr", f"meshnet: {why}: stopping the task",
+                                       time.time()))
+                    await stop_process(proc, STOP_GRACE_S)
+
+        task.health.start(spec, TaskProbe(self.sandboxes.tools, handle.plan, proc.pid), changed,
+                          self.counters)
 
     def _start_failed(self, task: Task, logf: _CappedLog, why: str) -> int:
         """The task cannot start as specified on this host: say so in its log, and fail it."""
@@ -486,6 +586,75 @@ class Services:
         task.proc = None
         task.handle = None
         await self.sandboxes.remove(handle)
+
+    async def _replace(self, task: Task) -> None:
+        """A rolling update's turn for TASK (state/rolling.py): it leaves DNS, VIP maps and
+        published ports first and, DRAIN_S later, when every peer has heard it, is stopped (its
+        process and FDB entries stay until then, so requests in flight finish). Its task record
+        stays: the next pass writes the same key for its successor on this node, so placement
+        keeps the slot here."""
+        if task.stopping:
+            return
+        task.stopping = True
+        task.health.stop()  # no probe may make it serving again
+        log.info("task %s: replacing it (rolling update)", task.name)
+        handle, proc = task.handle, task.proc
+        if handle is not None and proc is not None and proc.returncode is None:
+            # not Endpoint.serving, still reachable: no new connections, and VIP clients keep
+            # the ones they have until it is gone (agent/vips.py)
+            handle.value["health"] = DRAINING
+            try:
+                await self.sandboxes.publish(handle)
+                await asyncio.sleep(DRAIN_S)
+            except Exception as e:  # stop it anyway: the update must go on
+                self.counters["task_teardown_errors"] += 1
+                self._log_once("withdrawing a task's endpoint", e, "tasks.task_teardown_errors")
+        if proc is not None and proc.returncode is None:
+            await stop_process(proc, STOP_GRACE_S)  # the supervisor then tears down
+        if task.runner is not None:
+            task.runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task.runner
+        if self.tasks.get(task.name) is task:
+            del self.tasks[task.name]
+            self._handed_over.add(task.name)
+        self.kick()
+
+    def _after_replacements(self) -> None:
+        """Rollbacks this node (an admin) should write, and the records of replaced tasks: the
+        pass started their successors under the same keys; a slot no longer ours loses its
+        record here."""
+        if self.sandboxes.ops.may_write(SERVICES) is None:
+            for name, value in self.rollouts.rollbacks():
+                if (name, value["version"]) not in self._rollbacks_written:
+                    self._rollbacks_written.add((name, value["version"]))
+                    asyncio.get_running_loop().create_task(self._write_rollback(name, value))
+        self._rollbacks_written = {w for w in self._rollbacks_written
+                                   if w[0] in self.rollouts.services}
+        for name in sorted(self._handed_over - set(self.tasks)):
+            asyncio.get_running_loop().create_task(self._drop_record(f"{name}@{self.node}"))
+        self._handed_over.clear()
+
+    async def _write_rollback(self, name: str, value: dict[str, Any]) -> None:
+        """Roll a failed update back (rollouts.rollback_value: the same value on every admin
+        that sees the failure), unless the service has changed since."""
+        current = self.store.services().get(name)
+        if current is None or current.extra.get("version", 1) != value["version"] - 1:
+            return
+        log.warning("service %s: %s; rolling back", name, value["rollback"]["reason"])
+        try:
+            await self.state.put(SERVICES, name, value)
+        except Exception as e:
+            self._rollbacks_written.discard((name, value["version"]))  # the next pass retries
+            self._scheduler_error("writing a rollback", e)
+        self.kick()
+
+    async def _drop_record(self, key: str) -> None:
+        try:
+            await self.state.delete(TASKS, key)
+        except Exception as e:  # retried by nothing: the record goes when the agent restarts
+            self.counters["task_teardown_errors"] += 1
+            self._log_once("withdrawing a task record", e, "tasks.task_teardown_errors")
 
     async def _stop(self, task: Task) -> None:
         if task.stopping:
@@ -521,7 +690,13 @@ class Services:
         svc = parse_spec(args, set(self.store.networks()))
         if svc.name in self.store.services():
             raise OpError(f"service {svc.name} already exists")
-        await self.state.put(SERVICES, svc.name, svc.to_value())
+        for check in self.create_checks:  # e.g. published ports that clash (agent/ingress.py)
+            check(svc)
+        if self.vips is None:
+            raise OpError("this agent runs no datapath: it cannot claim a service's addresses")
+        # endpoint_mode, and for vip a confirmed VIP per network (agent/vips.py)
+        async with self.vips.claimed(svc, args.get("endpoint_mode")) as svc:
+            await self.state.put(SERVICES, svc.name, svc.to_value())
         self.kick()
         return self._service_json(svc)
 
@@ -551,13 +726,14 @@ class Services:
     def _task_rows(self, service: str | None = None,
                    detail: bool = False) -> list[dict[str, Any]]:
         keys: tuple[str, ...] = ("task", "service", "slot", "node", "state", "ip", "restarts",
-                                 "exit_code")
+                                 "exit_code", "health", "version")
         if detail:
             keys += ("user", "capabilities", "limits")
         rows = []
         for data in self.store.view(TASKS).values():
             if service is None or data.get("service") == service:
                 rows.append({k: data.get(k) for k in keys})
+                rows[-1]["version"] = data.get("version", 1)  # its spec's (absent: the first)
         return sorted(rows, key=lambda r: (str(r["service"]), int(r["slot"] or 0)))
 
     def _service_json(self, svc: Service) -> dict[str, Any]:
@@ -570,7 +746,12 @@ class Services:
                 "constraints": spec.get("constraints"), "max_per_node": spec.get("max_per_node"),
                 "restart": spec.get("restart"), "env": spec.get("env"),
                 "placement": {str(k): v for k, v in sorted(placed.items())},
-                "containment": _containment_json(spec.get("containment"))}
+                "health": spec.get("health"),
+                "endpoint_mode": endpoint_mode(svc), "vips": _vips_json(svc),
+                "ports": service_ports(svc),
+                "containment": _containment_json(spec.get("containment")),
+                # version, update_config, update_status (agent/rollouts.py)
+                **self.rollouts.describe(svc, placed, self.store.view(TASKS), time.time())}
 
     async def op_ls(self, args: dict[str, Any], send: SendEvent) -> Any:
         out = []
@@ -609,16 +790,43 @@ class Services:
         placed = self.placement().get(name, {}) if svc is not None else {}
         desired = 0 if svc is None else svc.replicas if svc.mode == "replicated" else len(placed)
         return {"name": name, "exists": svc is not None, "desired": desired,
-                "placed": len(placed), "tasks": self._rows_with_pending(name, placed)}
+                "placed": len(placed), "tasks": self._rows_with_pending(name, placed),
+                **(self.rollouts.describe(svc, placed, self.store.view(TASKS), time.time())
+                   if svc is not None else {})}
 
     async def op_inspect(self, args: dict[str, Any], send: SendEvent) -> Any:
         """The service, and each task as the node that runs it reports it: where, its state,
-        and the user, capabilities and limits it runs with."""
+        its health, and the user, capabilities and limits it runs with; for tasks of this node
+        with a health check, its last probes (`health_log`, kept here only)."""
         svc = self._service(args)
         doc = self._service_json(svc)
-        doc["tasks"] = [{**{k: r.get(k) for k in ("task", "node", "state", "ip")},
-                         **summary_view(r)} for r in self._task_rows(svc.name, detail=True)]
+        doc["tasks"] = [{**{k: r.get(k) for k in ("task", "node", "state", "ip", "health",
+                                                  "version")},
+                         **summary_view(r), **self._health_log(r)}
+                        for r in self._task_rows(svc.name, detail=True)]
         return doc
+
+    def _health_log(self, row: dict[str, Any]) -> dict[str, Any]:
+        task = self.tasks.get(str(row.get("task"))) if row.get("node") == self.node else None
+        return {"health_log": task.health.log()} if task and task.health.check else {}
+
+    async def op_update(self, args: dict[str, Any], send: SendEvent) -> Any:
+        """`service update NAME ...`: a new spec rolls out by the rule (state/rolling.py); the
+        replica count and the update policy change at once. `changed`: whether the spec did."""
+        self.sandboxes.ops.require(SERVICES)
+        svc = self._service(args)
+        value, changed = updated_value(svc, args)
+        await self.state.put(SERVICES, svc.name, value)
+        self.kick()
+        return {**self._service_json(self._service(args)), "changed": changed}
+
+    async def op_rollback(self, args: dict[str, Any], send: SendEvent) -> Any:
+        """`service rollback NAME`: back to the previous spec, rolled out as an update is."""
+        self.sandboxes.ops.require(SERVICES)
+        svc = self._service(args)
+        await self.state.put(SERVICES, svc.name, manual_rollback(svc))
+        self.kick()
+        return self._service_json(self._service(args))
 
     async def op_rm(self, args: dict[str, Any], send: SendEvent) -> Any:
         self.sandboxes.ops.require(SERVICES)
@@ -751,6 +959,14 @@ def _read_tail(path: Path, limit: int) -> str | None:
         return None
     finally:
         os.close(fd)
+
+
+def _vips_json(svc: Service) -> dict[str, str]:
+    """network -> VIP of a vip service, as its record holds them (validated); {} for dnsrr."""
+    vips = svc.extra.get("vips")
+    if endpoint_mode(svc) != VIP or not isinstance(vips, Mapping):
+        return {}
+    return {str(n): str(ip) for n, ip in sorted(vips.items())}
 
 
 def _containment_json(value: object) -> dict[str, Any] | str:

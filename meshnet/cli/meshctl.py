@@ -18,9 +18,11 @@ from typing import Any, TextIO
 
 import meshnet
 from meshnet import api
-from meshnet.cli import streams
+from meshnet.cli import rolling, streams
+from meshnet.cli.health_flags import add_health_flags, health_args
 from meshnet.config import DEFAULT_SOCKET
 from meshnet.containment import describe_caps, describe_limits
+from meshnet.state.ports import PortError, parse_publish, port_text
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_AGENT = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
@@ -215,7 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
               "meshctl service create web --network appnet --replicas 3 -- python3 -m "
               "http.server 8080\n"
               "meshctl service create agent --network appnet --mode global --detach -- "
-              "collector")
+              "collector\n"
+              "meshctl service create api --network appnet --health-cmd 'test -e /tmp/ready' "
+              "--health-interval 5s --health-retries 2 -- python3 -m http.server 8080\n"
+              "meshctl service create front --network appnet --replicas 2 --publish 8080:80 "
+              "-- python3 -m http.server 80")
     sc.add_argument("name", help="the service's name (and DNS name)")
     sc.add_argument("--network", required=True, action="append",
                     help="the network its tasks join (repeatable)")
@@ -231,7 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="when a finished task is started again")
     sc.add_argument("--env", action="append", default=[], metavar="K=V",
                     help="set an environment variable (repeatable)")
+    sc.add_argument("--endpoint-mode", choices=("vip", "dnsrr"), default="vip",
+                    help="vip (default): NAME resolves to one virtual IP per network, balanced "
+                    "over the serving tasks by the kernel on any port, tasks.NAME to the tasks; "
+                    "dnsrr: NAME resolves to the task addresses (round-robin DNS), e.g. "
+                    "--endpoint-mode dnsrr")
+    sc.add_argument("--publish", "-p", action="append", default=[],
+                    metavar="PUBLISHED:TARGET[/PROTO]",
+                    help="answer on port PUBLISHED of every host's address with port TARGET of "
+                    "a task (the routing mesh), e.g. 8080:80 or 5353:53/udp, or Docker's long "
+                    "form published=8080,target=80,protocol=tcp (repeatable)")
     add_containment_flags(sc)
+    add_health_flags(sc)
+    rolling.add_update_policy_flags(sc)
     add_wait_flags(sc)
     ss = verb(svc, "scale", "change services' replica counts and wait until they run",
               "meshctl service scale web=5\nmeshctl service scale web=2 api=4 --detach")
@@ -246,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
               "meshctl service rm web\nmeshctl service rm web --detach")
     sr.add_argument("name", help="the service's name")
     add_wait_flags(sr)
+    rolling.add_update_verbs(svc, verb, add_wait_flags)
     sl = verb(svc, "logs", streams.LOGS_HELP, streams.LOGS_EXAMPLES)
     sl.add_argument("name", help="the service's name")
     streams.add_logs_flags(sl)
@@ -361,7 +380,9 @@ def to_request(ns: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
                 "name": ns.name, "networks": ns.network, "replicas": ns.replicas,
                 "mode": ns.mode or "replicated", "constraints": ns.constraint,
                 "max_per_node": ns.max_per_node, "restart_condition": ns.restart_condition,
-                "env": ns.env, **containment_args(ns), "command": _command(ns.command)}
+                "env": ns.env, "endpoint_mode": ns.endpoint_mode,
+                **containment_args(ns), **health_args(ns), **rolling.update_policy_args(ns),
+                "publish": _publish(ns.publish), "command": _command(ns.command)}
         if verb == "scale":
             scales: dict[str, int] = {}
             for item in ns.scales:
@@ -372,6 +393,8 @@ def to_request(ns: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
             return "service scale", "service.scale", {"scales": scales}
         if verb == "logs":
             return "service logs", "service.logs", streams.logs_args(ns)
+        if verb in ("update", "rollback"):
+            return rolling.rolling_request(ns)
         return f"service {verb}", f"service.{verb}", {"name": getattr(ns, "name", None)}
     if cmd == "events":
         return "events", "events", streams.events_args(ns)
@@ -384,7 +407,7 @@ def to_request(ns: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
 # --- printing: one cell renderer, one table printer, one key: value printer ---------------------
 
 # Keys whose value is a command line: shown as a shell would read it back (shlex.join).
-ARGV_KEYS = frozenset({"command", "argv"})
+ARGV_KEYS = frozenset({"command", "argv", "cmd"})
 # Field lines wrap here (continuations indented), so a section of counters stays readable.
 LINE_WIDTH = 100
 
@@ -519,8 +542,20 @@ def _render_status(result: dict[str, Any]) -> str:
     return "\n".join(lines + fields(rest))
 
 
+def _publish(items: list[str]) -> list[dict[str, Any]]:
+    """--publish values, each checked here so a typo is a usage error (exit 2); a port given
+    twice, like a clash, is the agent's to refuse (exit 1)."""
+    try:
+        return [parse_publish(i) for i in items]
+    except PortError as e:
+        raise UsageError(str(e)) from None
+
+
 def _render_spec(result: dict[str, Any]) -> str:
     """`service inspect` and `service create`: the spec, its containment, then its tasks."""
+    ports = result.get("ports")
+    if isinstance(ports, list) and all(isinstance(p, dict) for p in ports):
+        result = {**result, "ports": [port_text(p) for p in ports]}  # 8080:80/tcp, as given
     lines = fields({k: v for k, v in result.items() if k not in ("containment", "tasks")})
     c = result.get("containment")
     if isinstance(c, dict):
@@ -534,8 +569,25 @@ def _render_spec(result: dict[str, Any]) -> str:
         lines += fields({"containment": c})
     if "tasks" in result:
         lines += ["tasks:", table(_containment_rows(result.get("tasks") or []),
-                                  ["task", "node", "state", "ip", "user", "caps", "limits"])]
+                                  ["task", "node", "state", "health", "version", "ip",
+                                   "user", "caps", "limits"])]
+        probes = _probe_rows(result.get("tasks"))
+        if probes:
+            lines += ["health log:", table(probes, ["task", "start", "exit_code", "output"])]
     return "\n".join(lines)
+
+
+def _probe_rows(tasks: Any) -> list[dict[str, Any]]:
+    """The last health probes of the tasks that have them (each output on one short line)."""
+    rows = []
+    for t in tasks if isinstance(tasks, list) else []:
+        probes = t.get("health_log") if isinstance(t, dict) else None
+        for p in probes if isinstance(probes, list) else []:
+            if isinstance(p, dict):
+                rows.append({"task": t.get("task"), "start": p.get("start"),
+                             "exit_code": p.get("exit_code"),
+                             "output": " ".join(str(p.get("output") or "").split())[:100]})
+    return rows
 
 
 def _render_network(result: dict[str, Any]) -> str:
@@ -576,7 +628,8 @@ def render(name: str, result: Any) -> str:
         if name == "dns lookup":
             answers = result.get("answers")
             return "\n".join(map(cell, answers)) if isinstance(answers, list) else cell(answers)
-        if name in ("service inspect", "service create"):
+        if name in ("service inspect", "service create", "service update",
+                    "service rollback"):
             return _render_spec(result)
         if name == "network inspect":
             return _render_network(result)
@@ -666,6 +719,8 @@ def _main(argv: list[str] | None) -> int:
     if name in WAITING_VERBS and not ns.detach:
         targets = list(args["scales"]) if name == "service scale" else [str(args["name"])]
         code, result = wait_for_services(ns.socket, name, targets, result, ns.timeout)
+    if name in rolling.ROLLING_VERBS and not ns.detach:
+        code, result = wait_for_rollout(ns.socket, name, str(args["name"]), result, ns.timeout)
     if op in STREAMING_OPS:
         if ns.json:  # the stream's last line; a human saw the stream itself
             print(json.dumps(result, separators=(",", ":"), sort_keys=True, default=_json_text))
@@ -1007,6 +1062,23 @@ def wait_for_services(path: str, name: str, services: list[str], result: Any, ti
     if name == "service create" and isinstance(result, dict) and services[0] in last:
         result = {**result, "running": _running(last[services[0]])}
     return EXIT_OK, result
+
+
+def wait_for_rollout(path: str, name: str, service: str, result: Any,
+                     timeout: float) -> tuple[int, Any]:
+    """After `service update|rollback`: until the rollout completes, pauses or rolls back
+    (meshnet/cli/rolling.py); exit 1 with why on a pause or a rollback."""
+    try:
+        return rolling.wait_for_rollout(
+            lambda: _progress_of(path, name, service), name, result, timeout,
+            Progress(sys.stderr), task_progress, time.monotonic, time.sleep, POLL_S,
+            lambda line: print(f"meshctl: {name}: {line}", file=sys.stderr))
+    except _StopWaiting as stop:
+        return stop.code, result
+    except KeyboardInterrupt:
+        print(f"meshctl: {name}: stopped waiting; the update goes on in the background",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED, result
 
 
 # --- ca: the cluster CA and node certificates (local files; revoke also submits) ----------------

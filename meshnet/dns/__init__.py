@@ -14,6 +14,7 @@ from meshnet.dns.resolver import (
     Forward,
     Resolver,
     TaskRecord,
+    VipRecord,
     servfail_reply,
 )
 from meshnet.dns.upstream import (
@@ -44,5 +45,6 @@ __all__ = [
     "SendUpstream",
     "TaskRecord",
     "UpstreamPool",
+    "VipRecord",
     "servfail_reply",
 ]

@@ -12,6 +12,9 @@ Names (docs/design.md §4), all case-insensitive, each optionally followed by a 
 - ``<service>``, ``tasks.<service>``: the addresses of the service's running tasks, on every
   network the asker is attached to; ``<service>.<N>`` and ``tasks.<service>.<N>``: the same,
   on network ``N`` only. The order is rotated on every answer.
+- A service with a VIP on network ``N`` (:class:`VipRecord`; endpoint mode ``vip``, issue 17)
+  answers ``<service>`` and ``<service>.<N>`` on ``N`` with the VIP alone, even with no task
+  serving; ``tasks.<service>`` still gives its task addresses. PTR of a VIP: the service.
 - ``<task>`` (``<service>.<slot>``, e.g. ``web.1``, or a one-off sandbox's name) and
   ``<task>.<N>``: the addresses of that one task.
 - ``<d>.<c>.<b>.<a>.in-addr.arpa`` PTR for a task's address: the task name.
@@ -123,6 +126,7 @@ __all__ = [
     "Forward",
     "Resolver",
     "TaskRecord",
+    "VipRecord",
     "servfail_reply",
 ]
 
@@ -164,6 +168,16 @@ class TaskRecord:
     service: str
     slot: int | None
     task: str
+    network: str
+    ip: str
+
+
+@dataclass(frozen=True, slots=True)
+class VipRecord:
+    """A service's virtual IP on one network: ``<service>`` answers it there instead of the
+    task addresses (which ``tasks.<service>`` keeps giving)."""
+
+    service: str
     network: str
     ip: str
 
@@ -218,24 +232,37 @@ class _Rec:
 class _Index:
     """Lookup tables over the current records; immutable once built."""
 
-    __slots__ = ("by_ip", "by_service", "by_task", "networks")
+    __slots__ = ("by_ip", "by_service", "by_task", "by_tasks", "networks")
 
-    def __init__(self, records: Iterable[TaskRecord], networks: Iterable[str]) -> None:
+    def __init__(self, records: Iterable[TaskRecord], networks: Iterable[str],
+                 vips: Iterable[VipRecord] = ()) -> None:
         by_task: dict[str, dict[_Rec, None]] = {}
-        by_service: dict[str, dict[_Rec, None]] = {}
+        by_service: dict[str, dict[_Rec, None]] = {}  # what <service> answers
+        by_tasks: dict[str, dict[_Rec, None]] = {}  # what tasks.<service> answers
         by_ip: dict[bytes, dict[_Rec, None]] = {}
         nets = {_fold(n) for n in networks}
+        with_vip: set[tuple[str, str]] = set()  # (service, network): <service> is the VIP
+        for v in vips:
+            rec = _Rec(_fold(v.network), ipaddress.IPv4Address(v.ip).packed, v.service)
+            nets.add(rec.network)
+            with_vip.add((_fold(v.service), rec.network))
+            by_service.setdefault(_fold(v.service), {})[rec] = None
+            by_ip.setdefault(rec.ip, {})[rec] = None
         for r in records:
             rec = _Rec(_fold(r.network), ipaddress.IPv4Address(r.ip).packed, r.task)
             nets.add(rec.network)
             by_task.setdefault(_fold(r.task), {})[rec] = None
             if r.service:
-                by_service.setdefault(_fold(r.service), {})[rec] = None
+                service = _fold(r.service)
+                by_tasks.setdefault(service, {})[rec] = None
+                if (service, rec.network) not in with_vip:
+                    by_service.setdefault(service, {})[rec] = None
                 if r.slot is not None:
                     by_task.setdefault(_fold(f"{r.service}.{r.slot}"), {})[rec] = None
             by_ip.setdefault(rec.ip, {})[rec] = None
         self.by_task = {k: tuple(v) for k, v in by_task.items()}
         self.by_service = {k: tuple(v) for k, v in by_service.items()}
+        self.by_tasks = {k: tuple(v) for k, v in by_tasks.items()}
         self.by_ip = {k: tuple(v) for k, v in by_ip.items()}
         self.networks = frozenset(nets)
 
@@ -345,6 +372,7 @@ class Resolver:
         self._rng = rng if rng is not None else random.Random()
         self.version = -1
         self._records: frozenset[TaskRecord] = frozenset()
+        self._vips: frozenset[VipRecord] = frozenset()
         self._index = _Index((), ())
         self._known_networks: frozenset[str] = frozenset()
         # scope -> query bytes after the ID -> (the reply after the ID if the template is static,
@@ -368,9 +396,11 @@ class Resolver:
     # -- records ----------------------------------------------------------------------------
 
     def set_records(
-        self, records: Iterable[TaskRecord], version: int, *, networks: Iterable[str] = ()
+        self, records: Iterable[TaskRecord], version: int, *, networks: Iterable[str] = (),
+        vips: Iterable[VipRecord] = (),
     ) -> None:
-        """Replace the view with ``records`` (from store ``version``) and drop the answer cache.
+        """Replace the view with ``records`` and ``vips`` (from store ``version``) and drop the
+        answer cache.
 
         ``networks`` names extra networks (ones without tasks yet) so that ``<x>.<N>`` on them
         is answered NXDOMAIN rather than forwarded. Records whose IP is not IPv4 text are
@@ -384,14 +414,25 @@ class Resolver:
                 self.counters["bad_records"] += 1
                 continue
             good.append(r)
+        good_vips: list[VipRecord] = []
+        for v in vips:
+            try:
+                ipaddress.IPv4Address(v.ip)
+            except ValueError:
+                self.counters["bad_records"] += 1
+                continue
+            good_vips.append(v)
         new = frozenset(good)
+        new_vips = frozenset(good_vips)
         nets = frozenset(_fold(n) for n in networks)
         self.version = version
-        if new == self._records and nets == self._known_networks:
+        if new == self._records and nets == self._known_networks and new_vips == self._vips:
             return
         self._records = new
+        self._vips = new_vips
         self._known_networks = nets
-        self._index = _Index(sorted(new, key=lambda r: (r.network, r.ip, r.task)), nets)
+        self._index = _Index(sorted(new, key=lambda r: (r.network, r.ip, r.task)), nets,
+                             sorted(new_vips, key=lambda v: (v.network, v.ip, v.service)))
         self._clear_cache()
 
     def set_ttl(self, ttl: int) -> None:
@@ -631,7 +672,7 @@ class Resolver:
         if recs:
             out.append((recs, net))
         if name.startswith("tasks."):
-            recs = idx.by_service.get(name[6:])
+            recs = idx.by_tasks.get(name[6:])
             if recs:
                 out.append((recs, net))
         recs = idx.by_task.get(name)

@@ -50,6 +50,10 @@ def _get(url: str, timeout: float = 5.0) -> str:
 
 def serve(port: int, name: str, backend: str | None) -> None:
     class Handler(BaseHTTPRequestHandler):
+        # Keep-alive (every answer has a Content-Length): a client may hold one connection open
+        # and send again, as the VIP tests do; urllib's `Connection: close` still closes.
+        protocol_version = "HTTP/1.1"
+
         def do_GET(self) -> None:
             body = f"{name} on {_host()}"
             if backend:

@@ -14,8 +14,9 @@ a live lab and returns the violations it finds.
                 sandbox of a task that is not running there is left.
 4. addresses    endpoint addresses unique within each network (`network inspect`).
 5. dns          `dns lookup SERVICE --network NET` answers exactly the IPs of the running tasks
-                (the ones their own host reports running and whose process is alive). meshnet has
-                no VIPs: a service name always answers its tasks.
+                (the ones their own host reports running and whose process is alive), or for a
+                vip service (issue 17) exactly its VIP on NET, and then `tasks.SERVICE` answers
+                exactly the running tasks' IPs.
 6. kernel       per plain network, the VXLAN device's FDB ("self" MAC -> VTEP, "master" static
                 MAC) and permanent neighbour entries (IP -> MAC) name exactly the remote live
                 endpoints; no device of a removed network. Encrypted networks have no VXLAN
@@ -540,7 +541,8 @@ def check_addresses(lab: Lab, hosts: list[str]) -> list[Violation]:
 def check_dns(lab: Lab, hosts: list[str], expected: Expected,
               names: Iterable[str] = ()) -> list[Violation]:
     """On every host, each service's name on its network answers exactly the IPs of its
-    running tasks: running by their own host's word, with a live process. No dead address.
+    running tasks: running by their own host's word, with a live process. No dead address. A
+    vip service's name answers exactly its VIP there, and `tasks.<service>` those IPs.
     Looked up on every host: every service any host knows, every one EXPECTED names (maybe ones
     too), and NAMES (e.g. services an acknowledged rm removed): a service with no running task
     must answer nothing."""
@@ -564,23 +566,30 @@ def check_dns(lab: Lab, hosts: list[str], expected: Expected,
     network_of.update({n: None for n in expected.maybe_services})
     network_of.update({n: str(f["network"]) if f.get("network") else None
                        for n, f in expected.services.items()})
+    vip_of: dict[str, str] = {}  # vip service -> its VIP on the network it is looked up on
     for v in views:
         for n in v.names():
-            nets = _as_list((v.doc(n) or {}).get("networks"))
+            doc = v.doc(n) or {}
+            nets = _as_list(doc.get("networks"))
             if nets:
                 network_of[n] = str(nets[0])
+                vip = _as_dict(doc.get("vips")).get(str(nets[0]))
+                if doc.get("endpoint_mode") == "vip" and vip:
+                    vip_of[n] = str(vip)
 
-    def lookups(v: ServiceView) -> list[tuple[str, str | None, Answer]]:
+    def lookups(v: ServiceView) -> list[tuple[str, str, str | None, Answer]]:
+        """(service, name looked up, network, answer): a vip service's name and its tasks."""
         res = []
-        for name, net in sorted(network_of.items()):
-            args = {"name": name, "network": net, "type": "A"}
-            cmd = f"dns lookup {name}" + (f" --network {net}" if net else "")
-            res.append((name, net, query(lab, v.host, "dns.lookup", args, command=cmd)))
+        for svc, net in sorted(network_of.items()):
+            for name in (svc, f"tasks.{svc}") if svc in vip_of else (svc,):
+                args = {"name": name, "network": net, "type": "A"}
+                cmd = f"dns lookup {name}" + (f" --network {net}" if net else "")
+                res.append((svc, name, net, query(lab, v.host, "dns.lookup", args, command=cmd)))
         return res
 
     for v, found in zip(views, parallel(lookups, views), strict=True):
         out += [query_failed("dns", a) for a in v.failures()]
-        for svc, net, a in found:
+        for svc, name, net, a in found:
             if a.ok:
                 answers = sorted(str(x) for x in _as_list(_as_dict(a.result).get("answers")))
             elif "no A records" in str(a.error):
@@ -588,13 +597,13 @@ def check_dns(lab: Lab, hosts: list[str], expected: Expected,
             else:
                 out.append(query_failed("dns", a))
                 continue
-            want = truth.get(svc, {})
+            want = {vip_of[svc]: "VIP"} if name == svc and svc in vip_of else truth.get(svc, {})
             if set(answers) == set(want):
                 continue
             stale = sorted(set(answers) - set(want))
             missing = sorted(set(want) - set(answers))
             out.append(Violation(
-                "dns", f"{v.host}: {svc} on {net or 'any network'} answers {answers or 'nothing'}"
+                "dns", f"{v.host}: {name} on {net or 'any network'} answers {answers or 'nothing'}"
                 + (f"; dead {stale}" if stale else "")
                 + (f"; missing {missing}" if missing else ""),
                 {"host": v.host, "service": svc, "network": net, "answers": answers,

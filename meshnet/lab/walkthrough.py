@@ -248,7 +248,12 @@ def run(hosts: int) -> None:
         served_by = {ln.split(" on ")[1].split(" ->")[0] for ln in lines}
         say(f"   answered by frontends on {', '.join(sorted(served_by))}")
         if len(served_by) < 2:
-            raise StepFailed("every answer came from one host: DNS rotation did not spread calls")
+            raise StepFailed("every answer came from one host: the VIP did not spread calls")
+        say("\n   frontend and backend run in endpoint mode vip (Docker's default): a name is one "
+            "virtual IP, which each sandbox's kernel balances over the tasks; tasks.NAME lists "
+            "them")
+        show(lab, names[0], "dns", "lookup", "backend", "--network", "appnet")
+        show(lab, names[0], "dns", "lookup", "tasks.backend", "--network", "appnet")
 
         say("\n== metrics: dockerd --metrics-addr, then curl http://<host>:9323/metrics")
         say(f"   meshnet: meshnetd --metrics-listen IP:{METRICS_PORT} (on for every lab host): "

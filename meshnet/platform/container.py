@@ -168,15 +168,63 @@ def encode_plan(plan: Mapping[str, Any]) -> bytes:
 
 
 async def spawn(plan: Mapping[str, Any], tools: Tools, *, stdout: int,
-                stderr: int) -> asyncio.subprocess.Process:
+                stderr: int, pass_fds: Sequence[int] = ()) -> asyncio.subprocess.Process:
     """Start the launcher with PLAN on its stdin; its pid leads a new session (the agent stops
     the task by signalling that process group)."""
     proc = await asyncio.create_subprocess_exec(
         tools.python, "-I", "-S", str(LAUNCHER), stdin=asyncio.subprocess.PIPE,
-        stdout=stdout, stderr=stderr, start_new_session=True, env={"PATH": TASK_PATH})
+        stdout=stdout, stderr=stderr, start_new_session=True, env={"PATH": TASK_PATH},
+        pass_fds=tuple(pass_fds))
     assert proc.stdin is not None
     proc.stdin.write(encode_plan(plan))
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         await proc.stdin.drain()  # if it died at once, its exit status says why
     proc.stdin.close()
     return proc
+
+
+# --- running a command inside a running task (health probes) ---------------------------------
+
+
+def exec_plan(task_plan: Mapping[str, Any], pidfd: int, argv: Sequence[str]) -> dict[str, Any]:
+    """A plan that runs ARGV inside the task TASK_PLAN started (launch.py's exec mode): the same
+    capabilities, user, environment and cgroups; the task's namespaces through PIDFD (a pidfd
+    of the task's PID 1, passed to the launcher at the same number)."""
+    keep = ("caps", "cap_bits", "user", "env", "cgroup_procs", "setpriv", "launcher_id")
+    return {**{k: task_plan[k] for k in keep}, "mode": "exec", "pidfd": pidfd,
+            "argv": list(argv), "cwd": "/"}
+
+
+def task_init(launcher_pid: int) -> int:
+    """The task's PID 1 (tini, the launcher's only child), as a pidfd; ContainerError when it
+    is not there (not yet forked, or gone). The launcher is the agent's own child and alive
+    while the agent has not reaped it, so its child's pid cannot be reused before the check
+    after pidfd_open: the pidfd names that child and nothing else."""
+    path = f"/proc/{launcher_pid}/task/{launcher_pid}/children"
+    try:
+        with open(path) as f:
+            children = f.read().split()
+        if len(children) != 1:
+            raise ContainerError(f"the task's launcher has {len(children)} children, not 1")
+        pid = int(children[0])
+        fd = os.pidfd_open(pid)
+    except (OSError, ValueError) as e:
+        raise ContainerError(f"the task's init is not running ({e})") from None
+    try:
+        if _parent_of(pid) != launcher_pid:
+            raise ContainerError("the task's init is gone")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("PPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None

@@ -30,6 +30,14 @@ runs the same interpreter. Run as root with the agent's capabilities:
 
 Any failure before the command starts is one line on stderr and exit 125 (Docker's code for
 "the container could not be started"); tini itself exits 126/127 when the command cannot run.
+
+A plan with "mode": "exec" runs a command inside a running task instead (a health probe, as
+`docker exec` does): the plan's "pidfd" (an fd the agent passed, a pidfd of the task's PID 1)
+names the task. The parent joins its network namespace and, for its child, its PID namespace;
+the child joins the task's cgroups, then its mount, UTS, IPC and cgroup namespaces (setns with
+the pidfd: the task cannot be swapped for another process between the look-up and the join),
+and execs setpriv with the task's capabilities, user and no_new_privs, then the command
+(without tini: the task's own PID 1 reaps what the command leaves behind).
 """
 
 from __future__ import annotations
@@ -74,6 +82,7 @@ MOUNT_ATTR_NOSUID = 0x2
 PR_SET_PDEATHSIG = 1
 
 START_FAILED = 125
+EXEC_FAILED = "could not run in the task"
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
              signal.SIGUSR2)
 
@@ -258,6 +267,8 @@ def privileges_argv(plan: dict[str, Any]) -> list[str]:
         argv += [f"--regid={user['gid']}", f"--reuid={user['uid']}"]
         groups = user.get("groups") or []
         argv += [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
+    if plan.get("mode") == "exec":  # inside a running task: its PID 1 is its init
+        return [*argv, "--", *plan["argv"]]
     return [*argv, "--", plan["init"], "-g", "--", *plan["argv"]]
 
 
@@ -344,11 +355,45 @@ def parent(plan: dict[str, Any]) -> int:
     return os.WEXITSTATUS(status)
 
 
-def _fail(e: BaseException) -> None:
+def enter(plan: dict[str, Any]) -> int:
+    """Exec mode: run the plan's command inside the running task its pidfd names."""
+    task = plan["pidfd"]
+    try:
+        check_version(plan)
+        check_ceiling(plan)
+        os.set_inheritable(task, False)  # the command must not hold the task's pidfd
+        # With a pidfd, setns joins several namespaces at once; PID affects our children only.
+        _check(_libc.setns(task, CLONE_NEWNET | CLONE_NEWPID), "join the task's namespaces")
+    except BaseException as e:
+        _fail(e, EXEC_FAILED)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for procs in plan.get("cgroup_procs", []):  # before the task's mounts hide them
+                with open(procs, "w") as f:
+                    f.write("0")
+            _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
+            _check(_libc.setns(task, CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC |
+                               CLONE_NEWCGROUP), "join the task's mount namespace")
+            os.close(task)
+            os.chdir(plan.get("cwd") or "/")
+            argv = privileges_argv(plan)
+            os.execve(argv[0], argv, plan["env"])
+        except BaseException as e:
+            _fail(e, EXEC_FAILED)
+        os._exit(START_FAILED)
+    os.close(task)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def _fail(e: BaseException, what: str = "task could not be started") -> None:
     msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
     where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
     try:
-        os.write(2, f"meshnet: task could not be started: {msg}{where}\n".encode())
+        os.write(2, f"meshnet: {what}: {msg}{where}\n".encode())
     finally:
         os._exit(START_FAILED)
 
@@ -362,7 +407,7 @@ def main() -> int:
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
-        return parent(plan)
+        return enter(plan) if plan.get("mode") == "exec" else parent(plan)
     except BaseException as e:
         _fail(e)
     return START_FAILED

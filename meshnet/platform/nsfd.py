@@ -139,6 +139,18 @@ def call_in_netns(name: str | None, fn: Callable[[], T]) -> T:
     return _in_fresh_thread(body, name)
 
 
+def call_in_netns_at(path: Path, fn: Callable[[], T]) -> T:
+    """FN() evaluated by a short-lived thread inside the network namespace at PATH (e.g. a
+    process's /proc/PID/ns/net, for a namespace whose /run/netns bind lives in another mount
+    namespace)."""
+
+    def body() -> T:
+        _setns_path(path)
+        return fn()
+
+    return _in_fresh_thread(body, str(path))
+
+
 def open_socket_in_netns(
     ns_name: str | None,
     family: int = socket.AF_INET,

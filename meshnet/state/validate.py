@@ -31,6 +31,8 @@ from typing import Any
 
 from meshnet.containment import CAP_NUMBERS, MAX_CAP_ITEMS, MAX_MOUNTS, MAX_PATH, ContainmentError
 from meshnet.containment import from_value as containment_from_value
+from meshnet.health import HEALTH_STATES, HealthError, HealthSpec
+from meshnet.lb.core import DNSRR, ENDPOINT_MODES, VIP_CLAIM_KIND, vip_claim_name, vip_usable
 from meshnet.placement.core import GLOBAL_SLOTS
 from meshnet.placement.spec import (
     MAX_REPLICAS,
@@ -47,6 +49,14 @@ from meshnet.state.networks import (
     NetworkError,
     check_name,
     parse_subnet,
+)
+from meshnet.state.ports import HOST_KIND, PortError, check_ports, host_endpoint_name
+from meshnet.state.rolling import (
+    MAX_VERSION,
+    RollingError,
+    check_message,
+    check_rollback,
+    update_config,
 )
 from meshnet.state.tables import ENDPOINTS, NETWORKS, SERVICES
 
@@ -102,6 +112,9 @@ MAX_SERVICE_NETWORKS = 16
 _STATE_RE = re.compile(r"[a-z][a-z-]{0,31}")
 # Node names: membership names, as config.py allows them (one DNS label, dots allowed inside).
 _NODE_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
+# Endpoint kinds (`kind`; absent: a task's or a sandbox's): a host's own address on a network
+# (issue 17, published ports) or a service's virtual IP claim.
+ENDPOINT_KINDS = (HOST_KIND, "vip")
 # A task's name: its service and slot.
 _TASK_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9_-]{0,62})\.([0-9]{1,10})")
 # What mac_for_ip makes and the kernel shows: six lower-case hex pairs.
@@ -120,6 +133,8 @@ _SERIAL_RE = re.compile(r"[0-9a-f]{32}")
 # A revocation's issue time: Unix seconds, decimal, canonical (no sign, no leading zero); 12
 # digits reach the year 33658.
 _ISSUED_AT_RE = re.compile(r"0|[1-9][0-9]{0,11}")
+# A Unix time a record may carry (a task's `since`): up to the year 33658, as _ISSUED_AT_RE.
+MAX_UNIX_TIME = 1e12
 
 
 class ValidationError(ValueError):
@@ -329,6 +344,11 @@ def _check_spec(spec: Mapping[str, Any], name: str, network: str, mode: str,
     if mpn is not None:
         _int(mpn, "max_per_node", 1, MAX_REPLICAS)
     restart_policy(spec.get("restart"))
+    if spec.get("health") is not None:  # issue 17: meshnet/health.py has the rules
+        try:
+            HealthSpec.from_value(spec["health"])
+        except HealthError as e:
+            raise _fail(str(e)) from None
     try:
         containment_from_value(spec.get("containment"))
     except ContainmentError as e:
@@ -369,6 +389,63 @@ def _services(key: str, d: Mapping[str, Any]) -> None:
     if type(spec) is not dict:
         raise _fail(f"spec must be a map, not {_show(spec)}")
     _check_spec(spec, name, network, mode, replicas)
+    if "ports" in d:  # published ports (issue 17; state/ports.py)
+        try:
+            check_ports(d["ports"])
+        except PortError as e:
+            raise _fail(str(e)) from None
+    _rolling(d, name, network, mode, replicas)
+    _endpoint_mode(d, spec["networks"])
+
+
+def _endpoint_mode(d: Mapping[str, Any], networks: list[str]) -> None:
+    """`endpoint_mode` (issue 17; absent: dnsrr, as records of older agents) and `vips`: a vip
+    service holds one VIP per network of its spec, canonical unicast IPv4; a dnsrr one none.
+    Whether a VIP lies in its network's subnet needs the network's entry: lb/core.py
+    vip_usable checks it where the VIP is used (DNS, the kernel's maps)."""
+    mode = d.get("endpoint_mode", DNSRR)
+    if mode not in ENDPOINT_MODES:
+        raise _fail(f"endpoint_mode {_show(mode)} is not one of {', '.join(ENDPOINT_MODES)}")
+    vips = d.get("vips")
+    if mode == DNSRR:
+        if "vips" in d:
+            raise _fail("a dnsrr service has no vips")
+        return
+    if type(vips) is not dict:
+        raise _fail(f"vips must be a map of network to IPv4, not {_show(vips)}")
+    if set(vips) != set(networks):
+        raise _fail("vips must hold one VIP for each network of the spec")
+    for network, ip in vips.items():
+        check_ipv4(ip, f"vip on {_show(network)}")
+
+
+def _rolling(d: Mapping[str, Any], name: str, network: str, mode: str, replicas: int) -> None:
+    """A service's rolling-update fields (issue 17; state/rolling.py has the rule): `version`,
+    `previous` (the spec rolled from, checked as a spec), `update_config`, `rollback`."""
+    version = _int(d.get("version", 1), "version", 1, MAX_VERSION)
+    try:
+        update_config(d.get("update_config"))
+        if "rollback" in d:
+            check_rollback(d["rollback"], version)
+    except RollingError as e:
+        raise _fail(str(e)) from None
+    prev = d.get("previous")
+    if prev is None:
+        return
+    if type(prev) is not dict or not {"spec", "version"} <= set(prev) or \
+            not set(prev) <= {"spec", "version", "replicas"}:
+        raise _fail("previous must be a map of spec, version and replicas")
+    _int(prev["version"], "previous version", 1, version - 1)
+    prev_replicas = _int(prev.get("replicas", replicas), "previous replicas", 0, MAX_REPLICAS)
+    spec = prev["spec"]
+    if type(spec) is not dict:
+        raise _fail(f"previous spec must be a map, not {_show(spec)}")
+    nets = spec.get("networks")
+    first = nets[0] if type(nets) is list and nets else network
+    try:
+        _check_spec(spec, name, first if type(first) is str else network, mode, prev_replicas)
+    except ValidationError as e:
+        raise _fail(f"previous {e}") from None
 
 
 def _summary(d: Mapping[str, Any]) -> None:
@@ -408,9 +485,23 @@ def _endpoint_name(value: object) -> str:
 
 
 def _endpoints(key: str, d: Mapping[str, Any]) -> None:
-    name = _endpoint_name(d.get("name"))
-    network = _name("network", d.get("network"))
     node = _node(d.get("node"))
+    kind = d.get("kind")
+    if kind is not None and kind not in ENDPOINT_KINDS:
+        raise _fail(f"endpoint kind {_show(kind)} is not one of {', '.join(ENDPOINT_KINDS)}")
+    if kind == HOST_KIND:
+        # A host's own address on a network (issue 17): named for its node, which it is the
+        # only endpoint to be, so its key can never be a sandbox's or a task's.
+        name = d.get("name")
+        if name != host_endpoint_name(node):
+            raise _fail(f"a host endpoint of {node} must be named {host_endpoint_name(node)}")
+        if d.get("service") is not None or d.get("slot") is not None:
+            raise _fail("a host endpoint has no service or slot")
+    else:
+        name = _endpoint_name(d.get("name"))
+        if name == host_endpoint_name(node):
+            raise _fail(f"endpoint name {name} is reserved for {node}'s own address")
+    network = _name("network", d.get("network"))
     base = f"{network}/{name}"
     if key not in (base, f"{base}@{node}"):
         raise _fail(f"key is not {_show(base)}[@{_show(node)}]")
@@ -428,11 +519,33 @@ def _endpoints(key: str, d: Mapping[str, Any]) -> None:
         _int(d["prefixlen"], "prefixlen", 0, 32)
     if "sandbox" in d:
         _text(d["sandbox"], "sandbox", MAX_SANDBOX_CHARS, allow_empty=True)
+    if "health" in d:
+        _health(d["health"])
+    if kind == VIP_CLAIM_KIND:
+        _vip_claim(d, name, service, slot)
     if "containment" in d:
         c = d["containment"]
         if type(c) is not dict:
             raise _fail(f"containment must be a map, not {_show(c)}")
         _summary(c)
+
+
+def _vip_claim(d: Mapping[str, Any], name: str, service: object, slot: object) -> None:
+    """A service's VIP claim (agent/vips.py): named `<service>.0` for its service, no slot,
+    and (when the claim says its prefix) a host address that is not the subnet's network,
+    gateway (.1) or broadcast address."""
+    if type(service) is not str or name != vip_claim_name(service) or slot is not None:
+        raise _fail("a VIP claim is named <service>.0 for its service, with no slot")
+    if "prefixlen" in d:
+        net = ipaddress.IPv4Network(f"{d['ip']}/{d['prefixlen']}", strict=False)
+        if not vip_usable(d["ip"], str(net)):
+            raise _fail(f"VIP {d['ip']} is not a usable address of {net}")
+
+
+def _health(value: object) -> None:
+    """A task's (or its endpoint's) health: its check's status (meshnet/health.py)."""
+    if value not in HEALTH_STATES:
+        raise _fail(f"health {_show(value)} is not one of {', '.join(HEALTH_STATES)}")
 
 
 def _tasks(key: str, d: Mapping[str, Any]) -> None:
@@ -456,6 +569,17 @@ def _tasks(key: str, d: Mapping[str, Any]) -> None:
         _int(d.get("exit_code"), "exit_code", -(1 << 31), (1 << 31) - 1)
     if "restarts" in d:
         _int(d["restarts"], "restarts", 0, (1 << 63) - 1)
+    if "health" in d:
+        _health(d["health"])
+    if "since" in d:
+        _number(d["since"], "since", 0.0, MAX_UNIX_TIME)
+    if "version" in d:  # the service version it runs (issue 17, rolling updates)
+        _int(d["version"], "version", 1, MAX_VERSION)
+    if "update_failure" in d:
+        try:
+            check_message(d["update_failure"], "update_failure")
+        except RollingError as e:
+            raise _fail(str(e)) from None
     _summary(d)
 
 

@@ -101,7 +101,7 @@ def test_bad_replicated_values_are_refused_and_loops_keep_running(
     assert {t["node"] for t in tasks} == set(HOSTS)  # the schedulers on both hosts placed one
     ips = sorted(t["ip"] for t in tasks)
     for h in HOSTS:  # DNS records rebuilt (refresh_dns ran after the refusals)
-        wait(lambda h=h: sorted(c.ctl_json(h, "dns", "lookup", "web", "--network",
+        wait(lambda h=h: sorted(c.ctl_json(h, "dns", "lookup", "tasks.web", "--network",
                                            "good")["answers"]) == ips, 10, f"web in DNS on {h}")
     # the overlay loop programmed the good network's devices on both hosts and keeps passing
     for h in HOSTS:
