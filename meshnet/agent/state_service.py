@@ -93,7 +93,8 @@ class StateService:
         self.notify_scheduled = False
         self._counts = {"bad_deltas": 0, "bad_entries": 0, "anti_entropy": 0,
                         "anti_entropy_failed": 0, "handler_errors": 0, "listener_errors": 0,
-                        "refusals_not_logged": 0, "save_errors": 0, "owners_asked": 0}
+                        "refusals_not_logged": 0, "save_errors": 0, "owners_asked": 0,
+                        "large_writes_pushed": 0}
         # Live members' addresses (from membership events), and when we last asked each owner
         # to settle a disputed record (ask_owners): both at most one entry per member.
         self._live_addrs: dict[str, Addr] = {}
@@ -324,12 +325,20 @@ class StateService:
     # --- local writes (control API) ---------------------------------------------------------
 
     async def put(self, table: str, key: str, value: dict[str, Any]) -> None:
+        too_large = self.store.stats.deltas_too_large
         try:
             self.store.put(table, key, value, time.time())
         except StoreFull as e:  # a bound, not a bug: the user reads why (counted in the store)
             raise OpError(str(e), "store_full") from None
         self.changed()
         await self.flush()
+        if self.store.stats.deltas_too_large > too_large and self.gossip is not None:
+            # Too large for a gossip packet (a service with a long command and its previous
+            # spec): left to anti-entropy it would reach the others in 10-30 s, so exchange with
+            # every live member now. Such writes are rare (definitions, not task states).
+            self._counts["large_writes_pushed"] += 1
+            for addr in list(self._live_addrs.values()):
+                self._anti_entropy_with(addr)
 
     async def delete(self, table: str, key: str) -> bool:
         entry = self.store.delete(table, key, time.time())

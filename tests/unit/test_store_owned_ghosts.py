@@ -128,3 +128,32 @@ def test_a_disputed_record_sends_the_replica_to_its_owner(tmp_path: Path) -> Non
 
     calls, n = asyncio.run(asked())
     assert calls == [("10.0.0.1", 7946)] and n == 1  # once per OWNER_ASK_INTERVAL_S
+
+
+def test_a_write_too_large_to_gossip_is_pushed_to_every_live_member(tmp_path: Path) -> None:
+    """A record over the gossip delta bound (a service with a long command and its previous
+    spec) would otherwise reach the others only by the periodic anti-entropy, 10-30 s later."""
+
+    async def pushed() -> tuple[list[tuple[str, int]], int, int]:
+        s = node("s", Owners("o", "p", "s"))
+        db = StoreDb(tmp_path / "s.db")
+        try:
+            svc = StateService(s, db, "s")
+            calls: list[tuple[str, int]] = []
+            svc._anti_entropy_with = calls.append  # type: ignore[method-assign]
+            svc.gossip = object()  # type: ignore[assignment]
+            for name, ip in (("o", "10.0.0.1"), ("p", "10.0.0.2")):
+                addr = (ip, 7946)
+                svc.on_member_event(MemberAlive(Member(name, addr, MemberState.ALIVE, 1,
+                                                       NodeMeta(name, addr), T0)), 3)
+            small = {**TASK, "node": "s", "task": "web.1", "slot": 1}
+            await svc.put("tasks", "web.1@s", small)
+            assert calls == []  # it fits a gossip packet
+            big = {**small, "task": "web.2", "slot": 2, "note": "x" * 4000}
+            await svc.put("tasks", "web.2@s", big)
+            return calls, svc.counters["large_writes_pushed"], s.stats.deltas_too_large
+        finally:
+            db.close()
+
+    calls, n, too_large = asyncio.run(pushed())
+    assert sorted(calls) == [("10.0.0.1", 7946), ("10.0.0.2", 7946)] and n == 1 == too_large
