@@ -27,6 +27,15 @@ from meshnet.platform import cgroups, nsfd
 
 _counter = itertools.count(1)
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`run_first` tests go first and `run_last` tests last of the whole session: a long wait
+    (test_vip_idle.py's 120 s) then overlaps everything else instead of adding to it."""
+    first = [i for i in items if i.get_closest_marker("run_first")]
+    last = [i for i in items if i.get_closest_marker("run_last")]
+    middle = [i for i in items if i not in first and i not in last]
+    items[:] = [*first, *middle, *last]
+
 LabFactory = Callable[[], Lab]
 
 
