@@ -4,8 +4,9 @@
     python3 demo_http.py get URL [--tries N]
     python3 demo_http.py front --backend URL [--port 8080] [--name NAME]
 
-`serve` answers every GET with "NAME on HOST". `front` answers with its own name plus what it
-got from the backend, which is how the lab shows a frontend reaching a backend by name.
+`serve` answers every GET with "NAME on HOST" (plus " vN" when $VERSION is N). `front` answers
+with its own name plus what it got from the backend, which is how the lab shows a frontend
+reaching a backend by name.
 
 It uses only the standard library: a contained task runs it with the host's python3 (tasks see
 the host's root file system, read-only) from this directory, bound into the task read-only
@@ -49,13 +50,16 @@ def _get(url: str, timeout: float = 5.0) -> str:
 
 
 def serve(port: int, name: str, backend: str | None) -> None:
+    # A rolling update (`service update --env-add VERSION=2`) shows in every answer.
+    version = os.environ.get("VERSION")
+
     class Handler(BaseHTTPRequestHandler):
         # Keep-alive (every answer has a Content-Length): a client may hold one connection open
         # and send again, as the VIP tests do; urllib's `Connection: close` still closes.
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
-            body = f"{name} on {_host()}"
+            body = f"{name} on {_host()}" + (f" v{version}" if version else "")
             if backend:
                 try:
                     body += f" -> {_get(backend)}"
