@@ -191,6 +191,9 @@ def wait_for_rollout(fetch: Callable[[], dict[str, Any] | None], verb: str, resu
                 progress.done(line)
             else:
                 warn(line)
+            # what is printed after is the service as it ended, not as it was written
+            if isinstance(result, dict) and "update_status" in doc:
+                result = {**result, "update_status": doc["update_status"]}
             return code, result
         waited = clock() - start
         if waited >= timeout:

@@ -122,3 +122,14 @@ def test_outcome_edges() -> None:
     # a policy-only update of a service never updated: done once its tasks run
     assert outcome(progress(1, None, "running"), "service update", 1) == (0, "web: version 1")
     assert outcome(progress(2, "completed", "running", "starting"), "service update", 2) is None
+
+
+def test_the_service_printed_after_the_wait_is_as_it_ended(
+        monkeypatch: pytest.MonkeyPatch, fast: None, capsys: pytest.CaptureFixture[str]) -> None:
+    written = {"name": "web", "version": 2,
+               "update_status": {"state": "updating", "message": "0/2 on version 2"}}
+    monkeypatch.setattr(meshctl, "Client", Agent(written, [
+        progress(2, "completed", "running", "running", message="2/2 on version 2")]))
+    assert meshctl.main(["--json", "service", "update", "web", "--env-add", "A=1"]) == 0
+    out = capsys.readouterr().out
+    assert '"completed"' in out and '"updating"' not in out, out
