@@ -130,6 +130,8 @@ class Sandboxes:
         # Namespace -> the sandbox holding it, from the moment create picks the name until the
         # sandbox is gone: two sandboxes whose names hash alike are refused, never share one.
         self.holders: dict[str, str] = {}
+        # endpoint keys of starts still claiming their address (not in `live` yet)
+        self.claiming: set[str] = set()
         gossip.stream_handlers[STREAM_IPAM] = self._serve_claim
         self.counters = {"claims": 0, "claims_lost": 0, "confirm_retries": 0,
                          "confirm_member_gone": 0, "confirm_unreachable": 0,
@@ -344,6 +346,7 @@ class Sandboxes:
             raise OpError(f"sandbox {name}: its namespace name {ns} is already held by sandbox "
                           f"{holder} on this host; refusing to share it")
         self.holders[ns] = name  # no await between the check and the hold
+        self.claiming.add(key)
         try:
             # The devices and the address do not depend on each other: one waits on netlink,
             # the other on the members' confirmations (a failover starts tasks at once).
@@ -360,6 +363,8 @@ class Sandboxes:
             self.holders.pop(ns, None)
             self._withdraw_claim(key)
             raise
+        finally:
+            self.claiming.discard(key)
         handle = SandboxHandle(name=name, network=network, ns=ns, ip=ep.ip, key=key)
         self.live[ns] = handle
         try:
@@ -389,6 +394,22 @@ class Sandboxes:
             await self.remove(handle)
             raise
         return handle
+
+    def sweep_strays(self) -> int:
+        """Our own sandbox endpoints (they name a `sandbox`) that no live sandbox of ours has
+        and no start is claiming: withdrawn (see Services._sweep_strays). A count."""
+        ours = {h.key for h in self.live.values()} | self.claiming
+        gone = 0
+        for key, data in self.store.view(ENDPOINTS).items():
+            if data.get("node") != self.node or not data.get("sandbox") or data.get("kind") \
+                    or key in ours:
+                continue
+            log.info("withdrawing endpoint %s, which has no sandbox here", key[:160])
+            self.store.delete(ENDPOINTS, key, time.time())
+            gone += 1
+        if gone:
+            self.state.changed()
+        return gone
 
     def _withdraw_claim(self, key: str) -> None:
         """A start that failed or was cancelled before its sandbox existed (its slot moved to

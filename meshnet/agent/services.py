@@ -264,6 +264,7 @@ class Services:
         self.counters = {"scheduler_errors": 0, "services_unplaceable": 0,
                          "task_start_errors": 0, "task_teardown_errors": 0,
                          "scheduler_passes": 0, "task_restarts": 0,
+                         "stray_records_removed": 0,
                          "health_probes": 0, "health_probe_timeouts": 0, "unhealthy_stops": 0,
                          "health_errors": 0}
         # Seconds from a task's (re)start to its command running: sandbox, address claim,
@@ -421,6 +422,23 @@ class Services:
                 self.tasks[name] = task
                 task.runner = asyncio.get_running_loop().create_task(self._supervise(task))
         self._after_replacements()
+        self._sweep_strays()
+
+    def _sweep_strays(self) -> None:
+        """Our own task records with no task behind them, and (Sandboxes.sweep_strays) our own
+        sandbox endpoints with no sandbox: a write we made, lost with an unsaved store (a full
+        disk, then a restart), that a peer handed back. Only we may delete them (issue 13), and
+        they would otherwise show a task that does not run, and resolve a dead address, for as
+        long as we are alive."""
+        for key, data in self.store.view(TASKS).items():
+            name = data.get("task")
+            if data.get("node") == self.node and name not in self.tasks and \
+                    name not in self._handed_over:
+                self.counters["stray_records_removed"] += 1
+                log.info("withdrawing a record of task %s, which does not run here", name)
+                self.store.delete(TASKS, key, time.time())
+                self.state.changed()
+        self.counters["stray_records_removed"] += self.sandboxes.sweep_strays()
 
     def _waiting_for_company(self) -> bool:
         if not self.expect_company:

@@ -30,6 +30,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -73,6 +74,13 @@ SAVE_RETRY_S = 2.0
 # How often at most we start an exchange with one owner to settle records a peer disputes
 # (ask_owners): a ghost goes at the first; a dispute that persists costs one exchange a period.
 OWNER_ASK_INTERVAL_S = 10.0
+# A member that comes back (a healed partition, a restart, a flap) wrote while we could not hear
+# it, and gossip only carries new writes: exchange with it at once rather than at the next
+# push-pull (30 s and more). At most this many such exchanges start per RETURN_WINDOW_S, so a
+# heal of a big cluster (every member of the other side returns at once) costs a few exchanges:
+# one exchange with any member of the other side brings all of that side's state.
+RETURN_EXCHANGES = 2
+RETURN_WINDOW_S = 1.0
 
 
 class StateService:
@@ -94,7 +102,8 @@ class StateService:
         self._counts = {"bad_deltas": 0, "bad_entries": 0, "anti_entropy": 0,
                         "anti_entropy_failed": 0, "handler_errors": 0, "listener_errors": 0,
                         "refusals_not_logged": 0, "save_errors": 0, "owners_asked": 0,
-                        "large_writes_pushed": 0}
+                        "large_writes_pushed": 0, "return_exchanges": 0}
+        self._returns: deque[float] = deque()  # starts of recent exchanges with returners
         # Live members' addresses (from membership events), and when we last asked each owner
         # to settle a disputed record (ask_owners): both at most one entry per member.
         self._live_addrs: dict[str, Addr] = {}
@@ -353,14 +362,27 @@ class StateService:
         if member.name == self.node:
             return
         if isinstance(event, MemberJoined | MemberAlive | MemberUpdated):
+            returned = member.name not in self._live_addrs
             self.store.set_node_live(member.name, True)
             self._live_addrs[member.name] = member.addr
+            if returned and self.gossip is not None and self._may_exchange_on_return():
+                self._counts["return_exchanges"] += 1
+                self._anti_entropy_with(member.addr)
         elif isinstance(event, MemberDead | MemberLeft | MemberReaped):
             self.store.set_node_live(member.name, False)
             self._live_addrs.pop(member.name, None)
             self._asked_owner.pop(member.name, None)
         self.store.set_cluster_size(cluster_size)
         self.changed()
+
+    def _may_exchange_on_return(self) -> bool:
+        now = time.monotonic()
+        while self._returns and now - self._returns[0] > RETURN_WINDOW_S:
+            self._returns.popleft()
+        if len(self._returns) >= RETURN_EXCHANGES:
+            return False
+        self._returns.append(now)
+        return True
 
     def ask_owners(self) -> None:
         """For each of our owned-table writes a peer disputed (store.take_disputed), start an

@@ -116,6 +116,7 @@ def test_a_disputed_record_sends_the_replica_to_its_owner(tmp_path: Path) -> Non
             addr = ("10.0.0.1", 7946)
             owner = Member("o", addr, MemberState.ALIVE, 1, NodeMeta("o", addr), T0)
             svc.on_member_event(MemberAlive(owner), 3)
+            calls.clear()  # the exchange with a member that comes back (tested below)
             for t in (21, 22, 23):
                 exchange(p, s, T0 + t)
                 svc.ask_owners()  # the agent calls it after every merge
@@ -146,6 +147,7 @@ def test_a_write_too_large_to_gossip_is_pushed_to_every_live_member(tmp_path: Pa
                 addr = (ip, 7946)
                 svc.on_member_event(MemberAlive(Member(name, addr, MemberState.ALIVE, 1,
                                                        NodeMeta(name, addr), T0)), 3)
+            calls.clear()  # the exchanges with members that come back (tested below)
             small = {**TASK, "node": "s", "task": "web.1", "slot": 1}
             await svc.put("tasks", "web.1@s", small)
             assert calls == []  # it fits a gossip packet
@@ -157,3 +159,31 @@ def test_a_write_too_large_to_gossip_is_pushed_to_every_live_member(tmp_path: Pa
 
     calls, n, too_large = asyncio.run(pushed())
     assert sorted(calls) == [("10.0.0.1", 7946), ("10.0.0.2", 7946)] and n == 1 == too_large
+
+
+def test_a_member_that_comes_back_is_exchanged_with_at_once(tmp_path: Path) -> None:
+    """It wrote while we could not hear it (a healed partition), and gossip carries only new
+    writes: an exchange now, not at the next push-pull; a few a second at most (a big heal)."""
+
+    async def exchanges() -> tuple[list[tuple[str, int]], int]:
+        s = node("s", Owners("o", "p", "s"))
+        db = StoreDb(tmp_path / "s.db")
+        try:
+            svc = StateService(s, db, "s")
+            calls: list[tuple[str, int]] = []
+            svc._anti_entropy_with = calls.append  # type: ignore[method-assign]
+            svc.gossip = object()  # type: ignore[assignment]
+            members = [Member(f"m{i}", (f"10.0.1.{i}", 7946), MemberState.ALIVE, 1,
+                              NodeMeta(f"m{i}", (f"10.0.1.{i}", 7946)), T0) for i in range(5)]
+            for m in members:  # five return at once: two exchanges this second
+                svc.on_member_event(MemberAlive(m), 6)
+            svc.on_member_event(MemberAlive(members[0]), 6)  # alive again: not a return
+            svc.on_member_event(MemberDead(members[1]), 6)
+            svc._returns.clear()  # a second later
+            svc.on_member_event(MemberAlive(members[1]), 6)  # back from the dead: a return
+            return calls, svc.counters["return_exchanges"]
+        finally:
+            db.close()
+
+    calls, n = asyncio.run(exchanges())
+    assert calls == [("10.0.1.0", 7946), ("10.0.1.1", 7946), ("10.0.1.1", 7946)] and n == 3
