@@ -11,6 +11,7 @@ only if that marker is newer than the task's start (so the restarted task stays 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import threading
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Cluster, new_prefix, require_root, wait
+from conftest import Cluster, new_prefix, require_root, task_trees, wait
 
 from meshnet.cli import meshctl
 from meshnet.lab import Lab
@@ -134,6 +135,7 @@ def test_an_unhealthy_task_leaves_dns_shows_unhealthy_and_is_restarted(
     rows = wait(lambda: healthy(c, "h1"), 30, "both tasks healthy")
     sick = next(r for r in rows.values() if r["node"] == "h2")  # DNS is asked on h1
     wait(lambda: sick["ip"] in dns(c, "h1"), 10, f"{sick['task']} in DNS")
+    wait(lambda: sick["ip"] in vip_backends(c, "h1"), 10, f"{sick['task']} in h1's VIP map")
     # On the task's own host every write of its record is an event (a peer may get two
     # writes in one anti-entropy round, and see only the last); --since: from before the
     # marker, however long meshctl takes to start.
@@ -144,7 +146,8 @@ def test_an_unhealthy_task_leaves_dns_shows_unhealthy_and_is_restarted(
 
     t0 = time.monotonic()
     (shared / f"sick-{sick['task']}").touch()
-    wait(lambda: sick["ip"] not in dns(c, "h1"), 30, f"{sick['task']} to leave DNS")
+    wait(lambda: sick["ip"] not in dns(c, "h1") and sick["ip"] not in vip_backends(c, "h1"),
+         30, f"{sick['task']} to leave DNS and the VIP map of h1's task")
     gone = time.monotonic() - t0
     print(f"{sick['task']} left tasks.{SERVICE} on h1 {gone:.2f} s after its check began to "
           "fail (bound: interval 0.5 s x retries 2 + 1 s, plus up to 0.3 s for the task to "
@@ -168,6 +171,18 @@ def test_an_unhealthy_task_leaves_dns_shows_unhealthy_and_is_restarted(
     wait(lambda: all(a in actions for a in order), 10, lambda: f"events {order}: {actions}")
     assert [actions.index(a) for a in order] == sorted(actions.index(a) for a in order), actions
     events.terminate()
+
+
+def vip_backends(c: Cluster, host: str) -> set[str]:
+    """The addresses in the VIP table of a task sandbox of HOST (agent/vips.py), read inside
+    it; the VIP itself among them."""
+    pids = next((p for name, p in task_trees(c.lab, host).items()
+                 if name.startswith(f"{SERVICE}.") and p), None)
+    if not pids:
+        return set()
+    r = subprocess.run(["nsenter", f"--net=/proc/{min(pids)}/ns/net", "nft", "list", "table",
+                        "ip", "meshnet_vip"], capture_output=True, text=True, timeout=10)
+    return set(re.findall(r"\b\d+\.\d+\.\d+\.\d+\b", r.stdout))
 
 
 def collect(proc: subprocess.Popen[str], into: list[tuple[str, str | None, int | None]]) -> None:
