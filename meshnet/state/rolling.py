@@ -318,8 +318,12 @@ def plan(rollout: Rollout, placement: Mapping[int, str], tasks: Iterable[TaskVie
         # Without this, an update that had finished would start such slots on `previous`
         # whenever an earlier slot is down for a moment (its own restart, say).
         allowed = set(slots)
-    finished = sum(1 for s in slots if done(s, max(cfg.delay, cfg.monitor)))
+    settle = max(cfg.delay, cfg.monitor)
+    finished = sum(1 for s in slots if done(s, settle))
     progress = f"{finished}/{len(slots)} tasks on version {v}"
+    started = sum(1 for s in slots if done(s, 0.0))
+    if started > finished:  # running the new version, not yet past the monitor period
+        progress += f" ({started - finished} more running it, within {settle:g} s of starting)"
     rolled = rollout.rollback_from
     if failure is not None:
         if rolled is None and cfg.failure_action == "rollback":

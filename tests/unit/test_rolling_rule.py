@@ -55,6 +55,10 @@ def test_batches_go_in_slot_order_one_at_a_time() -> None:
     assert p.allowed == {1, 2, 3}
     assert p.status is not None and p.status.state == "updating"
     assert p.status.message == "updating to version 2: 2/4 tasks on version 2"
+    tasks[2] = ready(3, age=1.0)  # just started: not past the monitor period yet
+    assert plan(rollout(), PLACED, tasks, NOW).status.message == (  # type: ignore[union-attr]
+        "updating to version 2: 2/4 tasks on version 2 (1 more running it, within 5 s of "
+        "starting)")
 
 
 def test_a_batch_waits_for_the_delay_health_and_the_placed_node() -> None:
