@@ -2,7 +2,8 @@
 """Membership benchmark: failure detection, false positives and bandwidth on the simulator.
 
     bench/membership.py [--nodes N] [--scenario clean|loss5|slow10] [--duration S] [--seed S]
-                        [--profile lan] [--suspicion-mult M] [--suspicion-k K] [--json]
+                        [--profile lan] [--suspicion-mult M] [--suspicion-k K]
+                        [--nacks-confirm 0|1] [--json]
 
 N cores of the real ``Membership`` class run on virtual time (meshnet.sim). After a bootstrap
 (everyone holds everyone alive) and a warm-up, one random healthy node is crashed every
@@ -65,6 +66,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         cfg.suspicion_mult = args.suspicion_mult
     if args.suspicion_k is not None:
         cfg.suspicion_k = args.suspicion_k
+    if args.nacks_confirm is not None:
+        cfg.nacks_confirm = bool(args.nacks_confirm)
     loss = {"clean": 0.0, "loss5": 0.05, "slow10": 0.01}[args.scenario]
     sim = Simulator(cfg, seed=args.seed, loss=loss)
     rng = random.Random(args.seed ^ 0x5EED)
@@ -162,6 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "seed": args.seed,
         "suspicion_mult": cfg.suspicion_mult,
         "suspicion_k": cfg.suspicion_k,
+        "nacks_confirm": cfg.nacks_confirm,
         "virtual_s": virtual,
         "wall_s": round(wall, 2),
         "virtual_per_wall": round(virtual / wall, 3) if wall > 0 else None,
@@ -180,6 +184,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "false_dead_events": false_dead_events,
         "false_suspect_events": false_suspect_events,
         "refuted_suspicions": refuted,
+        "deaths_vetoed": sum(node.core.stats["deaths_vetoed"] for node in sim.nodes),
+        "nack_confirmations": sum(node.core.stats["nack_confirmations"] for node in sim.nodes),
         "bytes_per_node_per_s": round(total_bytes / (n * virtual)),
         "datagrams_per_node_per_s": round(packets / (n * virtual), 2),
         # What the per-sender freshness value (#14) adds to every datagram, in those bytes.
@@ -226,6 +232,9 @@ def main() -> None:
     p.add_argument("--profile", default="lan")
     p.add_argument("--suspicion-mult", type=float, default=None)
     p.add_argument("--suspicion-k", type=int, default=None)
+    p.add_argument("--nacks-confirm", type=int, choices=[0, 1], default=None,
+                   help="count a failed probe's nacking helpers as confirmations (default: the "
+                        "profile's, on)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the JSON result line (always last)")
     args = p.parse_args()

@@ -29,6 +29,8 @@ Also beyond memberlist (argued in config.py): an unanswered probe waits ``probe_
 interval for a late ack before it suspects; helpers nack at 80% of the probe timeout, so the nack
 arrives in time; only an ack before our probe timeout credits our health; and a probe that no
 helper nacked penalizes our health without accusing the target until our health is at its worst.
+And (#17): a healthy accuser counts the helpers that nacked as confirmations of its suspicion;
+helpers forward late acks for one more interval + grace; a declared death is pushed at once.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ import heapq
 import itertools
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 from meshnet import wire
 from meshnet.crypto.incchain import CHAIN_LENGTH, IncChain, reaches
@@ -168,6 +171,8 @@ _STAT_KEYS = (
     "suspicions_withheld",
     "deaths_declared",
     "deaths_vetoed",
+    "nack_confirmations",
+    "deaths_pushed",
     "suspicion_reminders",
     "stale_claims_answered",
     "refutations_pushed",
@@ -259,13 +264,18 @@ class _Node:
         )
 
 
+_NO_HELPERS: Mapping[Addr, str] = MappingProxyType({})
+
+
 class _Probe:
     __slots__ = (
         "acked",
         "expected_nacks",
         "grace_until",
+        "helpers",
         "incarnation",
         "indirect_sent",
+        "nackers",
         "nacks",
         "node",
         "seq",
@@ -282,6 +292,11 @@ class _Probe:
         self.expected_nacks = 0
         self.nacks = 0
         self.grace_until = 0.0
+        # The helpers asked to ping the target for us (address -> name), and those of them that
+        # nacked: each one's own ping of the target went unanswered (see _confirm_by_nackers).
+        # Shared empty defaults: a probe is made every interval, and few need either.
+        self.helpers: Mapping[Addr, str] = _NO_HELPERS
+        self.nackers: tuple[str, ...] = ()
 
 
 class _Relay:
@@ -786,7 +801,12 @@ class Membership:
                 self._send([Suspect(node.incarnation, node.name, self.name).encode()], node.addr)
                 return
             self.stats["deaths_declared"] += 1
-            self._on_dead(Dead(node.incarnation, node.name, self.name), now)
+            dead = Dead(node.incarnation, node.name, self.name)
+            self._on_dead(dead, now)
+            # (#17) Start the epidemic now rather than at the next gossip tick, as a refutation
+            # does: every member waits for it before it reschedules the dead member's tasks.
+            self.stats["deaths_pushed"] += 1
+            self._push_bare(dead.encode())
         elif kind == _T_REMIND:
             # Buddy system, from every holder: halfway to our deadline and still no refutation,
             # so tell the suspect ourselves. Its refutation, or its current alive if it refuted
@@ -804,11 +824,16 @@ class Membership:
                 if relay.nack:
                     self.stats["nacks_sent"] += 1
                     self._send([Nack(relay.origin_seq).encode()], relay.origin)
-                # Keep listening a little longer: a late ack is still forwarded (the origin
-                # waits until the end of its probe interval).
+                # Keep listening: a late ack is still forwarded. The origin waits for one until
+                # the end of its probe interval and grace, and (#17) one that comes later still
+                # vetoes the death of a member it went on to suspect (a slow inbox, whose ack to
+                # the origin itself was lost), so we listen one more interval and grace: past
+                # the origin's earliest deadline at Lifeguard's minimum in a small cluster.
                 relay.stage = 1
+                cfg = self.config
                 self._push_timer(
-                    now + self.config.probe_interval - NACK_FRACTION * self.config.probe_timeout,
+                    now + 2 * cfg.probe_interval + cfg.probe_grace
+                    - NACK_FRACTION * cfg.probe_timeout,
                     _T_RELAY,
                     seq,
                 )
@@ -897,6 +922,7 @@ class Membership:
         p.expected_nacks = len(helpers)
         if not helpers:
             return
+        p.helpers = {h.addr: h.name for h in helpers}
         self.stats["indirect_probes"] += 1
         msg = IndirectPing(p.seq, target.name, target.addr, True).encode()
         for h in helpers:
@@ -925,8 +951,26 @@ class Membership:
             return
         msg = Suspect(p.incarnation, node.name, self.name)
         self._on_suspect(msg, now)
+        self._confirm_by_nackers(p, node)
         # Tell the suspect at once (Lifeguard's buddy system, without waiting for the next probe).
         self._send([msg.encode()], node.addr)
+
+    def _confirm_by_nackers(self, p: _Probe, node: _Node) -> None:
+        """Count each helper that nacked this probe as an independent confirmation of our
+        suspicion (``nacks_confirm``): its own ping of the target, from another vantage point,
+        went unanswered, which is what a confirming member's suspicion says. Local only: we
+        never gossip a suspicion in a helper's name, so only our own timer shortens, and we are
+        the member the suspect answers first (buddy system). Only while our own health is
+        perfect: a member whose probes fail is likely cut off with its helpers (a partition, a
+        stall), and Lifeguard makes it slower to accuse, not faster. See config.py."""
+        susp = node.suspicion
+        if not self.config.nacks_confirm or susp is None or node.state is not SUSPECT or \
+                node.incarnation != p.incarnation or self._awareness.score > 0:
+            return
+        counted = sum(1 for name in p.nackers if susp.confirm(name))
+        if counted:
+            self.stats["nack_confirmations"] += counted
+            self._arm_suspicion(node)
 
     # ------------------------------------------------------------------ internals: dispatch
 
@@ -951,15 +995,22 @@ class Membership:
             seq = msg.seq  # type: ignore[union-attr]
             p = self._probe
             if p is not None and p.seq == seq:
-                p.nacks += 1
+                self._on_nack(p, addr)
             else:
                 for g in self._grace:
                     if g.seq == seq:
-                        g.nacks += 1
+                        self._on_nack(g, addr)
         elif t is User:
             self.stats["user_messages"] += 1
             if self._delegate is not None:
                 self._delegate.notify_message(msg.data)  # type: ignore[union-attr]
+
+    @staticmethod
+    def _on_nack(p: _Probe, addr: Addr) -> None:
+        p.nacks += 1
+        helper = p.helpers.get(addr)
+        if helper is not None and helper not in p.nackers:
+            p.nackers = (*p.nackers, helper)  # once per helper asked, however many nacks it sends
 
     def _may_answer(self, addr: Addr, now: float) -> bool:
         """A token bucket per source: ANSWER_RATE answers a second, ANSWER_BURST at once."""
@@ -1274,6 +1325,11 @@ class Membership:
         its normal retransmissions.
         """
         self.stats["refutations_pushed"] += 1
+        self._push_bare(msg)
+
+    def _push_bare(self, msg: bytes) -> None:
+        """``msg`` at once to ``gossip_nodes`` random alive peers, bare; the broadcast queue
+        still carries it for its normal retransmissions."""
         for peer in self._k_random(self.config.gossip_nodes, lambda n: n.state is ALIVE):
             self._send_bare(msg, peer.addr)
 

@@ -321,9 +321,9 @@ def plan(rollout: Rollout, placement: Mapping[int, str], tasks: Iterable[TaskVie
     settle = max(cfg.delay, cfg.monitor)
     finished = sum(1 for s in slots if done(s, settle))
     progress = f"{finished}/{len(slots)} tasks on version {v}"
-    started = sum(1 for s in slots if done(s, 0.0))
-    if started > finished:  # running the new version, not yet past the monitor period
-        progress += f" ({started - finished} more running it, within {settle:g} s of starting)"
+    on_new = sum(1 for s in slots if done(s, 0.0))
+    if on_new > finished:  # running the new version, not yet past the monitor period
+        progress += f" ({on_new - finished} more running it, within {settle:g} s of starting)"
     rolled = rollout.rollback_from
     if failure is not None:
         if rolled is None and cfg.failure_action == "rollback":

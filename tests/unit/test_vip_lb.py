@@ -13,8 +13,8 @@ from meshnet.dns import Resolver, TaskRecord, VipRecord
 from meshnet.lb.core import (
     check_vip_map,
     dropped_backends,
-    hold_draining,
     endpoint_mode,
+    hold_draining,
     ruleset,
     service_vips,
     vip_claim_name,
