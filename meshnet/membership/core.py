@@ -129,6 +129,9 @@ MAX_PENDING_EVENTS = 65_536
 # not resurrect them. FIFO-evicted; each entry is ~100 bytes.
 MAX_TOMBSTONES = 10_000
 # Members reaped while dead (failed, never left or revoked) whose address we keep trying, as
+# While a member died less than reap_after ago, reconnect this many times as often (#15: after
+# a 40 s partition one side held the other dead 13.7 s after the heal, waiting for a reconnect).
+RECENT_DEAD_SPEEDUP = 5
 # serf keeps its failed members for reconnect_timeout: name -> (addr, incarnation, reaped at).
 # FIFO-evicted; each entry is ~150 bytes, so at most ~1.5 MB.
 MAX_FORMER = 10_000
@@ -1747,13 +1750,18 @@ class Membership:
         n = self._n_dead + len(former)
         if not n:
             return
+        dead = [m for m in self._ring if m.state is DEAD] if self._n_dead else []
+        if any(now - m.state_changed_at < self.config.reap_after for m in dead):
+            # A member died lately: likely a partition that may heal any moment, and until a
+            # push-pull crosses it both sides hold each other dead (gossip to the dead ends
+            # after gossip_to_the_dead_time). Try more often while such deaths are fresh.
+            self._reconnect_at = now + self.config.reconnect_interval / RECENT_DEAD_SPEEDUP
         if self._rng.random() >= n / max(1, self._n_live):
             return
         i = int(self._rng.random() * n)
         if i >= self._n_dead:
             self._reconnect_former(now, i - self._n_dead)
             return
-        dead = [m for m in self._ring if m.state is DEAD]
         node = dead[i]
         if self._start_push_pull(node, now):
             self.stats["reconnects"] += 1

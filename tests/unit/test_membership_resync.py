@@ -50,3 +50,19 @@ def test_the_resync_beats_waiting_for_a_periodic_exchange(
     assert all(r == 0 for _, r in without)
     # the same partitions, the same seeds: only the resync differs
     assert sum(with_resync) < 0.7 * sum(t for t, _ in without)
+
+
+HEALS = [(k * 0.173, {"n1", "n2", "n3"} if k % 2 else {"n1", "n2"}, s)
+         for k in range(4) for s in (20.0, 40.0)]
+
+
+def test_fresh_deaths_are_reconnected_to_sooner(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a member died less than reap_after ago (a partition that may heal any moment),
+    the serf reconnect runs RECENT_DEAD_SPEEDUP times as often. Without the resync, so the
+    reconnect alone has to merge the sides."""
+    monkeypatch.setattr(core_mod, "RESYNC_AWARENESS", 10**6)
+    fast = [heal_time(*c)[0] for c in HEALS]
+    monkeypatch.setattr(core_mod, "RECENT_DEAD_SPEEDUP", 1)
+    slow = [heal_time(*c)[0] for c in HEALS]
+    # measured: 12.7 s against 27.0 s in all, max 3.4 s against 6.3 s
+    assert sum(fast) < 0.7 * sum(slow)
