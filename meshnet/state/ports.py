@@ -40,16 +40,23 @@ def _port(value: object, what: str) -> int:
 
 def _number(text: str, what: str) -> int:
     if not (text.isascii() and text.isdigit()) or len(text) > 5:
-        raise PortError(f"{what} port {text[:20]!r} is not 1..65535")
+        raise PortError(f"{what} port {_shown(text)} is not 1..65535")
     return _port(int(text), what)
 
 
 def _protocol(value: object) -> str:
     if value not in PROTOCOLS:
-        shown = value[:20] if isinstance(value, str) else type(value).__name__
-        raise PortError(f"protocol {shown!r} is not tcp or udp")
+        shown = _shown(value) if isinstance(value, str) else type(value).__name__
+        raise PortError(f"protocol {shown} is not tcp or udp")
     assert isinstance(value, str)
     return value
+
+
+def _shown(text: str) -> str:
+    """TEXT quoted for a one-line message: at most 40 characters of its repr (an escaped
+    character can take ten)."""
+    shown = repr(text[:40])
+    return shown if len(shown) <= 40 else shown[:37] + "..."
 
 
 def parse_publish(item: str) -> dict[str, Any]:
@@ -64,14 +71,14 @@ def parse_publish(item: str) -> dict[str, Any]:
                 "target": _number(m.group(2), "target"),
                 "protocol": _protocol(m.group(3) or "tcp")}
     if "=" not in item:
-        raise PortError(f"--publish {item[:40]!r} is not PUBLISHED:TARGET[/tcp|/udp] "
+        raise PortError(f"--publish {_shown(item)} is not PUBLISHED:TARGET[/tcp|/udp] "
                         "(e.g. 8080:80 or 53:53/udp)")
     fields: dict[str, str] = {}
     for part in item.split(","):
         key, sep, value = part.partition("=")
         key = key.strip()
         if not sep or key not in _LONG_KEYS or key in fields:
-            raise PortError(f"--publish {item[:40]!r}: expected published=P,target=T"
+            raise PortError(f"--publish {_shown(item)}: expected published=P,target=T"
                             "[,protocol=tcp|udp]")
         fields[key] = value.strip()
     if fields.get("mode", "ingress") != "ingress":

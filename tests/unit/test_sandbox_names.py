@@ -132,6 +132,7 @@ def fake_sandboxes(holders: dict[str, str]) -> Sandboxes:
     sb.overlay = SimpleNamespace(encrypted=None)
     sb.live = {}
     sb.holders = holders
+    sb.claiming = set()
 
     async def no_allocation(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a refused sandbox must claim no address")
@@ -295,7 +296,12 @@ def test_a_cancelled_start_withdraws_its_pending_claim() -> None:
 
     async def run() -> None:
         start = asyncio.ensure_future(sb.create("net", None, service="web", slot=3))
-        await claimed.wait()
+        waiting = asyncio.ensure_future(claimed.wait())
+        await asyncio.wait([start, waiting], timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        if start.done():  # it failed before claiming: say why instead of waiting forever
+            waiting.cancel()
+            start.result()
+        assert claimed.is_set()
         assert store.entry(ENDPOINTS, key) is not None
         start.cancel()  # the slot moved to another host
         with pytest.raises(asyncio.CancelledError):
@@ -304,7 +310,7 @@ def test_a_cancelled_start_withdraws_its_pending_claim() -> None:
     asyncio.run(run())
     held = store.entry(ENDPOINTS, key)
     assert held is not None and held.value is None  # withdrawn: a tombstone
-    assert sb.holders == {}
+    assert sb.holders == {} and sb.claiming == set()
 
 
 def test_an_agent_with_seeds_places_nothing_until_company_or_the_grace(
