@@ -48,9 +48,13 @@ def test_partition_marks_the_other_side_dead_and_heal_merges(lab_factory: LabFac
     def split(h: str, o: str) -> str:
         return "alive" if (h in left) == (o in left) else "dead"
 
+    t0 = time.monotonic()
     wait_views(lab, hosts, split, 60, "each side to hold the other dead")
+    print(f"split seen after {time.monotonic() - t0:.1f} s")
 
     lab.heal()
+    t0 = time.monotonic()
     wait_views(lab, hosts, lambda h, o: "alive", 90, "one alive view after heal")
+    print(f"merged {time.monotonic() - t0:.1f} s after the heal")
     # no agent was restarted to get there
     assert {s.name: s.pid for s in lab.status()} == pids
