@@ -443,7 +443,11 @@ class Services:
     def _waiting_for_company(self) -> bool:
         if not self.expect_company:
             return False
-        if len(self.nodes()) > 1 or time.monotonic() - self.started_at >= START_GRACE_S:
+        # Company means a member answered and one exchange of state with it finished: placing
+        # before that uses a stale task table (a restarted agent then starts a slot that runs
+        # elsewhere now, and both run until the records meet; the soak saw 12.8 s of that).
+        synced = len(self.nodes()) > 1 and self.state.synced
+        if synced or time.monotonic() - self.started_at >= START_GRACE_S:
             self.expect_company = False  # once: later we may well be alone for good reasons
             return False
         return True

@@ -48,6 +48,7 @@ from meshnet.membership import (
     MemberJoined,
     MemberLeft,
     MemberReaped,
+    MemberSuspect,
     MemberUpdated,
 )
 from meshnet.state import Entry, StateProtocolError, Store, StoreFull
@@ -81,6 +82,10 @@ OWNER_ASK_INTERVAL_S = 10.0
 # one exchange with any member of the other side brings all of that side's state.
 RETURN_EXCHANGES = 2
 RETURN_WINDOW_S = 1.0
+# A member held suspect at least this long that turns alive counts as coming back too: a short
+# partition heals before the suspicion times out (the soak: 23 s, then 16.7 s waiting for a
+# task record written on the other side).
+RETURN_AFTER_SUSPECT_S = 2.0
 
 
 class StateService:
@@ -104,6 +109,7 @@ class StateService:
                         "refusals_not_logged": 0, "save_errors": 0, "owners_asked": 0,
                         "large_writes_pushed": 0, "return_exchanges": 0}
         self._returns: deque[float] = deque()  # starts of recent exchanges with returners
+        self._suspect_since: dict[str, float] = {}  # members held suspect: since when
         # Live members' addresses (from membership events), and when we last asked each owner
         # to settle a disputed record (ask_owners): both at most one entry per member.
         self._live_addrs: dict[str, Addr] = {}
@@ -116,6 +122,11 @@ class StateService:
         self.retry_timer: asyncio.TimerHandle | None = None
         self._log_once = LogOnce(log)
         self._refusal_window = (0.0, 0)  # (window start, lines logged in it)
+
+    @property
+    def synced(self) -> bool:
+        """Whether an exchange of state with a peer has finished since start."""
+        return self._counts["anti_entropy"] > 0
 
     @property
     def counters(self) -> dict[str, Any]:
@@ -361,14 +372,19 @@ class StateService:
         member = event.member
         if member.name == self.node:
             return
-        if isinstance(event, MemberJoined | MemberAlive | MemberUpdated):
-            returned = member.name not in self._live_addrs
+        if isinstance(event, MemberSuspect):
+            self._suspect_since.setdefault(member.name, time.monotonic())
+        elif isinstance(event, MemberJoined | MemberAlive | MemberUpdated):
+            since = self._suspect_since.pop(member.name, None)
+            returned = member.name not in self._live_addrs or (
+                since is not None and time.monotonic() - since >= RETURN_AFTER_SUSPECT_S)
             self.store.set_node_live(member.name, True)
             self._live_addrs[member.name] = member.addr
             if returned and self.gossip is not None and self._may_exchange_on_return():
                 self._counts["return_exchanges"] += 1
                 self._anti_entropy_with(member.addr)
-        elif isinstance(event, MemberDead | MemberLeft | MemberReaped):
+        if isinstance(event, MemberDead | MemberLeft | MemberReaped):
+            self._suspect_since.pop(member.name, None)
             self.store.set_node_live(member.name, False)
             self._live_addrs.pop(member.name, None)
             self._asked_owner.pop(member.name, None)

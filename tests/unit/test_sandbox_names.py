@@ -324,9 +324,12 @@ def test_an_agent_with_seeds_places_nothing_until_company_or_the_grace(
     s.nodes = lambda: members  # type: ignore[assignment,return-value]
     s.started_at = 100.0
     s.expect_company = True
+    s.state = SimpleNamespace(synced=False)  # type: ignore[assignment]
     assert s._waiting_for_company()  # alone, just started, seeds to join: wait
     members.append("h2")
-    assert not s._waiting_for_company()  # a member answered
+    assert s._waiting_for_company()  # a member answered, but no state exchange finished yet
+    s.state.synced = True
+    assert not s._waiting_for_company()  # a member answered and its state is here
     members.pop()
     assert not s._waiting_for_company()  # once: alone later is no reason to stop placing
     s.expect_company, s.started_at = True, 100.0

@@ -15,7 +15,14 @@ from test_store_sig import T0, Authority, node
 
 from meshnet.agent.state_service import StateService
 from meshnet.agent.store_db import StoreDb
-from meshnet.membership import Member, MemberAlive, MemberDead, MemberState, NodeMeta
+from meshnet.membership import (
+    Member,
+    MemberAlive,
+    MemberDead,
+    MemberState,
+    MemberSuspect,
+    NodeMeta,
+)
 from meshnet.state import Entry, Refusal, Store, codec
 from meshnet.state.authz import owner_of
 
@@ -181,9 +188,16 @@ def test_a_member_that_comes_back_is_exchanged_with_at_once(tmp_path: Path) -> N
             svc.on_member_event(MemberDead(members[1]), 6)
             svc._returns.clear()  # a second later
             svc.on_member_event(MemberAlive(members[1]), 6)  # back from the dead: a return
+            svc._returns.clear()
+            svc.on_member_event(MemberSuspect(members[2]), 6)
+            svc.on_member_event(MemberAlive(members[2]), 6)  # a moment's suspicion: not one
+            svc.on_member_event(MemberSuspect(members[3]), 6)
+            svc._suspect_since["m3"] -= 3.0  # suspect for 3 s (a short partition): a return
+            svc.on_member_event(MemberAlive(members[3]), 6)
             return calls, svc.counters["return_exchanges"]
         finally:
             db.close()
 
     calls, n = asyncio.run(exchanges())
-    assert calls == [("10.0.1.0", 7946), ("10.0.1.1", 7946), ("10.0.1.1", 7946)] and n == 3
+    assert calls == [("10.0.1.0", 7946), ("10.0.1.1", 7946), ("10.0.1.1", 7946),
+                     ("10.0.1.3", 7946)] and n == 4
