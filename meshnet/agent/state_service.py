@@ -30,7 +30,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -75,6 +75,8 @@ SAVE_RETRY_S = 2.0
 # How often at most we start an exchange with one owner to settle records a peer disputes
 # (ask_owners): a ghost goes at the first; a dispute that persists costs one exchange a period.
 OWNER_ASK_INTERVAL_S = 10.0
+# Disputed records of ours re-announced lately (key -> when), remembered for the rate limit.
+MAX_REANNOUNCED = 1024
 # A member that comes back (a healed partition, a restart, a flap) wrote while we could not hear
 # it, and gossip only carries new writes: exchange with it at once rather than at the next
 # push-pull (30 s and more). At most this many such exchanges start per RETURN_WINDOW_S, so a
@@ -107,13 +109,15 @@ class StateService:
         self._counts = {"bad_deltas": 0, "bad_entries": 0, "anti_entropy": 0,
                         "anti_entropy_failed": 0, "handler_errors": 0, "listener_errors": 0,
                         "refusals_not_logged": 0, "save_errors": 0, "owners_asked": 0,
-                        "large_writes_pushed": 0, "return_exchanges": 0}
+                        "large_writes_pushed": 0, "return_exchanges": 0,
+                        "records_reannounced": 0}
         self._returns: deque[float] = deque()  # starts of recent exchanges with returners
         self._suspect_since: dict[str, float] = {}  # members held suspect: since when
         # Live members' addresses (from membership events), and when we last asked each owner
         # to settle a disputed record (ask_owners): both at most one entry per member.
         self._live_addrs: dict[str, Addr] = {}
         self._asked_owner: dict[str, float] = {}
+        self._reannounced: OrderedDict[tuple[str, str], float] = OrderedDict()
         # Changes not yet on disk (a save failed): (table, key) -> entry, or None if removed.
         self._unsaved: dict[tuple[str, str], Entry | None] = {}
         self._unsaved_horizon: Horizon | None = None
@@ -407,7 +411,10 @@ class StateService:
         now = time.monotonic()
         for table, key in self.store.take_disputed():
             owner = owner_of(key) if table in OWNED_TABLES else None
-            addr = self._live_addrs.get(owner) if owner and owner != self.node else None
+            if owner == self.node:
+                self._reannounce(table, key, now)
+                continue
+            addr = self._live_addrs.get(owner) if owner else None
             if addr is None or now - self._asked_owner.get(owner or "", -1e9) < \
                     OWNER_ASK_INTERVAL_S:
                 continue
@@ -417,9 +424,24 @@ class StateService:
             if self.gossip is not None:
                 self._anti_entropy_with(addr)
 
+    def _reannounce(self, table: str, key: str, now: float) -> None:
+        """A peer disputes a record we own: it sent a tombstone we refuse, or refused our write
+        by its GC horizon (its copy was stale longer than the ttl, and the record is older).
+        If we still hold it live, write it again with a fresh HLC, which every horizon lets in;
+        at most once per OWNER_ASK_INTERVAL_S per key, so a dispute costs no write storm."""
+        k = (table, key)
+        if now - self._reannounced.get(k, -1e9) < OWNER_ASK_INTERVAL_S:
+            return
+        while len(self._reannounced) >= MAX_REANNOUNCED:
+            self._reannounced.popitem(last=False)
+        self._reannounced[k] = now
+        if self.store.reannounce_key(table, key, time.time()) is not None:
+            self._counts["records_reannounced"] += 1
+            self.changed()
+
     # Delegate hooks: the membership core calls these synchronously.
-    def get_broadcasts(self, limit_bytes: int) -> list[bytes]:
-        return self.store.take_deltas(limit_bytes)
+    def get_broadcasts(self, overhead: int, limit_bytes: int) -> list[bytes]:
+        return self.store.take_deltas(limit_bytes, overhead)
 
     def notify_message(self, data: bytes) -> None:
         try:

@@ -70,7 +70,10 @@ FINAL_REQUESTS = 100
 RSS_BOUND_MB = 250.0
 # A round slower than this to converge (the soak's p99 target) keeps the agents' logs.
 SLOW_ROUND_S = 10.0
-DISK_TMPFS_BYTES = 4 << 20
+# The disk-full host's state dir. Room for its task logs too (1 MiB per slot, plus one rotated
+# file): at 4 MiB the logs of the slots it had run filled it for good after the first fault,
+# and the soak's disk-full host never saved again (#15, seed 1).
+DISK_TMPFS_BYTES = 32 << 20
 APPNET = "appnet"
 BACKEND_REPLICAS = 3
 FRONTEND_REPLICAS = 3

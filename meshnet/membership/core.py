@@ -122,6 +122,8 @@ ANSWER_BURST = 100.0
 # Source addresses whose answer allowance we track; all forgotten at once when full (a full
 # table means a flood, and forgetting only gives each source its burst again).
 MAX_ANSWER_SOURCES = 4096
+# A delegate (user) message in a compound packet: its type byte and its part's length prefix.
+USER_PART_OVERHEAD = 1 + COMPOUND_PART_OVERHEAD
 # Events not yet drained by the shell. Past this the oldest are dropped (and counted): a shell
 # that stops draining must not make us grow without bound.
 MAX_PENDING_EVENTS = 65_536
@@ -1821,8 +1823,9 @@ class Membership:
         if self._gossip_at is None:
             self._gossip_at = now + self.config.gossip_interval
 
-    def _piggyback(self, room: int, max_parts: int) -> list[bytes]:
-        """Queued broadcasts, then delegate messages, fitting ``room`` bytes (framing included)."""
+    def _piggyback(self, room: int, max_parts: int, user: bool = True) -> list[bytes]:
+        """Queued broadcasts, then (with USER) delegate messages, fitting ``room`` bytes
+        (framing included)."""
         if self._queue:
             n = self._n_live
             if n != self._limit_n:
@@ -1831,12 +1834,14 @@ class Membership:
             extra = self._queue.get(COMPOUND_PART_OVERHEAD, room, self._limit, max_parts)
         else:
             extra = []
-        if self._delegate is not None:
+        if self._delegate is not None and user:
             used = sum(len(m) + COMPOUND_PART_OVERHEAD for m in extra)
             left = room - used
             if left > COMPOUND_PART_OVERHEAD + 2 and len(extra) < max_parts:
-                for data in self._delegate.get_broadcasts(left):
-                    cost = len(data) + 1 + COMPOUND_PART_OVERHEAD
+                # The framing is the delegate's to count: a message taken from its queue counts
+                # as sent, so one dropped here for want of room would be a transmission lost.
+                for data in self._delegate.get_broadcasts(USER_PART_OVERHEAD, left):
+                    cost = len(data) + USER_PART_OVERHEAD
                     if cost > left or len(extra) >= max_parts:
                         self.stats["user_dropped"] += 1
                         continue
@@ -1883,9 +1888,11 @@ class Membership:
         last: list[bytes] = []
         pkt = b""
         for node in self._k_random(cfg.gossip_nodes, accept):
-            extra = self._piggyback(budget, MAX_COMPOUND_PARTS)
+            # A dead member hears only membership news (so it can refute): a store write sent
+            # to it is a transmission wasted, and the failover's task records ran short of them.
+            extra = self._piggyback(budget, MAX_COMPOUND_PARTS, user=node.state is not DEAD)
             if not extra:
-                break
+                continue
             if extra != last:  # usually the whole queue fits: the same packet for every peer
                 last = extra
                 pkt = make_compound(extra)

@@ -195,8 +195,9 @@ class MemberReaped(MemberEvent):
 class Delegate(Protocol):
     """memberlist-style hooks for a layer that rides on membership (the replicated store)."""
 
-    def get_broadcasts(self, limit_bytes: int) -> list[bytes]:
-        """User messages to piggyback in ``limit_bytes`` of spare packet room (total)."""
+    def get_broadcasts(self, overhead: int, limit_bytes: int) -> list[bytes]:
+        """User messages to piggyback in ``limit_bytes`` of spare packet room (total), each
+        costing its length plus ``overhead`` bytes of framing (memberlist's GetBroadcasts)."""
         ...
 
     def notify_message(self, data: bytes) -> None:

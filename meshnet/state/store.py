@@ -515,9 +515,11 @@ class Store:
 
     def _dispute(self, e: Entry) -> None:
         """A peer holds a tombstone newer than our write of E's key, by a writer who may not
-        delete it. Typically a peer's horizon tombstone of an owned record (a task, an
-        endpoint) whose owner deleted it while we were away and whose tombstone everyone else
-        has collected: our copy is a ghost only the owner can remove."""
+        delete it, or we refused a live owned write by our horizon. Typically a peer's horizon
+        tombstone of an owned record (a task, an endpoint) whose owner deleted it while we were
+        away and whose tombstone everyone else has collected: our copy is a ghost only the
+        owner can remove. Or the record is live and the horizon is wrong about it: only the
+        owner can say so, with a fresh write (``reannounce_key``)."""
         k = (e.table, e.key)
         self._disputed[k] = None
         self._disputed.move_to_end(k)
@@ -673,6 +675,16 @@ class Store:
             slot = self._entries[(e.table, e.key)]
             out.append(self._local_write(e.table, e.key, e.value, slot.data, now, slot.size))
         return out
+
+    def reannounce_key(self, table: str, key: str, now: float) -> Entry | None:
+        """Re-write one entry we own and hold live with a fresh HLC (``reannounce`` for one
+        key): a peer disputed it, and a fresh write passes any peer's horizon. None if it is
+        not ours or not live."""
+        slot = self._entries.get((table, key))
+        if slot is None or slot.data is None or table not in self.config.owned_tables or \
+                self._owner(slot) != self.node_id:
+            return None
+        return self._local_write(table, key, slot.entry.value, slot.data, now, slot.size)
 
     def put_network(self, net: Network, now: float) -> Entry:
         return self.put(NETWORKS, net.key, net.to_value(), now)
@@ -1048,6 +1060,11 @@ class Store:
         if slot is None:
             if entry_order(e) <= (*self._horizon, 0, b""):
                 self.stats.refused_horizon += 1
+                if e.value is not None and e.table in self.config.owned_tables:
+                    # Maybe a ghost, maybe a live record we missed while our copy was stale (a
+                    # restart from a disk copy older than the ttl): only its owner can tell,
+                    # by re-announcing it with a fresh HLC (see "Horizon tombstones").
+                    self._dispute(e)
                 return _REFUSED_HORIZON
             if self._expired(e, pms):
                 # a tombstone already past its ttl, of a key we do not hold: nothing to delete,

@@ -24,6 +24,7 @@ from meshnet.membership.messages import (
     DecodeCache,
     Ping,
     Suspect,
+    User,
     decode_packet,
     make_compound,
 )
@@ -239,7 +240,7 @@ class Recorder:
         self.merged: list[tuple[bytes, bool]] = []
         self.outbox = [f"hello from {name}".encode()]
 
-    def get_broadcasts(self, limit_bytes: int) -> list[bytes]:
+    def get_broadcasts(self, overhead: int, limit_bytes: int) -> list[bytes]:
         out, self.outbox = self.outbox, []
         return out
 
@@ -268,6 +269,76 @@ def test_delegate_plumbing() -> None:
     for d, _ in a.datagrams_to_send(t):
         b.receive_datagram(d, addr(1), t)
     assert db.messages == [b"hello from a"]
+
+
+class Filler:
+    """A store-like delegate: what it hands out counts as sent (as the store's DeltaQueue), so
+    a message the core then drops is a transmission lost."""
+
+    def __init__(self, n: int, size: int) -> None:
+        self.outbox = [bytes([i % 256]) * size for i in range(n)]
+        self.taken: list[bytes] = []
+
+    def get_broadcasts(self, overhead: int, limit_bytes: int) -> list[bytes]:
+        out: list[bytes] = []
+        while self.outbox and len(self.outbox[0]) + overhead <= limit_bytes:
+            limit_bytes -= len(self.outbox[0]) + overhead
+            out.append(self.outbox.pop(0))
+        self.taken += out
+        return out
+
+    def notify_message(self, data: bytes) -> None:
+        pass
+
+    def local_state(self, join: bool) -> bytes:
+        return b""
+
+    def merge_remote_state(self, data: bytes, join: bool) -> None:
+        pass
+
+
+def test_every_delegate_message_taken_is_sent_when_they_fill_the_packet() -> None:
+    """The core tells the delegate each message's framing, so a queue that fills the packet to
+    the byte loses nothing (the store's queue was told 0 and lost the last deltas of a burst)."""
+    filler, got = Filler(60, 97), Recorder("b")
+    a = mk(1, delegate=filler)
+    b = mk(2, delegate=got)
+    got.outbox = []
+    a.receive_datagram(alive(2), addr(2), 0.0)
+    t = 0.0
+    while filler.outbox and t < 30:
+        t = a.get_timer() or t + 0.1
+        a.handle_timer(t)
+        for d, dst in a.datagrams_to_send(t):
+            if dst == addr(2):
+                b.receive_datagram(d, addr(1), t)
+    assert not filler.outbox and len(filler.taken) == 60
+    assert a.stats["user_dropped"] == 0
+    assert sorted(got.messages) == sorted(filler.taken)
+
+
+def test_gossip_to_a_dead_member_carries_no_delegate_messages() -> None:
+    """memberlist gossips to the recently dead so they can refute; a store write sent there is
+    a transmission the live members never get."""
+    filler = Filler(10_000, 40)
+    a = mk(1, delegate=filler)
+    for i in (2, 3, 4):
+        a.receive_datagram(alive(i), addr(i), 0.0)
+    a.receive_datagram(Dead(0, "n3", "n2").encode(), addr(2), 0.1)
+    assert a.member("n3").state is D  # type: ignore[union-attr]
+    to_dead = to_live = 0
+    t = 0.1
+    while t < 5.0:
+        t = a.get_timer() or t + 0.1
+        a.handle_timer(t)
+        for d, dst in a.datagrams_to_send(t):
+            users = [m for m in decode_packet(d) if isinstance(m, User)]
+            if dst == addr(3):
+                to_dead += 1
+                assert users == []
+            else:
+                to_live += len(users)
+    assert to_dead > 0 and to_live > 0  # the dead member was gossiped to, with no user part
 
 
 # ---------------------------------------------------------------- bad input, profiles

@@ -28,6 +28,7 @@ from meshnet.state.authz import owner_of
 
 TASK = {"task": "web.3", "service": "web", "slot": 3, "node": "o", "state": "running"}
 KEY = "web.3@o"
+OWNED = {"endpoints": "node", "tasks": "node"}  # as the agent has them
 
 
 class Owners(Authority):
@@ -136,6 +137,72 @@ def test_a_disputed_record_sends_the_replica_to_its_owner(tmp_path: Path) -> Non
 
     calls, n = asyncio.run(asked())
     assert calls == [("10.0.0.1", 7946)] and n == 1  # once per OWNER_ASK_INTERVAL_S
+
+
+def stale_replica() -> tuple[Store, Store]:
+    """The converse of a ghost (#15, soak seed 1): O's task record is live but old, and S
+    never got it (S restarted from a disk copy that a full disk had kept stale), while S holds
+    a newer tombstone of another key from that copy. S collects that tombstone, so its horizon
+    passes O's record: S refuses a live record, and O refuses S's horizon tombstone."""
+    o, s, p = (node(n, Owners("o", "p", "s"), tombstone_ttl=10.0, owned_tables=OWNED)
+               for n in ("o", "s", "p"))
+    s.set_node_live("o", True)
+    o.put("tasks", KEY, TASK, T0)  # never reaches S
+    other = {**TASK, "task": "web.9", "slot": 9, "node": "p"}
+    s.apply_delta(codec.encode_delta(p.put("tasks", "web.9@p", other, T0 + 4)), T0 + 4)
+    gone = p.delete("tasks", "web.9@p", T0 + 5)
+    assert gone is not None
+    s.apply_delta(codec.encode_delta(gone), T0 + 5)
+    s.handle_timer(T0 + 20)  # collected: S's horizon is now T0 + 5
+    assert s.gc_horizon[0] > o.entry("tasks", KEY).hlc.pack()  # type: ignore[union-attr]
+    return o, s
+
+
+def test_a_live_record_refused_by_a_stale_horizon_is_disputed_on_both_sides() -> None:
+    o, s = stale_replica()
+    exchange(s, o, T0 + 21)
+    assert s.entry("tasks", KEY) is None and s.stats.refused_horizon == 1
+    assert o.get("tasks", KEY) == TASK  # S's horizon tombstone is not the owner's
+    assert s.take_disputed() == [("tasks", KEY)]  # S: ask the owner
+    assert o.take_disputed() == [("tasks", KEY)]  # O: someone disputes a record of mine
+    # Before, nothing more happened: S never saw the task, for good (and ran it twice).
+    fresh = o.reannounce_key("tasks", KEY, T0 + 22)
+    assert fresh is not None and fresh.hlc.pack() > s.gc_horizon[0]
+    assert s.apply_delta(codec.encode_delta(fresh), T0 + 22)
+    assert s.get("tasks", KEY) == TASK
+
+
+def test_only_the_owner_reannounces_and_only_what_it_holds_live() -> None:
+    o, s = stale_replica()
+    assert s.reannounce_key("tasks", "web.9@p", T0 + 22) is None  # not S's (a tombstone, too)
+    assert o.reannounce_key("tasks", "web.7@o", T0 + 22) is None  # nothing held
+    o.delete("tasks", KEY, T0 + 22)
+    assert o.reannounce_key("tasks", KEY, T0 + 23) is None  # deleted: not brought back
+
+
+def test_the_owner_reannounces_a_disputed_record_once_per_interval(tmp_path: Path) -> None:
+    async def reannounced() -> tuple[int, int, int, bool]:
+        o, s = stale_replica()
+        db = StoreDb(tmp_path / "o.db")
+        try:
+            svc = StateService(o, db, "o")
+            svc.gossip = object()  # type: ignore[assignment]
+            before = o.entry("tasks", KEY)
+            assert before is not None
+            exchange(s, o, T0 + 21)
+            svc.ask_owners()
+            after = o.entry("tasks", KEY)
+            assert after is not None
+            o._disputed[("tasks", KEY)] = None  # disputed again at once (another replica)
+            svc.ask_owners()  # within OWNER_ASK_INTERVAL_S: not written again
+            again = o.entry("tasks", KEY)
+            return (svc.counters["records_reannounced"], before.hlc.pack(), after.hlc.pack(),
+                    again == after)
+        finally:
+            db.close()
+
+    n, before, after, settled = asyncio.run(reannounced())
+    assert n == 1 and after > before and settled
 
 
 def test_a_write_too_large_to_gossip_is_pushed_to_every_live_member(tmp_path: Path) -> None:
