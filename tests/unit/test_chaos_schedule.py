@@ -9,9 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshnet.lab.chaos import (
+    CONVERGE_TIMEOUT_S,
     DOWN_KINDS,
     DURATION_S,
     FAULT_KINDS,
+    Report,
     default_max_down,
     make_schedule,
     parse_faults,
@@ -65,3 +67,15 @@ def test_fault_lists() -> None:
     s = make_schedule(3, HOSTS5, 300, ("partition",))
     assert {f.kind for r in s.rounds for f in r.faults} == {"partition"}
     assert not any(r.churn for r in s.rounds)
+
+
+def test_an_unconverged_heal_counts_in_the_percentiles_as_its_whole_wait() -> None:
+    """Leaving it out made a soak with 4 rounds that never converged report p99 6.4 s."""
+    rep = Report(make_schedule(1, HOSTS5, 90.0))
+    rep.convergence = [{"round": i, "seconds": 0.5} for i in range(48)]
+    rep.convergence.append({"round": 48, "seconds": None, "waited": CONVERGE_TIMEOUT_S})
+    rep.convergence.append({"round": "final", "seconds": 2.0, "waited": 90.0})
+    d = rep.to_dict()
+    assert d["unconverged"] == 1
+    assert d["convergence_s_p99"] == CONVERGE_TIMEOUT_S == d["convergence_s_max"]
+    assert d["convergence_s_p50"] == 0.5
