@@ -48,6 +48,7 @@ from meshnet.agent.tasklogs import (
     LOG_SUFFIX,
     LineStamper,
     LogGatherer,
+    logs_to_prune,
     open_regular,
     parse_lines_request,
     plain_text,
@@ -116,6 +117,8 @@ LOG_TAIL_BYTES = 64 << 10
 _SLOT_RE = re.compile(r"[0-9]{1,10}")
 # A task asked to stop gets SIGTERM, then SIGKILL after this long (Docker's default is 10 s).
 STOP_GRACE_S = 5.0
+# Removed services' task logs are looked for this often (tasklogs.logs_to_prune).
+LOG_PRUNE_PERIOD_S = 60.0
 # The scheduler re-checks even with no change, so a lost wake-up never leaves a slot empty.
 RECONCILE_PERIOD_S = 2.0
 # An agent that has someone to join places no task until a member answers, or this long: alone,
@@ -266,7 +269,8 @@ class Services:
                          "scheduler_passes": 0, "task_restarts": 0,
                          "stray_records_removed": 0,
                          "health_probes": 0, "health_probe_timeouts": 0, "unhealthy_stops": 0,
-                         "health_errors": 0}
+                         "health_errors": 0, "logs_pruned": 0}
+        self._logs_pruned_at = time.monotonic()
         # Seconds from a task's (re)start to its command running: sandbox, address claim,
         # launcher (/metrics meshnet_task_start_seconds).
         self.start_seconds = Histogram(TASK_START_BUCKETS)
@@ -423,6 +427,23 @@ class Services:
                 task.runner = asyncio.get_running_loop().create_task(self._supervise(task))
         self._after_replacements()
         self._sweep_strays()
+        self._prune_logs(services)
+
+    def _prune_logs(self, services: Mapping[str, Service]) -> None:
+        """Delete the task logs of removed services (bounded disk), once our view of the
+        services is trustworthy: an exchange of state has finished, or we are alone."""
+        now = time.monotonic()
+        if now - self._logs_pruned_at < LOG_PRUNE_PERIOD_S or not (
+                self.state.synced or len(self.nodes()) <= 1):
+            return
+        self._logs_pruned_at = now
+        keep = set(services) | {t.service for t in self.tasks.values()}
+        for path in logs_to_prune(self.log_dir, keep, time.time()):
+            try:
+                path.unlink()
+            except OSError:
+                continue
+            self.counters["logs_pruned"] += 1
 
     def _sweep_strays(self) -> None:
         """Our own task records with no task behind them, and (Sandboxes.sweep_strays) our own

@@ -66,6 +66,38 @@ _SLOT_RE = re.compile(r"[0-9]{1,10}")
 LOG_SUFFIX = ".log"
 
 
+# A removed service's task logs are deleted once untouched this long (Docker removes a task's
+# logs with its container); a defined service's stay, capped per slot (services.LOG_CAP_BYTES,
+# plus one rotated file). Otherwise every slot ever run here would keep its logs for good.
+PRUNE_AFTER_S = 600.0
+
+
+def logs_to_prune(log_dir: Path, keep: Iterable[str], now: float) -> list[Path]:
+    """The task logs (`<service>.<slot>.log` and its rotated `.1`) in LOG_DIR of services not
+    in KEEP that nothing has written for PRUNE_AFTER_S. Never raises."""
+    keep = set(keep)
+    try:
+        names = os.listdir(log_dir)
+    except OSError:
+        return []
+    out = []
+    for fname in names:
+        stem = fname[:-2] if fname.endswith(LOG_SUFFIX + ".1") else fname
+        if not stem.endswith(LOG_SUFFIX):
+            continue
+        service, dot, slot = stem[:-len(LOG_SUFFIX)].rpartition(".")
+        if not dot or not service or not _SLOT_RE.fullmatch(slot) or service in keep:
+            continue
+        path = log_dir / fname
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and now - st.st_mtime >= PRUNE_AFTER_S:
+            out.append(path)
+    return out
+
+
 # --- writing ----------------------------------------------------------------------------------
 
 

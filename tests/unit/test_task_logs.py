@@ -324,3 +324,44 @@ def test_op_logs_follows_until_the_service_is_removed(tmp_path: Path, monkeypatc
     result = asyncio.run(s.op_logs({"name": "web", "follow": True}, send))
     assert [line for _, _, line in lines_of(sent)] == ["first", "second"]
     assert result == {"service": "web", "tasks": ["web.1"]}
+
+
+def test_logs_of_removed_services_are_pruned_once_untouched(tmp_path: Path) -> None:
+    """Every slot ever run here kept its logs (up to 2 MiB) for good: a disk leak."""
+    now = 1_800_000_000.0
+    old = now - tasklogs.PRUNE_AFTER_S - 1
+    files = {"gone.1.log": old, "gone.1.log.1": old, "gone.2.log": now - 5,  # still written
+             "web.1.log": old, "web.1.log.1": old,  # a defined service: kept
+             "notes.txt": old, "gone.x.log": old, "gone.1.log.2": old}  # not task logs
+    for name, mtime in files.items():
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (mtime, mtime))
+    os.mkdir(tmp_path / "dir.1.log")
+    os.utime(tmp_path / "dir.1.log", (old, old))
+    os.symlink("/etc/passwd", tmp_path / "link.1.log")
+    pruned = tasklogs.logs_to_prune(tmp_path, {"web"}, now)
+    assert sorted(p.name for p in pruned) == ["gone.1.log", "gone.1.log.1"]
+    assert tasklogs.logs_to_prune(tmp_path / "missing", set(), now) == []
+
+
+def test_the_scheduler_prunes_only_with_a_trustworthy_view(tmp_path: Path) -> None:
+    old = os.path.getmtime(tmp_path) - tasklogs.PRUNE_AFTER_S - 1
+    for name in ("gone.1.log", "web.2.log", "run.1.log"):
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (old, old))
+    fake = SimpleNamespace(
+        state=SimpleNamespace(synced=False), nodes=lambda: ["a", "b"], log_dir=tmp_path,
+        tasks={"run.1": SimpleNamespace(service="run")}, counters={"logs_pruned": 0},
+        _logs_pruned_at=-1e9)
+    prune = services_mod.Services._prune_logs
+    prune(fake, {"web": object()})  # type: ignore[arg-type]
+    assert (tmp_path / "gone.1.log").exists()  # no exchange of state yet: a stale view
+    fake.state.synced = True
+    prune(fake, {"web": object()})  # type: ignore[arg-type]
+    assert sorted(os.listdir(tmp_path)) == ["run.1.log", "web.2.log"]  # defined, or running
+    assert fake.counters["logs_pruned"] == 1
+    prune(fake, {})  # type: ignore[arg-type]
+    assert (tmp_path / "web.2.log").exists()  # within LOG_PRUNE_PERIOD_S of the last look
+    fake._logs_pruned_at = -1e9
+    prune(fake, {})  # type: ignore[arg-type]
+    assert os.listdir(tmp_path) == ["run.1.log"] and fake.counters["logs_pruned"] == 2
