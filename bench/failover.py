@@ -79,6 +79,22 @@ def dns_ips(lab: Lab, host: str) -> set[str]:
     return set(doc["answers"]) if doc else set()
 
 
+def counters(lab: Lab, host: str) -> dict[str, float]:
+    """HOST's numeric store and gossip counters (`status`), flattened: "store.applied", ..."""
+    doc = api(lab, host, "status") or {}
+    out = {}
+    for part in ("store", "gossip"):
+        for k, v in (doc.get(part) or {}).items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                out[f"{part}.{k}"] = float(v)
+    return out
+
+
+def grew(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: round(v - before.get(k, 0.0), 2) for k, v in sorted(after.items())
+            if v != before.get(k, 0.0)}
+
+
 def wait(cond: Any, timeout: float, what: str) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -98,6 +114,7 @@ def trial(lab: Lab) -> dict[str, Any]:
     victim = max((h for h in HOSTS if h != "h1"), key=lambda h: counts.get(h, 0))
     dead_ips = {ip for node, ip in layout.values() if node == victim}
     survivors = [h for h in HOSTS if h != victim]
+    before = {h: counters(lab, h) for h in survivors}
     t0 = time.monotonic()
     lab.kill(victim)
     SLOWEST.clear()
@@ -126,6 +143,10 @@ def trial(lab: Lab) -> dict[str, Any]:
                 marks["slowest_call"] = dict(SLOWEST)
                 if "detect_s" in marks and now - marks["detect_s"] > LATE_RESTART_S:
                     marks["late"] = late  # what h1 said of the slots still missing, last poll
+                    # and what h1's and those slots' owners' counters did meanwhile
+                    owners = {v.split(":")[0] for v in late.values()} & set(survivors)
+                    marks["counters"] = {h: grew(before[h], counters(lab, h))
+                                         for h in sorted(owners | {"h1"})}
             else:
                 late = {str(r["slot"]): f"{r['node']}:{r['state']}" for r in rows
                         if int(r["slot"]) not in now_running or
