@@ -27,6 +27,7 @@ from meshnet.state import (
     tombstone_ttl_for,
 )
 from meshnet.state.hlc import MAX_LOGICAL, MAX_WALL_MS
+from meshnet.state.store import MIN_DELTA_TRANSMITS
 from meshnet.state.types import MAX_VALUE_BYTES
 
 T0 = 1_700_000_000.0
@@ -315,7 +316,7 @@ def test_remote_change_gives_event() -> None:
 
 def test_take_deltas_bounded_retransmitted_and_superseded() -> None:
     s = Store("a")
-    s.set_cluster_size(9)  # limit = 4 x ceil(log10(10)) = 4
+    s.set_cluster_size(9)  # limit = max(8, 4 x ceil(log10(10)) = 4) = 8
     s.put("t", "k", {"v": 1}, T0)
     first = s.take_deltas(1000)
     assert len(first) == 1
@@ -324,8 +325,11 @@ def test_take_deltas_bounded_retransmitted_and_superseded() -> None:
     sent = []
     while batch := s.take_deltas(1000):
         sent.extend(batch)
-    assert len(sent) == 4 and len(set(sent)) == 1
+    assert len(sent) == MIN_DELTA_TRANSMITS == 8 and len(set(sent)) == 1
     assert codec.decode_delta(sent[0]).data == {"v": 2}
+    s.set_cluster_size(999)  # memberlist's limit beyond the floor: 4 x log10(1000)
+    s.put("t", "k", {"v": 3}, T0)
+    assert sum(len(s.take_deltas(1000)) for _ in range(20)) == 12
 
 
 def test_take_deltas_respects_limit_and_least_sent_first() -> None:
