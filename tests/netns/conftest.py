@@ -212,11 +212,12 @@ _INJECTORS: dict[tuple[str, str], Any] = {}
 
 def inject_record(lab: Lab, to: str, table: str, key: str, value: dict[str, Any] | None, *,
                   writer: str = "intruder", sign_as: str | None = None,
-                  from_host: str = "h1") -> None:
+                  from_host: str = "h1", ahead_s: float = 0.0) -> None:
     """Gossip one store write to TO's agent as a peer holding the cluster key would: a
     membership User message carrying a store delta, sealed with the cluster key, sent from
     inside FROM_HOST's namespace. SIGN_AS: the lab host whose node.key signs it (unsigned if
-    None). VALUE None: a delete."""
+    None). VALUE None: a delete. AHEAD_S: its HLC that far ahead of now (within the store's
+    skew bound), so it is newer than anything written meanwhile."""
     from meshnet import wire
     from meshnet.agent.gossip import Sealer
     from meshnet.crypto.certs import load_node_keys
@@ -227,7 +228,7 @@ def inject_record(lab: Lab, to: str, table: str, key: str, value: dict[str, Any]
     from meshnet.state import Entry, Hlc, codec
 
     blob = None if value is None else wire.pack(value)
-    entry = Entry(table, key, blob, Hlc(int(time.time() * 1000), 0), writer)
+    entry = Entry(table, key, blob, Hlc(int((time.time() + ahead_s) * 1000), 0), writer)
     if sign_as is not None:
         keys = load_node_keys(lab.host_dir(sign_as) / "id" / "node.key")
         sig = keys.sign.sign(RECORD_DOMAIN + b"\0" + codec.signed_bytes(entry))

@@ -59,7 +59,8 @@ def test_workers_cannot_define_or_forge_and_nobody_deletes_anothers(
         assert not any(name.startswith("evil.") for name in task_trees(c.lab, h))
 
     # nobody deletes another node's record: h1's registration survives h3's tombstone (the
-    # injected deletes carry fresh HLCs, newer than h1's write, and are still refused)
+    # injected deletes carry HLCs 60 s ahead, newer than h1's write and than h1's re-announce of
+    # the disputed record, and are still refused)
     subnet = c.ctl_json("h1", "network", "inspect", "n")["subnet"]
     ip = subnet.rsplit(".", 1)[0] + ".200"
     r = c.ctl("h1", "endpoint", "add", "web", ip, "--network", "n")
@@ -70,10 +71,14 @@ def test_workers_cannot_define_or_forge_and_nobody_deletes_anothers(
     before = {h: unauthorized(c, h, "endpoints") for h in ("h1", "h2")}
     for h in ("h1", "h2"):
         inject_record(c.lab, h, "endpoints", key, None, writer="h3", sign_as="h3",
-                      from_host="h3")
-        inject_record(c.lab, h, "endpoints", key, None, writer="h1", from_host="h3")  # unsigned
+                      from_host="h3", ahead_s=60)
+        inject_record(c.lab, h, "endpoints", key, None, writer="h1", from_host="h3",
+                      ahead_s=60)  # unsigned
     wait(lambda: all(unauthorized(c, h, "endpoints") >= before[h] + 2 for h in ("h1", "h2")),
          10, "the foreign deletes refused")
+    # the owner answers a dispute of a record it still holds with a fresh write of it
+    wait(lambda: c.ctl_json("h1", "status")["store"]["records_reannounced"] >= 1, 10,
+         "h1 to re-announce its disputed record")
     for h in ("h1", "h2", "h3"):
         assert c.ctl_json(h, "dns", "lookup", "web", "--network", "n")["answers"] == [ip]
 
