@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,10 +20,11 @@ import pytest
 from conftest import PY, Cluster, require_root, task_trees, wait
 
 from meshnet.cli.meshctl import Client
-from meshnet.containment import Containment, Mount, cap_mask
+from meshnet.containment import Containment, Mount, cap_mask, task_hostname
 from meshnet.platform import container, netns
 from meshnet.platform.cgroups import Cgroups
 from meshnet.platform.launch import START_FAILED
+from meshnet.platform.sandbox import node_sandboxes, sandbox_ns_name
 
 pytestmark = pytest.mark.netns
 
@@ -64,6 +66,13 @@ def test_inside_a_task(box: Cluster) -> None:
         "echo PID1: $(cat /proc/1/comm)",
         "echo PROCS: $(ls /proc | grep -c '^[0-9]')",
         "echo TMP: $(touch /tmp/x && echo writable)",
+        "grep NoNewPrivs /proc/self/status",
+        "echo DEV: $(ls -A /dev)",
+        # /proc/sys is read-only (domainname is the task's own UTS namespace's: harmless)
+        "echo x > /proc/sys/kernel/domainname 2>/dev/null && echo WROTE-PROC-SYS",
+        # and so is /sys (its own value written back: harmless if it were not)
+        "v=$(cat /sys/kernel/mm/ksm/run); echo $v 2>/dev/null >/sys/kernel/mm/ksm/run"
+        " && echo WROTE-SYS",
         # the environment the command was started with (the shell's own, before it adds PWD)
         "echo ENV: $(tr '\\0' '\\n' < /proc/$$/environ | cut -d= -f1 | sort)",
     ])
@@ -79,21 +88,35 @@ def test_inside_a_task(box: Cluster) -> None:
     procs = int(re.search(r"PROCS: (\d+)", out).group(1))  # type: ignore[union-attr]
     assert procs <= 8, out  # its own /proc: init, sh, the few commands it runs
     assert "TMP: writable" in out, out
+    assert "NoNewPrivs:\t1" in out, out
+    dev = re.search(r"DEV: (.*)", out).group(1).split()  # type: ignore[union-attr]
+    assert sorted(dev) == ["fd", "full", "mqueue", "null", "ptmx", "pts", "random", "shm",
+                           "stderr", "stdin", "stdout", "tty", "urandom", "zero"], dev
+    assert "WROTE-PROC-SYS" not in out and "WROTE-SYS" not in out, out
     env = re.search(r"ENV: (.*)", out).group(1).split()  # type: ignore[union-attr]
     assert env == sorted(["GREETING", "HOME", "HOSTNAME", "MESHNET_IP", "MESHNET_NETWORK",
                           "MESHNET_NODE", "MESHNET_TASK", "PATH"]), env
+
+
+# The names of the variables a task's command was started with, comma-separated.
+ENV_NAMES = "echo env=$(tr '\\0' '\\n' < /proc/$$/environ | cut -d= -f1 | sort | paste -sd,)"
 
 
 def test_service_task_identity_and_inspect(box: Cluster) -> None:
     c = box
     r = c.ctl("h1", "service", "create", "web", "--network", "box", "--user", "65534:65534",
               "--cap-drop", "NET_RAW", "--limit-memory", "64M", "--limit-pids", "50", "--",
-              "sh", "-c", "hostname; id -u; echo $MESHNET_SERVICE.$MESHNET_SLOT; exec sleep 600")
+              "sh", "-c", "hostname; id -u; echo svc=$MESHNET_SERVICE slot=$MESHNET_SLOT; "
+              f"{ENV_NAMES}; exec sleep 600")
     assert r.returncode == 0, r.stderr
-    wait(lambda: "web.1 | 65534" in c.ctl("h1", "service", "logs", "web").stdout, 20,
+    wait(lambda: "web.1 | env=" in c.ctl("h1", "service", "logs", "web").stdout, 20,
          "the task's log")
     logs = c.ctl("h1", "service", "logs", "web").stdout
     assert "web.1 | web.1" in logs and "web.1 | 65534" in logs, logs  # hostname, uid
+    assert "web.1 | svc=web slot=1" in logs, logs
+    env = re.search(r"web\.1 \| env=(.*)", logs).group(1).split(",")  # type: ignore[union-attr]
+    assert env == sorted(["HOME", "HOSTNAME", "MESHNET_IP", "MESHNET_NETWORK", "MESHNET_NODE",
+                          "MESHNET_SERVICE", "MESHNET_SLOT", "MESHNET_TASK", "PATH"]), env
     doc = c.ctl_json("h1", "service", "inspect", "web")
     want_caps = sorted(Containment(cap_drop=("NET_RAW",)).caps)
     assert doc["containment"]["user"] == "65534:65534"
@@ -104,8 +127,22 @@ def test_service_task_identity_and_inspect(box: Cluster) -> None:
     assert task["capabilities"] == want_caps and task["limits"]["pids"] == 50
     (ep,) = c.ctl_json("h1", "network", "inspect", "box")["endpoints"]
     assert ep["user"] == "65534:65534" and ep["limits"] == {"memory": 64 << 20, "pids": 50}
+    assert ep["capabilities"] == want_caps, ep
     human = c.ctl("h1", "service", "inspect", "web").stdout
     assert "default-NET_RAW" in human and "memory=64M pids=50" in human, human
+
+
+def test_a_long_task_name_is_cut_to_one_label(box: Cluster) -> None:
+    c = box
+    service = "l" * 63  # the longest service name; its task name is 65 long
+    r = c.ctl("h1", "service", "create", service, "--network", "box", "--",
+              "sh", "-c", "echo host=$(hostname) env=$HOSTNAME; exec sleep 600")
+    assert r.returncode == 0, r.stderr
+    want = task_hostname(f"{service}.1")
+    assert len(want) == 63 and want != f"{service}.1"[:63]  # cut, with a hash suffix
+    wait(lambda: "host=" in c.ctl("h1", "service", "logs", service).stdout, 20, "its log")
+    logs = c.ctl("h1", "service", "logs", service).stdout
+    assert f"host={want} env={want}" in logs, logs
 
 
 def test_capability_and_user_options(box: Cluster) -> None:
@@ -155,7 +192,7 @@ def test_pid_limit_contains_a_fork_bomb(box: Cluster) -> None:
     assert p.stdout is not None
     line = p.stdout.readline()
     started = int(line.split()[1])
-    assert started <= 64, line  # forks failed past the limit
+    assert 0 < started <= 64, line  # it forked, and forks failed past the limit
     # Meanwhile the agent answers at once and the host's other task keeps serving.
     t0 = time.monotonic()
     status = next(f for f in Client(str(lab.socket_path("h1"))).call("status", {}, 1.0)
@@ -215,6 +252,74 @@ def test_stop_is_prompt_and_exit_status_is_real(box: Cluster) -> None:
     # A command that cannot be run: tini's 127, the one-line reason on stderr.
     r = run(c, "h1", "--", "no-such-command")
     assert r.returncode == 127 and "no-such-command" in r.stderr, r.stderr
+
+
+def test_host_paths_outside_the_labs_run_directory_are_hidden(
+        cluster: Callable[..., Cluster]) -> None:
+    """The lab keeps every agent's files under /run, which no task sees anyway; a host keeps
+    them in /var/lib/meshnet and /etc/meshnet. Paths there are covered one by one: here
+    --task-hidden-path (the same list as the agent's own state, socket and config directories),
+    and the host's password hashes, SSH keys and namespace names."""
+    base = Path(f"/var/tmp/meshnet-hidden-{os.getpid()}")
+    secret_dir, secret_file, neighbour = base / "state", base / "token", base / "neighbour"
+    try:
+        secret_dir.mkdir(parents=True)
+        (secret_dir / "keyring.json").write_text("SECRET-DIR\n")
+        secret_file.write_text("SECRET-FILE\n")
+        neighbour.write_text("visible\n")
+        c = cluster(1, agent_args=("--task-hidden-path", str(secret_dir),
+                                   "--task-hidden-path", str(secret_file)))
+        c.network("box")
+        host_only = [f for f in ("/etc/shadow", "/etc/gshadow") if os.path.isfile(f)]
+        host_dirs = [secret_dir, *(d for d in (Path("/etc/ssh"), Path("/etc/netns"))
+                                   if d.is_dir())]
+        # they are there, on the host
+        assert "/etc/shadow" in host_only and Path("/etc/shadow").read_text()
+        assert any(secret_dir.iterdir())
+        script = "; ".join([
+            f"echo READ: $(cat {secret_dir}/keyring.json {secret_file} {' '.join(host_only)}"
+            " 2>/dev/null | wc -c)",
+            f"echo LISTED: $(find {' '.join(map(str, host_dirs))} -mindepth 1 | wc -l)",
+            f"echo NEIGHBOUR: $(cat {neighbour})",
+            "echo PASSWD: $(grep -c ^root: /etc/passwd)",
+        ])
+        r = run(c, "h1", "--", "sh", "-c", script)
+        out = r.stdout
+        assert r.returncode == 0, out + r.stderr
+        assert "READ: 0" in out and "LISTED: 0" in out, out
+        # only the listed paths: their neighbour and the rest of the host's root stay visible
+        assert "NEIGHBOUR: visible" in out and "PASSWD: 1" in out, out
+        # and never shown through --mount either
+        r = run(c, "h1", "--mount", f"type=bind,source={secret_file},target=/run/t", "--",
+                "true")
+        assert r.returncode == 1 and "never see" in r.stderr, r.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_restarted_agent_stops_tasks_of_another_user(box: Cluster) -> None:
+    """A task running as nobody, in its own PID namespace, is still found (through its
+    cgroup) and stopped by a restarted agent: one process tree per slot, nothing left."""
+    c, lab = box, box.lab
+    assert c.ctl("h1", "service", "create", "nobody", "--network", "box", "--user", "65534",
+                 "--", "sleep", "1000").returncode == 0
+    before = wait(lambda: (t := task_trees(lab, "h1")) and all(len(p) == 2 for p in t.values())
+                  and t, 20, "nobody.1 running")
+    old = set().union(*before.values())
+    assert any(Path(f"/proc/{p}/status").read_text().count("\t65534") >= 4 for p in old)
+    lab.kill("h1")
+    lab.start("h1")
+    wait(lambda: not old & set().union(*task_trees(lab, "h1").values()), 20,
+         "the restarted agent stops its old task")
+    after = wait(lambda: (t := task_trees(lab, "h1")) and all(len(p) == 2 for p in t.values())
+                 and t, 30, lambda: f"one tree per slot: {task_trees(lab, 'h1')}")
+    assert [n.rsplit("-", 1)[0] for n in after] == ["nobody.1"], after
+    assert not any(os.path.exists(f"/proc/{p}") for p in old)
+    assert node_sandboxes(lab.sandbox_prefix, "h1") == [
+        sandbox_ns_name(lab.sandbox_prefix, "h1", "nobody.1")]
+    (tree,) = after.values()
+    uids = {Path(f"/proc/{p}/status").read_text().split("Uid:")[1].split()[0] for p in tree}
+    assert "65534" in uids, uids  # restarted as the same user
 
 
 def test_bind_mounts(box: Cluster, tmp_path: Path) -> None:
