@@ -205,6 +205,7 @@ _STAT_KEYS = (
     "claims_above_signed",
     "alives_held",
     "alives_held_dropped",
+    "alives_held_expired",
     "cert_fetches",
     "members_dropped",
     "answers_bare",
@@ -215,6 +216,11 @@ _STAT_KEYS = (
 )
 # Alive messages held until their sender's certificate arrives (by name, newest kept).
 MAX_HELD = 1024
+# A held alive whose certificate has not arrived this long after it was first held is given
+# up (checked every reconnect_interval): one that never will (a name no certificate is for)
+# must not keep its slot, nor its name in every push-pull's `want`, for good. If it is gossiped
+# again, it is held again.
+HELD_TTL = 60.0
 # A held alive asks its sender for the certificate at most this often (seconds).
 CERT_FETCH_INTERVAL = 5.0
 
@@ -391,7 +397,9 @@ class Membership:
         self._rng = rng
         self._delegate = delegate
         self._trust = trust
-        self._held: dict[str, Alive] = {}  # alives waiting for their sender's certificate
+        # alives waiting for their sender's certificate, and when each name was first held
+        # (insertion order is that order: a newer alive replaces an older one in place)
+        self._held: dict[str, tuple[Alive, float]] = {}
         self._want: set[str] = set()  # names whose certificates we lack
         self._fetched: dict[str, float] = {}  # name -> when we last asked for its certificate
         # trust.generation at our last scan of members' certificates (see _check_certs)
@@ -549,6 +557,7 @@ class Membership:
         node = self._nodes.get(name)
         self._held.pop(name, None)
         self._want.discard(name)
+        self._fetched.pop(name, None)
         self._former.pop(name, None)  # never tried again
         if node is None or node is self._me:
             return False
@@ -565,6 +574,8 @@ class Membership:
         trust = self._trust
         if trust is None:
             return
+        if self._held:
+            self._expire_held(now)
         # Nothing can have changed unless a revocation arrived or a certificate expired.
         if trust.generation == self._cert_gen and trust.wall(now) < trust.soonest_expiry(now):
             return
@@ -1201,8 +1212,11 @@ class Membership:
         if held is None and len(self._held) >= MAX_HELD:
             self.stats["alives_held_dropped"] += 1
             return
-        if held is None or a.incarnation > held.incarnation:
-            self._held[name] = a
+        if held is None:
+            self._held[name] = (a, now)
+            self.stats["alives_held"] += 1
+        elif a.incarnation > held[0].incarnation:
+            self._held[name] = (a, held[1])
             self.stats["alives_held"] += 1
         self._want.add(name)
         last = self._fetched.get(name)
@@ -1218,7 +1232,19 @@ class Membership:
         self._fetched.pop(name, None)
         held = self._held.pop(name, None)
         if held is not None:
-            self._on_alive(held, now)
+            self._on_alive(held[0], now)
+
+    def _expire_held(self, now: float) -> None:
+        """Give up the alives held longer than HELD_TTL (oldest first: insertion order)."""
+        held = self._held
+        while held:
+            name, (_, since) = next(iter(held.items()))
+            if now - since < HELD_TTL:
+                return
+            del held[name]
+            self._want.discard(name)
+            self._fetched.pop(name, None)
+            self.stats["alives_held_expired"] += 1
 
     def _on_alive(self, a: Alive, now: float, quiet: bool = False, proven: int = -1) -> None:
         """PROVEN: a newer incarnation of the node that a token checked against this alive's

@@ -82,12 +82,18 @@ def test_only_members_with_good_certificates_are_listed(agents, key_file, test_c
     a: AgentProc = agents("n1", key=key_file).start()
     b: AgentProc = agents("n2", key=key_file).start(join=[a.addr])
     wait_for(lambda: names(a) == names(b) == {"n1", "n2"}, 15, "two members")
+    # r4's certificates are revoked (submitted to n1, gossiped to n2) before r4 ever shows up
+    r = a.ctl("ca", "revoke", "r4", "--ca", str(test_ca.ca_cert.parent))
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: b.ctl_json("status")["identity"]["revocations"] >= 1, 10,
+             "the revocation on n2")
     other_ca = make_ca("other", int(time.time()) - 3600, 30)
     rogues = [
         Rogue("r1", trust_for(other_ca, "r1"), key_file, "127.0.0.50"),  # another CA
         Rogue("r2", trust_for(test_ca, "r2", cert_name="n9"), key_file, "127.0.0.51"),
         Rogue("r3", trust_for(test_ca, "r3", days=1, issued=time.time() - 2 * 86_400),
               key_file, "127.0.0.52"),  # expired
+        Rogue("r4", trust_for(test_ca, "r4"), key_file, "127.0.0.54"),  # revoked
         Rogue("ok", trust_for(test_ca, "ok"), key_file, "127.0.0.53"),  # the control
     ]
     try:
@@ -100,11 +106,11 @@ def test_only_members_with_good_certificates_are_listed(agents, key_file, test_c
         wait_for(lambda: "ok" in names(a) and "ok" in names(b), 10, "the control listed")
         time.sleep(1.0)
         for agent in (a, b):
-            assert names(agent) & {"r1", "r2", "r3", "n9"} == set(), agent.members()
+            assert names(agent) & {"r1", "r2", "r3", "r4", "n9"} == set(), agent.members()
         status = a.ctl_json("status")
-        # another CA's and the expired certificate refused; r2's alive (no certificate names
-        # it) held, never applied
-        assert status["identity"]["certs_refused"] >= 2, status["identity"]
+        # another CA's, the expired and the revoked certificate refused; r2's alive (no
+        # certificate names it) held, never applied
+        assert status["identity"]["certs_refused"] >= 3, status["identity"]
         assert status["gossip"]["alives_held"] >= 1, status["gossip"]
     finally:
         for r in rogues:

@@ -25,6 +25,7 @@ from meshnet.membership import (
     MemberState,
     NodeMeta,
 )
+from meshnet.membership.core import HELD_TTL, MAX_HELD
 from meshnet.membership.messages import (
     Alive,
     AliveToken,
@@ -190,6 +191,43 @@ def test_an_alive_before_its_certificate_is_held_then_applied(pki: Pki) -> None:
     reply = n4.handle_stream_request(streams[0][0], addr(1), 1.1)
     assert reply is not None
     n1.receive_stream_reply(reply, addr(4), 1.1)
+    assert n1.member("n4") is not None and n1.member("n4").state is A  # type: ignore[union-attr]
+
+
+def test_alives_held_are_bounded_and_given_up(pki: Pki) -> None:
+    """Alives of names no certificate arrives for (garbage signatures: nobody could verify
+    them) are held at most MAX_HELD at a time, never applied, and given up after HELD_TTL, so
+    they neither keep their slots nor ride in every push-pull's `want` for good."""
+    n1, _n2 = joined(pki, 2)
+    now = 1.0
+
+    def junk(i: int, inc: int = 1) -> bytes:
+        meta = NodeMeta(f"x{i}", (f"10.9.{i >> 8}.{i & 255}", 7946))
+        return Alive(inc, meta, meta.encode(), b"\x01" * 64).encode()
+
+    for i in range(MAX_HELD + 10):
+        n1.receive_datagram(junk(i), addr(2), now)
+    n1.streams_to_open()
+    assert len(n1._held) == MAX_HELD and n1.stats["alives_held_dropped"] == 10
+    assert sorted(m.name for m in n1.members()) == ["n1", "n2"]  # none applied
+    want = decode_push_pull(n1._encode_state(False, now)).want
+    assert "x0" in want and len(want) == MAX_HELD
+    # a newer alive of a held name replaces it, in place: it is still given up on time
+    n1.receive_datagram(junk(0, inc=5), addr(2), now + HELD_TTL / 2)
+    assert n1._held["x0"][0].incarnation == 5
+    n1.handle_timer(now + HELD_TTL + n1.config.reconnect_interval + 1)
+    assert n1._held == {} and n1.stats["alives_held_expired"] == MAX_HELD
+    assert decode_push_pull(n1._encode_state(False, now + HELD_TTL + 20)).want == []
+    # and a real newcomer's alive, gossiped before its certificate, is held again and applied
+    n4 = node(pki, 4)
+    later = now + HELD_TTL + 20
+    n1.receive_datagram(n4._alive_msg(), addr(2), later)
+    assert list(n1._held) == ["n4"]
+    for req, dst in n1.streams_to_open():
+        if dst == addr(4):
+            reply = n4.handle_stream_request(req, addr(1), later)
+            assert reply is not None
+            n1.receive_stream_reply(reply, dst, later)
     assert n1.member("n4") is not None and n1.member("n4").state is A  # type: ignore[union-attr]
 
 

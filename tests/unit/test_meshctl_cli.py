@@ -324,6 +324,16 @@ def test_every_verb_prints_without_python_reprs(
     json.loads(out)
 
 
+def test_members_show_roles_and_certificate_expiry(agent: Callable[..., FakeAgent],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    agent({"members": VERBS[1][2]})
+    lines = run(capsys, "members")[1].splitlines()
+    assert lines[0].split() == ["NAME", "ADDR", "STATE", "INCARNATION", "VERSION", "LABELS",
+                                "ROLES", "CERT_EXPIRES"]
+    assert lines[1].split()[-2:] == ["admin", "2026-01-01T00:00:00Z"]
+    assert lines[1].startswith("h1 ") and lines[2].startswith("h2 ")
+
+
 def test_status_is_readable_lines(agent: Callable[..., FakeAgent],
                                   capsys: pytest.CaptureFixture[str]) -> None:
     agent({"status": STATUS})
