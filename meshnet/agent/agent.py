@@ -33,7 +33,7 @@ from meshnet.agent.gossip import STREAM_KEY_OP, GossipTransport, Sealer, StreamE
 from meshnet.agent.ingress import Ingress, reserved_ports
 from meshnet.agent.overlay import Overlay
 from meshnet.agent.sandboxes import Sandboxes
-from meshnet.agent.services import TASKS, Services
+from meshnet.agent.services import LIFE_META_KEY, TASKS, Services
 from meshnet.agent.state_service import StateService
 from meshnet.agent.telemetry import Telemetry
 from meshnet.agent.vips import VipBalancer
@@ -191,6 +191,8 @@ class Agent:
         self.keyring: Keyring | None = None
         self.keyring_path = Path(config.state_dir) / KEYRING_FILE
         self.record = identity.NodeRecord("", config.name, 0, 0)
+        # This life: the incarnation we started with (in our metadata and task records).
+        self.life = 0
         self.membership: Membership | None = None
         self.state: StateService | None = None
         self.ops: ClusterOps | None = None
@@ -319,6 +321,7 @@ class Agent:
             addr=self.config.advertise_addr(),
             labels=dict(self.config.labels),
             extra={"id": self.record.node_id, VERSION_META_KEY: meshnet.__version__,
+                   LIFE_META_KEY: self.life,
                    **({DPK: public_bytes(self.datapath_key)} if self.datapath_key else {})},
         )
 
@@ -335,6 +338,7 @@ class Agent:
                                                   self.wall_clock())
         except identity.StateDirError as e:
             raise StartError(str(e)) from None
+        self.life = self.record.incarnation
         self.keyring = self._load_keyring()
         self.trust = self._load_trust(loop.time())
         if self.trust is not None:
@@ -484,7 +488,8 @@ class Agent:
                                  self._placement_nodes, self._peers,
                                  Path(self.config.state_dir) / "logs",
                                  expect_company=bool(self.config.join or
-                                                     self._remembered_peers()))
+                                                     self._remembered_peers()),
+                                 life=self.life)
         self.state.listeners.append(self.services.kick)
         # VIPs: claimed at `service create`, balanced in every sandbox here (agent/vips.py)
         self.vips = VipBalancer(self.sandboxes, self.overlay.nl)

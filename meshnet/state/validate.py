@@ -573,6 +573,8 @@ def _tasks(key: str, d: Mapping[str, Any]) -> None:
         _health(d["health"])
     if "since" in d:
         _number(d["since"], "since", 0.0, MAX_UNIX_TIME)
+    if "life" in d:  # the writer's life (agent/services.py current_life)
+        _int(d["life"], "life", 0, (1 << 63) - 1)
     if "version" in d:  # the service version it runs (issue 17, rolling updates)
         _int(d["version"], "version", 1, MAX_VERSION)
     if "update_failure" in d:
