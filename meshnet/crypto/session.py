@@ -39,7 +39,12 @@ Rules (WireGuard's timers, IPsec's make-before-break):
   * a replaced inbound SA stays accepted until its own reject time, cut short to `grace_time`
     (10 s) after the first record arrives on the current inbound SA (the peer has switched;
     only records already in flight can still use the old one). At most `MAX_OLD_INBOUND` (2)
-    are kept: the previous one, and one from handshakes that crossed.
+    are kept: the previous one, and one from handshakes that crossed. When more are replaced
+    (answers the peer never got, our own SA it never confirmed), the one dropped is one the
+    peer has never been seen on, else the one it was first seen on earliest: never simply the
+    one we replaced first, since the peer may still be sealing with it (we retired our side of
+    it when our own rekey completed, and the peer switches only when our first record on the
+    new SA arrives; a peer that never sends leaves it there until its own rekey completes).
   So every record sealed with an SA that `outbound()` returned meets an installed inbound SA,
   given one-way delays under `rekey_timeout / 2` (tests check it with handshake loss, record
   reordering and crossing rekeys).
@@ -258,7 +263,8 @@ SEEN_INITIATIONS = 16
 # host whose clock is behind wait longer after our start before its initiations count.
 TIMESTAMP_SKEW = 30.0
 # Old inbound SAs kept besides current and next: the previous one after a rekey, plus one from
-# a crossed handshake. With current, next and a pending SPI: at most 5 SPIs per peer.
+# a crossed handshake. With current, next and a pending SPI: at most 5 SPIs per peer. Beyond
+# it, the one the peer is least likely to still use goes (`_eviction_order`).
 MAX_OLD_INBOUND = 2
 # Cluster keys tried on an incoming mac1 (all installed keys during a rotation): the keyring's
 # MAX_KEYS. Each costs one HMAC on a garbage message, so it is bounded.
@@ -581,6 +587,18 @@ class _Pending:
     cookie_retry: bool  # sent at once because a cookie reply came (at most once per attempt)
 
 
+def _eviction_order(entry: tuple[InboundSA, float]) -> tuple[bool, float]:
+    """Which replaced inbound SA to drop first when more than MAX_OLD_INBOUND remain: one the
+    peer has never been seen on (an answer it never got or gave up on, our own SA it never
+    confirmed: short of records in flight at that very moment, nothing comes on it), then the
+    one it was first seen on earliest (it switches SAs in the order we made them, so that is
+    the one it left longest ago). Not the one retired first: retiring is our move, not the
+    peer's, and the peer may still be sealing with an SA we retired (the responder switches
+    only when our first record on the new SA arrives)."""
+    first_seen = entry[0].first_seen
+    return (first_seen is not None, 0.0 if first_seen is None else first_seen)
+
+
 def _next_timestamp(now_label: bytes, last: bytes) -> bytes:
     """Strictly increasing labels even when two initiations share a whitened instant."""
     if now_label > last:
@@ -882,8 +900,9 @@ class PeerSession:
     def _retire(self, sa: InboundSA, now: float) -> None:
         self._old.append((sa, now))
         while len(self._old) > MAX_OLD_INBOUND:
-            oldest, _ = self._old.pop(0)
-            self._drop_inbound(oldest)
+            victim = min(self._old, key=_eviction_order)  # the first of equals: oldest retired
+            self._old.remove(victim)
+            self._drop_inbound(victim[0])
 
     def _receive(self, data: bytes, now: float, source: Addr | None) -> None:
         kind = message_type(data)

@@ -418,6 +418,24 @@ def test_no_record_ever_meets_a_missing_sa(
 ) -> None:
     """Crossing rekeys, lost handshake messages, reordered records, peers that never send:
     whatever outbound() hands out, the peer can open (one-way delay < rekey_timeout / 2)."""
+    _no_record_meets_a_missing_sa(
+        latency, jitter, handshake_loss, starters, responder_rekey, keepalives, two_way, seed
+    )
+
+
+def _no_record_meets_a_missing_sa(
+    latency: float,
+    jitter: float,
+    handshake_loss: float,
+    starters: str,
+    responder_rekey: float | None,
+    keepalives: bool,
+    two_way: bool,
+    seed: int,
+) -> None:
+    # The stated assumption: the longest one-way delay (latency + jitter) is under half of
+    # rekey_timeout.
+    assert latency + jitter < FAST.rekey_timeout / 2
     cfg = dataclasses.replace(FAST, responder_rekey_after_time=responder_rekey)
     a = session(KA, KB, seed=seed, config=cfg)
     b = session(KB, KA, seed=seed + 1, config=cfg)
@@ -438,6 +456,60 @@ def test_no_record_ever_meets_a_missing_sa(
     if handshake_loss == 0.0:
         assert rekeys(a) >= 2 and rekeys(b) >= 2
         assert not any(isinstance(e, SessionExpired) for e in sim.events["a"] + sim.events["b"])
+
+
+def test_no_record_meets_a_missing_sa_silent_responder_and_lost_response() -> None:
+    """The example hypothesis found (max one-way delay 0.06 s, under rekey_timeout / 2 =
+    0.25 s): b never sends; b's own rekey is never confirmed, so a keeps sealing on the SA
+    b retired; a's rekey loses one response and the retry completes. When a's first record
+    on the new SA arrived, b had three old SAs and dropped the one a's records in flight
+    were still sealed with, instead of one a never used."""
+    _no_record_meets_a_missing_sa(
+        latency=0.01,
+        jitter=0.05,
+        handshake_loss=0.2,
+        starters="ab",
+        responder_rekey=2.0,
+        keepalives=False,
+        two_way=False,
+        seed=65535,
+    )
+
+
+def test_old_sa_the_peer_still_uses_outlives_ones_it_never_used() -> None:
+    """The same sequence, step by step. b, which never sends, rekeys: it switches to its new
+    SA and retires s0, but a keeps sealing on s0 (it waits for b's first record). a rekeys;
+    b's answer is lost (z1, never used by a), a's retry completes (z2). a's first record on
+    z2 reaches b before a's last records on s0. b now has three replaced SAs for two places
+    (s0, z1 and its own unconfirmed one): it must keep s0."""
+    cfg = dataclasses.replace(FAST, responder_rekey_after_time=2.0, rekey_jitter=0.0)
+    a, b = session(KA, KB, seed=1, config=cfg), session(KB, KA, seed=2, config=cfg)
+    handshake(a, b)
+    s0, b0 = a.outbound(), b.outbound()
+    assert s0 is not None and b0 is not None
+    now = T0 + 2.0
+    b.handle_timer(now)  # b's rekey
+    exchange(b, a, now)  # with the cookie round trip a asks for
+    assert b.outbound() not in (None, b0)  # b switched
+    assert s0.spi in b.inbound_sas() and a.outbound() is s0  # a did not (no record from b)
+    now = T0 + 2.5  # a's confirmation is overdue and its own rekey is due: a initiates
+    a.handle_timer(now)
+    [n1] = a.handshakes_to_send()
+    b.receive_handshake(n1, now)
+    b.handshakes_to_send()  # z1: the response is lost
+    now += cfg.rekey_timeout
+    a.handle_timer(now)  # the retry
+    [n2] = a.handshakes_to_send()
+    b.receive_handshake(n2, now)
+    [resp] = b.handshakes_to_send()
+    late = seal_record(s0, b"late")  # sealed on s0 just before the response arrives
+    a.receive_handshake(resp, now)
+    z2 = a.outbound()
+    assert z2 is not None and z2 is not s0
+    open_record(b.inbound_sas(), seal_record(z2, b"first"), now)
+    b.outbound()  # b promotes z2's pair and retires its own unconfirmed SA
+    assert len(b.inbound_sas()) <= 3  # still bounded: two old and the current one
+    assert open_record(b.inbound_sas(), late, now + 0.05)[1] == b"late"
 
 
 def test_rekey_after_messages() -> None:
