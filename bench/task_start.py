@@ -267,7 +267,8 @@ class TaskBench:
                 line = logf.read_bytes().split(b"\n", 1)
                 if len(line) == 2:  # a whole first line
                     try:
-                        printed = float(line[0])
+                        # "<timestamp> stdout <clock>" (task logs are timestamped, #16)
+                        printed = float(line[0].rsplit(b" ", 1)[-1])
                     except ValueError:
                         raise self.fail(f"task {task} printed {line[0]!r}, not a time",
                                         task) from None

@@ -480,6 +480,7 @@ class Agent:
         self.sandboxes = Sandboxes(self.ops, self.state, self.overlay, self.dns,
                                    self.gossip, self._peers, self.config.sandbox_prefix,
                                    self._hidden_from_tasks())
+        self.sandboxes.life = self.life
         if self.trust is not None:
             trust = self.trust
             self.sandboxes.is_admin = lambda: trust.cert.is_admin

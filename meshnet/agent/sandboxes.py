@@ -61,6 +61,7 @@ from meshnet.state import Entry, StateProtocolError
 from meshnet.state.codec import decode_delta, encode_delta
 from meshnet.state.ipam import IpamExhausted, beaten_by, pick_address
 from meshnet.state.networks import NetworkError, check_name, mac_for_ip
+from meshnet.state.store import LIFE_FIELD
 from meshnet.state.tables import ENDPOINTS, Endpoint, endpoint_key
 
 log = logging.getLogger("meshnet.sandbox")
@@ -118,6 +119,9 @@ class Sandboxes:
         self.unavailable: str | None = None
         # () -> whether this node's certificate has the admin role (None: no identity).
         self.is_admin: Callable[[], bool] | None = None
+        # The agent's life (state/store.py LIFE_FIELD), in every sandbox endpoint we write: a
+        # sandbox dies with its agent, so peers hide a previous life's at once.
+        self.life: int | None = None
         self.ops = ops
         self.state = state
         self.store = state.store
@@ -298,6 +302,7 @@ class Sandboxes:
                           service=extra.get("service"), slot=extra.get("slot"),
                           extra={"pending": True, "sandbox": extra.get("sandbox", ""),
                                  "prefixlen": subnet.prefixlen,
+                                 **({LIFE_FIELD: self.life} if self.life is not None else {}),
                                  **({"kind": extra["kind"]} if extra.get("kind") else {})})
             claim = self.store.put(ENDPOINTS, key, ep.to_value(), time.time())
             self.state.changed()

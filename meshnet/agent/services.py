@@ -91,6 +91,7 @@ from meshnet.state.ingress import service_ports
 from meshnet.state.networks import NetworkError, check_name
 from meshnet.state.ports import PortError, parse_ports
 from meshnet.state.rolling import DRAIN_S
+from meshnet.state.store import LIFE_FIELD
 from meshnet.state.validate import (
     RESTART_CONDITIONS,
     TASKS,
@@ -106,9 +107,9 @@ __all__ = ["MAX_REPLICAS", "RESTART_CONDITIONS", "TASKS", "Restart", "Services",
            "parse_spec", "to_placement"]
 
 log = logging.getLogger("meshnet.services")
-#: Metadata key of a node's life (its incarnation at start), and the task record field holding
-#: the life that wrote it (``current_life``).
-LIFE_META_KEY = "life"
+#: Metadata key of a node's life (its incarnation at start), also in each of its task records:
+#: the store hides a node's records of another life than it announces (state/store.py).
+LIFE_META_KEY = LIFE_FIELD
 
 # Each task's output is kept to this much (plus one rotated file of the same size).
 LOG_CAP_BYTES = 1 << 20
@@ -343,7 +344,7 @@ class Services:
             except (PlacementError, ValueError, TypeError) as e:
                 self._unplaceable(key, e)
         nodes = self.nodes()
-        current = self.running_now(self.lives())
+        current = self.running_now({n.name for n in nodes})
         try:
             return place(specs, nodes, self.balance, current)
         except Exception as e:
@@ -359,30 +360,18 @@ class Services:
                     self._unplaceable(spec.name, e1)
             return place(good, nodes, self.balance, current)
 
-    def lives(self) -> dict[str, int | None]:
-        """The placement members (alive or suspect), each with the life its metadata announces
-        (None: not announced)."""
-        out: dict[str, int | None] = {n.name: None for n in self.nodes()}
-        for m in self.peers():
-            if m.name in out:
-                life = m.meta.extra.get(LIFE_META_KEY)
-                out[m.name] = life if type(life) is int else None
-        if self.node in out:
-            out[self.node] = self.life
-        return out
-
-    def running_now(self, alive: Mapping[str, int | None]) -> dict[str, dict[int, str]]:
+    def running_now(self, alive: set[str]) -> dict[str, dict[int, str]]:
         """Where each slot runs now, by the task table: placement's `current` (rule 6 of
         placement/core.py), so a running task stays where it is. Only records of members in
-        ALIVE (name -> its announced life) count, and of those only the ones written in that
-        life (``current_life``). A slot that two nodes hold for a moment (their views differed)
-        is settled the same way on every agent: a running task before one that is not, then the
-        smaller hash of (service, slot, node), so all agents keep the same one."""
+        ALIVE count (and the store shows a member's records of its current life only). A slot
+        that two nodes hold for a moment (their views differed) is settled the same way on
+        every agent: a running task before one that is not, then the smaller hash of (service,
+        slot, node), so all agents keep the same one."""
         best: dict[str, dict[int, tuple[tuple[int, int], str]]] = {}
         for data in self.store.view(TASKS).values():
             svc, slot, node = data.get("service"), data.get("slot"), data.get("node")
             if type(svc) is not str or type(slot) is not int or type(node) is not str \
-                    or node not in alive or not current_life(data, alive[node]):
+                    or node not in alive:
                 continue
             rank = (data.get("state") != "running", seed64("holder", svc, slot, node))
             held = best.setdefault(svc, {}).get(slot)
@@ -427,10 +416,7 @@ class Services:
                     mine[f"{svc_name}.{slot}"] = (svc, slot)
         # Rolling updates: which spec each slot runs, and when a task is replaced, by the rule
         # of state/rolling.py (a spec change no longer stops every task at once).
-        lives = self.lives()
-        records = {k: v for k, v in self.store.view(TASKS).items()
-                   if current_life(v, lives.get(str(v.get("node"))))}
-        self.rollouts.update(services, placement, records, time.time())
+        self.rollouts.update(services, placement, self.store.view(TASKS), time.time())
         for name, task in list(self.tasks.items()):
             current = services.get(task.service)
             if name not in mine or current is None:
@@ -995,17 +981,6 @@ class Services:
     def _hosts_running(self, service: str) -> list[str]:
         """The hosts that report a task of SERVICE (a follow asks them for new lines)."""
         return sorted({str(r["node"]) for r in self._task_rows(service) if r["node"]})
-
-
-def current_life(record: Mapping[str, Any], life: int | None) -> bool:
-    """Whether a task record was written in its node's current LIFE. A restarted node's records
-    of its previous life (its tasks died with it) stay in everyone's store until its deletes
-    arrive, which is after its alive: the alive brings the new life in its metadata, so they
-    never count as running for a moment (a peer would stop a task of the same slot for them,
-    the ghost winning the tie-break). A record or member without a life (an older agent)
-    counts."""
-    written = record.get(LIFE_META_KEY)
-    return life is None or type(written) is not int or written == life
 
 
 def parse_logs_reply(service: str, raw: bytes) -> dict[str, str]:

@@ -53,7 +53,7 @@ from meshnet.membership import (
 )
 from meshnet.state import Entry, StateProtocolError, Store, StoreFull
 from meshnet.state.authz import OWNED_TABLES, owner_of
-from meshnet.state.store import Horizon
+from meshnet.state.store import LIFE_FIELD, Horizon
 from meshnet.state.types import StoreEvent
 from meshnet.state.validate import check_value
 
@@ -382,7 +382,9 @@ class StateService:
             since = self._suspect_since.pop(member.name, None)
             returned = member.name not in self._live_addrs or (
                 since is not None and time.monotonic() - since >= RETURN_AFTER_SUSPECT_S)
-            self.store.set_node_live(member.name, True)
+            # its life: entries of its previous life (dead tasks, sandboxes) hide at once
+            life = member.meta.extra.get(LIFE_FIELD)
+            self.store.set_node_live(member.name, True, life if type(life) is int else None)
             self._live_addrs[member.name] = member.addr
             if returned and self.gossip is not None and self._may_exchange_on_return():
                 self._counts["return_exchanges"] += 1

@@ -20,6 +20,11 @@ Every agent holds a full copy, any agent writes, and copies converge with no lea
 * **Ownership.** Entries of owned tables (``endpoints``: field ``node``) are hidden from every
   view while their owner is not live (``set_node_live``), with no write; they show again when it
   is, and ``owned_by`` lists them so the owner can re-announce.
+  An owned value may also carry its writer's *life* (``LIFE_FIELD``: the agent's incarnation at
+  start, which it also announces in its metadata). While the owner is live in another life, such
+  an entry is hidden too: it describes a task or sandbox that died with the previous life, and
+  its owner's delete of it arrives after the alive that brought the owner back. A value without
+  a life, or an owner whose life is unknown, shows as before.
 * **Dissemination.** ``take_deltas`` gives recent writes to piggyback on gossip (memberlist's
   TransmitLimitedQueue: least-sent first, newest first, each sent a bounded number of times, a
   newer write of a key replacing the queued older one); received writes that were news are
@@ -221,6 +226,9 @@ MAX_REFUSED_TABLE_NAMES = 16
 # Disputed keys waiting for the shell (take_disputed): it drains them after every merge, so
 # only a burst of them within one message can reach this; the oldest go first.
 MAX_DISPUTED = 256
+#: The field of an owned value naming its writer's life (see "Ownership" above).
+LIFE_FIELD = "life"
+_NOT_LIVE = object()  # set_node_live: a node absent from _live (None is an unknown life)
 OTHER_TABLES = "(other)"
 
 
@@ -367,7 +375,8 @@ class Store:
         self._entries: dict[tuple[str, str], _Slot] = {}
         self._tables: dict[str, _Table] = {}
         self._owners: dict[str, set[tuple[str, str]]] = {}
-        self._live: set[str] = {self.node_id}
+        # live nodes -> the life each announces (None: unknown, every entry of it shows)
+        self._live: dict[str, int | None] = {self.node_id: None}
         self._gc_heap: list[tuple[int, str, str, int]] = []
         self._horizon: Horizon = NO_HORIZON
         self._events: deque[StoreEvent] = deque()
@@ -631,17 +640,21 @@ class Store:
 
     # ---- ownership -------------------------------------------------------------------------
 
-    def set_node_live(self, node: str, live: bool) -> None:
-        """Membership says ``node`` is alive (True) or dead/left (False). Its owned entries hide
-        or show at once, each visible change giving an event; no write is made."""
-        if (node in self._live) == live:
+    def set_node_live(self, node: str, live: bool, life: int | None = None) -> None:
+        """Membership says ``node`` is alive (True, announcing LIFE) or dead/left (False). Its
+        owned entries hide or show at once, each visible change giving an event; no write is
+        made. An entry written in another life than LIFE stays hidden (``LIFE_FIELD``)."""
+        if type(life) is not int:
+            life = None
+        unchanged = self._live.get(node, _NOT_LIVE) == life if live else node not in self._live
+        if unchanged:
             return
         keys = sorted(self._owners.get(node, ()))
         before = [self._visible(self._entries[k]) for k in keys]
         if live:
-            self._live.add(node)
+            self._live[node] = life
         else:
-            self._live.discard(node)
+            del self._live[node]
         for k, old in zip(keys, before, strict=True):
             self._changed(k, old, self._visible(self._entries[k]))
 
@@ -1136,6 +1149,11 @@ class Store:
             # a non-string owner (unhashable, even) is no live node: hidden, never an error
             if type(owner) is not str or owner not in self._live:
                 return None
+            life = self._live[owner]
+            if life is not None:
+                written = slot.data.get(LIFE_FIELD)
+                if type(written) is int and written != life:
+                    return None  # a previous (or a later) life's: its task died with it
         return slot.data
 
     def _owner(self, slot: _Slot) -> str | None:

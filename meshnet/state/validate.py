@@ -486,6 +486,7 @@ def _endpoint_name(value: object) -> str:
 
 def _endpoints(key: str, d: Mapping[str, Any]) -> None:
     node = _node(d.get("node"))
+    _life(d)
     kind = d.get("kind")
     if kind is not None and kind not in ENDPOINT_KINDS:
         raise _fail(f"endpoint kind {_show(kind)} is not one of {', '.join(ENDPOINT_KINDS)}")
@@ -548,6 +549,12 @@ def _health(value: object) -> None:
         raise _fail(f"health {_show(value)} is not one of {', '.join(HEALTH_STATES)}")
 
 
+def _life(d: Mapping[str, Any]) -> None:
+    """The writer's life, if given (state/store.py LIFE_FIELD): its incarnation at start."""
+    if "life" in d:
+        _int(d["life"], "life", 0, (1 << 63) - 1)
+
+
 def _tasks(key: str, d: Mapping[str, Any]) -> None:
     task = d.get("task")
     m = _TASK_RE.fullmatch(task) if type(task) is str else None
@@ -573,8 +580,7 @@ def _tasks(key: str, d: Mapping[str, Any]) -> None:
         _health(d["health"])
     if "since" in d:
         _number(d["since"], "since", 0.0, MAX_UNIX_TIME)
-    if "life" in d:  # the writer's life (agent/services.py current_life)
-        _int(d["life"], "life", 0, (1 << 63) - 1)
+    _life(d)
     if "version" in d:  # the service version it runs (issue 17, rolling updates)
         _int(d["version"], "version", 1, MAX_VERSION)
     if "update_failure" in d:
