@@ -478,7 +478,8 @@ class Resolver:
                     off = t.off
                     nxt = off + _A_RR_BYTES
                     t.off = 0 if nxt == t.step_end else nxt
-                    return query[:2] + hit[0] + t.rrs[off : off + t.span] + t.tail
+                    # One join, not three concatenations (each a copy of the answer so far).
+                    return b"".join((query[:2], hit[0], t.rrs[off : off + t.span], t.tail))
             return self._miss(query, networks, tcp)
         except Exception:  # a bug; never let it reach the server loop
             self.counters["internal_errors"] += 1
