@@ -100,6 +100,13 @@ class Histogram:
         self.sum += value
         self.count += 1
 
+    def add_first_bucket(self, n: int, total: float) -> None:
+        """N observations already known to fall in the first bucket, summing TOTAL: what a hot
+        path that checked each against ``bounds[0]`` adds once per batch."""
+        self.counts[0] += n
+        self.count += n
+        self.sum += total
+
     def cumulative(self) -> list[tuple[float, int]]:
         """(upper bound, observations <= it) for every bound, then (inf, count)."""
         out = []

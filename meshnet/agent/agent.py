@@ -33,7 +33,7 @@ from meshnet.agent.gossip import STREAM_KEY_OP, GossipTransport, Sealer, StreamE
 from meshnet.agent.ingress import Ingress, reserved_ports
 from meshnet.agent.overlay import Overlay
 from meshnet.agent.sandboxes import Sandboxes
-from meshnet.agent.services import LIFE_META_KEY, TASKS, Services
+from meshnet.agent.services import TASKS, Services
 from meshnet.agent.state_service import StateService
 from meshnet.agent.telemetry import Telemetry
 from meshnet.agent.vips import VipBalancer
@@ -55,6 +55,7 @@ from meshnet.placement import NodeInfo
 from meshnet.platform.container import hidden_paths
 from meshnet.state import Store, StoreConfig, tombstone_ttl_for
 from meshnet.state.authz import CERTS, REVOCATIONS, RecordPolicy, cert_key
+from meshnet.state.store import LIFE_FIELD
 
 log = logging.getLogger("meshnet.agent")
 
@@ -321,7 +322,7 @@ class Agent:
             addr=self.config.advertise_addr(),
             labels=dict(self.config.labels),
             extra={"id": self.record.node_id, VERSION_META_KEY: meshnet.__version__,
-                   LIFE_META_KEY: self.life,
+                   LIFE_FIELD: self.life,
                    **({DPK: public_bytes(self.datapath_key)} if self.datapath_key else {})},
         )
 

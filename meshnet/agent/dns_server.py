@@ -319,9 +319,7 @@ class _UdpListener:
             self.answered += answered
             if answered:
                 rcodes[0] += answered - not_noerror
-                hist.counts[0] += answered - observed
-                hist.count += answered - observed
-                hist.sum += spent
+                hist.add_first_bucket(answered - observed, spent)
 
     def send(self, data: bytes, addr: Addr) -> None:
         """Send one reply from the slow paths (forwarded answers, SERVFAIL)."""

@@ -107,9 +107,6 @@ __all__ = ["MAX_REPLICAS", "RESTART_CONDITIONS", "TASKS", "Restart", "Services",
            "parse_spec", "to_placement"]
 
 log = logging.getLogger("meshnet.services")
-#: Metadata key of a node's life (its incarnation at start), also in each of its task records:
-#: the store hides a node's records of another life than it announces (state/store.py).
-LIFE_META_KEY = LIFE_FIELD
 
 # Each task's output is kept to this much (plus one rotated file of the same size).
 LOG_CAP_BYTES = 1 << 20
@@ -262,7 +259,7 @@ class Services:
         self.peers = peers
         self.log_dir = log_dir
         self.balance = balance
-        # This agent's life (its incarnation at start, also in its metadata as LIFE_META_KEY):
+        # This agent's life (its incarnation at start, also in its metadata as LIFE_FIELD):
         # in every task record, so peers can tell our records from a previous life's.
         self.life = life
         self.tasks: dict[str, Task] = {}
@@ -492,7 +489,7 @@ class Services:
             return
         await self.state.put(TASKS, self._task_key(task), {
             "task": task.name, "service": task.service, "slot": task.slot, "node": self.node,
-            **({LIFE_META_KEY: self.life} if self.life is not None else {}),
+            **({LIFE_FIELD: self.life} if self.life is not None else {}),
             "state": task.state, "ip": task.ip, "exit_code": task.exit_code,
             "restarts": task.restarts, **task.health.record(task.state, time.time()),
             **task.watch.record(now=time.time(), state=task.state, exit_code=task.exit_code,

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from meshnet.agent.services import LIFE_META_KEY, Services
+from meshnet.agent.services import Services
 from meshnet.placement import NodeInfo
 from meshnet.placement.hrw import seed64
 from meshnet.state import Store, StoreConfig
@@ -98,7 +98,6 @@ def test_sandbox_endpoints_hide_the_same_way() -> None:
 
 
 def test_the_life_field_is_validated() -> None:
-    assert LIFE_META_KEY == LIFE_FIELD
     good = record(1, "h2", NEW)
     assert check_value("tasks", "web.1@h2", good) is None
     for bad in ("1", -1, 1 << 63, 1.5, None, True):
